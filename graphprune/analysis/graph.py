@@ -1,0 +1,409 @@
+"""DependencyGraph: the groups of coupled channels, inspectable and explainable.
+
+A *group* is a set of channels that are removed together: removing channel ``i`` of a group
+removes, from every member ``(tensor FQN, dim)``, every position whose index map says ``i``.
+A member may belong to several groups: the rows of a fused qkv weight are indexed by
+``(head, head_dim)``, so it is a member of the heads group and of the head_dim group.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from graphprune.analysis.walk import Walked
+from graphprune.capture import Captured
+from graphprune.errors import InputError
+
+TensorDim = tuple[str, int]  # (display name: FQN for parameters/buffers, dim)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dimension of one parameter or buffer, and which group channel each position is."""
+
+    fqn: str
+    dim: int
+    index_map: np.ndarray  # (size,) channel of the group at each position, -1 if none
+    is_parameter: bool
+    aliases: tuple[str, ...] = ()  # other FQNs of the same tensor (tied weights)
+
+    @property
+    def module(self) -> str:
+        return self.fqn.rpartition(".")[0]
+
+    def describe_map(self) -> str:
+        """A short human description: identity, offset, repeat or blocks of the group."""
+        m = self.index_map
+        if np.array_equal(m, np.arange(m.shape[0])):
+            return "identity"
+        used = m[m >= 0]
+        if used.size and used.size < m.size and np.all(np.diff(used) == 1):
+            start = int(np.argmax(m >= 0))
+            if np.all(m[start : start + used.size] >= 0):
+                return f"[{start}:{start + used.size}] <- channels {used[0]}..{used[-1]}"
+        if used.size == m.size and m.size % max(int(m.max()) + 1, 1) == 0:
+            reps = m.size // (int(m.max()) + 1)
+            if np.array_equal(m, np.repeat(np.arange(m.size // reps), reps)):
+                return f"each channel x{reps} (blocks)"
+            if np.array_equal(m, np.tile(np.arange(m.size // reps), reps)):
+                return f"each channel x{reps} (interleaved)"
+        return f"pattern ({np.count_nonzero(m >= 0)}/{m.size} positions)"
+
+    def label(self) -> str:
+        return f"{self.fqn}[{self.dim}]"
+
+
+@dataclass
+class Group:
+    """Channels that must be pruned together."""
+
+    id: int
+    size: int  # number of independent channels
+    members: list[Member]
+    frozen_reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # where pruning is not exact (norm stats)
+    ops: list[str] = field(default_factory=list)  # "op (module)" that coupled the members
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen_reasons
+
+    @property
+    def name(self) -> str:
+        return self.members[0].label() if self.members else f"group{self.id}"
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m.module for m in self.members})
+
+    def summary(self) -> str:
+        """One line: size, state and members; used by golden tests."""
+        state = "prunable" if self.prunable else "frozen"
+        members = ", ".join(m.label() for m in self.members)
+        return f"{self.size} {state}: {members}"
+
+    def __str__(self) -> str:
+        lines = [f"group {self.id}: {self.size} channels, "
+                 f"{'prunable' if self.prunable else 'FROZEN'}"]
+        lines += [f"  {m.label():<40} {m.describe_map()}" for m in self.members]
+        lines += [f"  frozen: {r}" for r in self.frozen_reasons[:3]]
+        lines += [f"  note: {n}" for n in self.notes[:3]]
+        return "\n".join(lines)
+
+
+@dataclass
+class ShapeConstantUse:
+    """An integer argument that must be recomputed when these groups are pruned."""
+
+    node: str
+    op: str
+    module: str
+    argument: str
+    value: int
+    groups: list[int]
+    per: str
+
+
+@dataclass
+class Diagnostic:
+    node: str
+    op: str
+    reason: str
+
+
+class DependencyGraph:
+    """The result of :func:`graphprune.analyze`."""
+
+    def __init__(
+        self,
+        groups: list[Group],
+        graph: nx.MultiGraph,
+        positions: dict[TensorDim, list[tuple[tuple[int, int], ...]]],
+        shape_constants: list[ShapeConstantUse],
+        diagnostics: list[Diagnostic],
+        aliases: dict[str, list[str]],
+        seconds: float = 0.0,
+    ) -> None:
+        self.groups = groups
+        self._graph = graph
+        self._positions = positions
+        self.shape_constants = shape_constants
+        self.diagnostics = diagnostics
+        self._aliases = aliases
+        self.seconds = seconds
+
+    # -- queries ----------------------------------------------------------------------------
+    @property
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def group(self, group_id: int) -> Group:
+        for g in self.groups:
+            if g.id == group_id:
+                return g
+        raise InputError(f"no group {group_id}; groups are 0..{len(self.groups) - 1}")
+
+    def groups_of(self, fqn_or_module: str) -> list[Group]:
+        """Groups with a member that is ``fqn_or_module`` or a tensor of that module."""
+        names = self._resolve(fqn_or_module)
+        return [g for g in self.groups if any(m.fqn in names for m in g.members)]
+
+    def position_channels(self, fqn: str, dim: int) -> list[tuple[tuple[int, int], ...]]:
+        """For each position of ``fqn``'s dim: the (group id, channel) pairs it depends on."""
+        return self._positions[(fqn, dim)]
+
+    def kept_positions(self, fqn: str, dim: int, kept: dict[int, Iterable[int]]) -> np.ndarray:
+        """Positions of ``fqn``'s dim that survive when each group keeps ``kept[group]``."""
+        keep_sets = {g: set(int(c) for c in chans) for g, chans in kept.items()}
+        rows = self._positions[(fqn, dim)]
+        ok = [all(c in keep_sets.get(g, {c}) for g, c in row) for row in rows]
+        return np.flatnonzero(np.array(ok, dtype=bool))
+
+    def to_networkx(self) -> nx.MultiGraph:
+        """Tensor dims as nodes (attribute ``groups``), coupling ops as edges (``op``, ``why``)."""
+        return self._graph.copy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description of the groups and diagnostics."""
+        return {
+            "groups": [
+                {
+                    "id": g.id,
+                    "size": g.size,
+                    "prunable": g.prunable,
+                    "frozen_reasons": g.frozen_reasons,
+                    "notes": g.notes,
+                    "ops": g.ops,
+                    "members": [
+                        {"fqn": m.fqn, "dim": m.dim, "parameter": m.is_parameter,
+                         "aliases": list(m.aliases), "index_map": m.index_map.tolist()}
+                        for m in g.members
+                    ],
+                }
+                for g in self.groups
+            ],
+            "shape_constants": [vars(s) for s in self.shape_constants],
+            "diagnostics": [vars(d) for d in self.diagnostics],
+            "analysis_seconds": self.seconds,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    # -- presentation -----------------------------------------------------------------------
+    def table(self, include_frozen: bool = True) -> str:
+        """An aligned plain-text table of the groups."""
+        rows = [("id", "channels", "state", "members", "modules")]
+        for g in self.groups:
+            if not include_frozen and not g.prunable:
+                continue
+            mods = g.modules
+            shown = ", ".join(mods[:4]) + (f", … (+{len(mods) - 4})" if len(mods) > 4 else "")
+            state = "prunable" if g.prunable else "frozen: " + _short(g.frozen_reasons[0])
+            rows.append((str(g.id), str(g.size), state, str(len(g.members)), shown))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)) + "  " + r[4]
+                 for r in rows]
+        lines.insert(1, "-" * min(max(len(s) for s in lines), 120))
+        n_prunable = len(self.prunable_groups)
+        lines.append(f"{len(self.groups)} groups ({n_prunable} prunable), "
+                     f"{len(self.diagnostics)} unsupported ops, analysed in {self.seconds:.2f}s")
+        for d in self.diagnostics[:10]:
+            lines.append(f"  unsupported: {d.node}: {d.reason}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return f"DependencyGraph({len(self.groups)} groups, {len(self.prunable_groups)} prunable)"
+
+    def explain(self, fqn_or_module: str, *, echo: bool = True, max_paths: int = 8) -> str:
+        """The coupling paths that tie a layer's tensors to the other members of its groups."""
+        names = self._resolve(fqn_or_module)
+        lines: list[str] = []
+        for g in self.groups:
+            own = [m for m in g.members if m.fqn in names]
+            if not own:
+                continue
+            lines.append(f"group {g.id} ({g.size} channels, "
+                         f"{'prunable' if g.prunable else 'frozen'}):")
+            for m in own:
+                lines.append(f"  {m.label()}: {m.describe_map()}")
+                source = _node_key(m.fqn, m.dim)
+                shown = 0
+                for other in g.members:
+                    if other.module == m.module or shown >= max_paths:
+                        continue
+                    target = _node_key(other.fqn, other.dim)
+                    try:
+                        path = nx.shortest_path(self._graph, source, target)
+                    except (nx.NetworkXNoPath, nx.NodeNotFound):
+                        continue
+                    lines.append("    " + self._describe_path(path))
+                    shown += 1
+            for reason in g.frozen_reasons[:3]:
+                lines.append(f"  frozen because: {reason}")
+            for note in g.notes[:3]:
+                lines.append(f"  note: {note}")
+        if not lines:
+            lines.append(f"'{fqn_or_module}' is in no group (no prunable dimension)")
+        text = "\n".join(lines)
+        if echo:
+            print(text)
+        return text
+
+    def _describe_path(self, path: list[str]) -> str:
+        parts = [path[0]]
+        for a, b in zip(path, path[1:], strict=False):
+            data = next(iter(self._graph.get_edge_data(a, b).values()))
+            where = f" {data['module']}" if data.get("module") else ""
+            parts.append(f"-[{data['op']}{where}: {data['why']}]-> {b}")
+        return " ".join(parts)
+
+    def _resolve(self, name: str) -> set[str]:
+        fqns = {m.fqn for g in self.groups for m in g.members}
+        fqns |= {a for f in list(fqns) for a in self._aliases.get(f, [])}
+        if name in fqns:
+            return {name, *self._aliases.get(name, [])}
+        prefix = name + "."
+        found = {f for f in fqns if f.startswith(prefix) and "." not in f[len(prefix):]}
+        if not found:
+            found = {f for f in fqns if f.startswith(prefix)}
+        if not found:
+            modules = sorted({f.rpartition(".")[0] for f in fqns} | fqns)
+            close = difflib.get_close_matches(name, modules, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise InputError(f"'{name}' is not a parameter, buffer or module in any group{hint}")
+        return found
+
+
+def _short(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _node_key(name: str, dim: int) -> str:
+    return f"{name}[{dim}]"
+
+
+def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> DependencyGraph:
+    """Resolve the walk's atoms into groups, members, notes and shape constants."""
+    table = walked.table
+    memo: dict[int, tuple[int, ...]] = {}
+    space_memo: dict[int, tuple[int, ...]] = {}
+
+    def spaces(atoms: np.ndarray) -> set[int]:
+        out: set[int] = set()
+        for a in np.unique(atoms).tolist():
+            found = space_memo.get(a)
+            if found is None:
+                found = tuple(table.find_space(table.space_of[r]) for r in table.base_of(a, memo))
+                space_memo[a] = found
+            out.update(found)
+        return out
+
+    hidden: set[int] = set()
+    for atoms in walked.facts.structural:
+        hidden |= spaces(atoms)
+    frozen: dict[int, list[str]] = {}
+    for atoms, reason in walked.facts.frozen:
+        for s in spaces(atoms):
+            frozen.setdefault(s, []).append(reason)
+    notes: dict[int, list[str]] = {}
+    for atoms, note in walked.facts.notes:
+        for s in spaces(atoms):
+            notes.setdefault(s, []).append(note)
+
+    # per-position base channels of every parameter/buffer dim
+    state_rows: dict[TensorDim, list[tuple[int, ...]]] = {}
+    for node_name, fqn in captured.state_fqn.items():
+        layout = walked.values.get(node_name)
+        if not isinstance(layout, list):
+            continue
+        for d, atoms in enumerate(layout):
+            state_rows[(fqn, d)] = [table.base_of(a, memo) for a in atoms.tolist()]
+
+    # channels of each space: its base roots in creation order
+    channels: dict[int, list[int]] = {}
+    for rows in state_rows.values():
+        for row in rows:
+            for root in row:
+                channels.setdefault(table.find_space(table.space_of[root]), []).append(root)
+    candidate = {s: sorted(set(c)) for s, c in channels.items() if s not in hidden}
+    candidate = {s: c for s, c in candidate.items() if len(c) > 1}
+    order = sorted(candidate, key=lambda s: candidate[s][0])
+    group_of_space = {s: i for i, s in enumerate(order)}
+    index_of_root = {root: (group_of_space[s], k) for s, roots in candidate.items()
+                     for k, root in enumerate(roots)}
+
+    positions: dict[TensorDim, list[tuple[tuple[int, int], ...]]] = {}
+    for key, rows in state_rows.items():
+        positions[key] = [tuple(index_of_root[r] for r in row if r in index_of_root)
+                          for row in rows]
+
+    aliases = captured.aliases
+    members: dict[int, list[Member]] = {i: [] for i in range(len(order))}
+    for (fqn, d), rows in positions.items():
+        involved = sorted({g for row in rows for g, _ in row})
+        for g in involved:
+            index_map = np.array(
+                [next((c for gg, c in row if gg == g), -1) for row in rows], dtype=np.int64
+            )
+            members[g].append(Member(
+                fqn, d, index_map, fqn in captured.parameters,
+                tuple(a for a in aliases.get(fqn, []) if a != fqn),
+            ))
+
+    graph, node_groups = _inspection_graph(walked, spaces, group_of_space)
+    groups: list[Group] = []
+    for i, s in enumerate(order):
+        ops = sorted({
+            f"{data['op']} ({data['module'] or '<root>'})"
+            for a, b, data in graph.edges(data=True)
+            if i in node_groups.get(a, ()) and i in node_groups.get(b, ())
+        })
+        groups.append(Group(
+            id=i, size=len(candidate[s]), members=members[i],
+            frozen_reasons=_unique(frozen.get(s, [])), notes=_unique(notes.get(s, [])), ops=ops,
+        ))
+
+    constants = []
+    for c in walked.facts.shape_constants:
+        gids = sorted(group_of_space[s] for s in spaces(c.atoms) if s in group_of_space)
+        if gids:
+            constants.append(ShapeConstantUse(c.node, c.op, c.module, c.argument, c.value, gids,
+                                              c.per))
+    diagnostics = [Diagnostic(n, op, reason) for n, op, reason in walked.facts.unsupported]
+    return DependencyGraph(groups, graph, positions, constants, diagnostics, aliases, seconds)
+
+
+def _inspection_graph(
+    walked: Walked, spaces: Any, group_of_space: dict[int, int]
+) -> tuple[nx.MultiGraph, dict[str, set[int]]]:
+    graph = nx.MultiGraph()
+    node_groups: dict[str, set[int]] = {}
+    for name, value in walked.values.items():
+        if not (isinstance(value, list) and all(isinstance(a, np.ndarray) for a in value)):
+            continue
+        for d, atoms in enumerate(value):
+            key = _node_key(walked.display[name], d)
+            gids = {group_of_space[s] for s in spaces(atoms) if s in group_of_space}
+            node_groups[key] = gids
+            graph.add_node(key, groups=sorted(gids), module=walked.modules.get(name, ""))
+    for (na, da), (nb, db), attrs in walked.facts.edges:
+        a = _node_key(walked.display.get(na, na), da)
+        b = _node_key(walked.display.get(nb, nb), db)
+        if a in graph and b in graph:
+            graph.add_edge(a, b, **attrs)
+    return graph, node_groups
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,227 @@
+"""The per-op rule registry and the context a rule works through.
+
+A rule receives a :class:`RuleContext` for one fx node. It reads the channel layouts of the
+node's tensor arguments (:meth:`RuleContext.tensor`), couples dimensions that must be pruned
+together (:meth:`RuleContext.couple`), and returns the layout of the node's output: one atom
+array per output dimension (or a list of layouts for ops returning several tensors).
+
+An op without a rule freezes every channel it touches; rules are never guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from graphprune.analysis.atoms import Atoms, AtomTable
+
+Layout = list[Atoms]  # one atom array per tensor dimension
+Value = Any  # Layout, a list of Values (multi-output ops) or None (not a tensor)
+RuleFn = Callable[["RuleContext"], Value]
+
+_RULES: dict[Any, RuleFn] = {}
+
+
+def rule(*targets: Any) -> Callable[[RuleFn], RuleFn]:
+    """Register ``fn`` for aten overloads or whole overload packets (``aten.add``)."""
+
+    def register(fn: RuleFn) -> RuleFn:
+        for target in targets:
+            if target in _RULES:
+                raise ValueError(f"duplicate channel rule for {target}")
+            _RULES[target] = fn
+        return fn
+
+    return register
+
+
+def ops(*names: str) -> list[Any]:
+    """The aten overload packets (or ``packet.overload``) that exist in this torch build."""
+    found = []
+    for name in names:
+        packet_name, _, overload = name.partition(".")
+        packet = getattr(torch.ops.aten, packet_name, None)
+        if packet is not None and overload:
+            packet = getattr(packet, overload, None)
+        if packet is not None:
+            found.append(packet)
+    return found
+
+
+def lookup(target: Any) -> RuleFn | None:
+    found = _RULES.get(target)
+    if found is None and isinstance(target, torch._ops.OpOverload):
+        found = _RULES.get(target.overloadpacket)
+    return found
+
+
+def op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target.name()).replace("aten::", "aten.")
+    return getattr(target, "__name__", str(target))
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One dimension of one tensor in the graph, with its atoms."""
+
+    node: str
+    index: int
+    atoms: Atoms
+
+    @property
+    def size(self) -> int:
+        return int(self.atoms.shape[0])
+
+
+@dataclass
+class TensorArg:
+    """A tensor argument of the node a rule is looking at."""
+
+    node: str
+    layout: Layout
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self, index: int) -> Dim:
+        index = index % self.ndim if self.ndim else 0
+        return Dim(self.node, index, self.layout[index])
+
+
+@dataclass
+class ShapeConstant:
+    """An integer in a node's arguments whose right value depends on channel counts."""
+
+    node: str
+    op: str
+    module: str
+    argument: str  # e.g. "size[2]" or "split_size"
+    value: int
+    atoms: Atoms  # the dimension whose size the constant follows
+    per: str = "size"  # "size": constant == len(kept); "start"/"end": position in the dim
+
+
+@dataclass
+class Facts:
+    """Everything rules record besides unions, resolved to groups after the walk."""
+
+    edges: list[tuple[tuple[str, int], tuple[str, int], dict[str, str]]] = field(
+        default_factory=list
+    )
+    frozen: list[tuple[Atoms, str]] = field(default_factory=list)  # (atoms, reason)
+    structural: list[Atoms] = field(default_factory=list)  # not channels: spatial, kernel ...
+    notes: list[tuple[Atoms, str]] = field(default_factory=list)  # inexact pruning, etc.
+    shape_constants: list[ShapeConstant] = field(default_factory=list)
+    unsupported: list[tuple[str, str, str]] = field(default_factory=list)  # node, op, module
+
+
+class RuleContext:
+    """What a rule sees of one node: its arguments' layouts and the tools to relate them."""
+
+    def __init__(
+        self,
+        node: fx.Node,
+        module: str,
+        table: AtomTable,
+        values: dict[str, Value],
+        facts: Facts,
+    ) -> None:
+        self.node = node
+        self.module = module
+        self.table = table
+        self._values = values
+        self.facts = facts
+        self.op = op_name(node.target)
+
+    # -- reading arguments ------------------------------------------------------------------
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def tensor(self, value: Any) -> TensorArg | None:
+        """The layout of an argument that is a tensor node, else None."""
+        if not isinstance(value, fx.Node):
+            return None
+        layout = self._values.get(value.name)
+        meta = value.meta.get("val")
+        if not isinstance(meta, torch.Tensor) or not _is_layout(layout):
+            return None
+        return TensorArg(value.name, layout, tuple(int(s) for s in meta.shape))
+
+    def tensors(self) -> list[TensorArg]:
+        """Every tensor among the node's arguments (flattening lists)."""
+        found: list[TensorArg] = []
+        for value in _flatten((self.node.args, self.node.kwargs)):
+            t = self.tensor(value)
+            if t is not None:
+                found.append(t)
+        return found
+
+    def out_shape(self, index: int | None = None) -> tuple[int, ...]:
+        meta = self.node.meta.get("val")
+        if index is not None:
+            meta = meta[index]
+        return tuple(int(s) for s in meta.shape)
+
+    # -- relating dimensions ----------------------------------------------------------------
+    def couple(self, a: Dim, b: Dim, relation: str) -> None:
+        """``a`` and ``b`` hold the same channels, position by position."""
+        self.table.union_arrays(a.atoms, b.atoms)
+        self.link(a, b, relation)
+
+    def link(self, a: Dim, b: Dim | int, relation: str) -> None:
+        """Record an edge for inspection (``b`` as an int is a dim of this node's output)."""
+        target = (self.node.name, b) if isinstance(b, int) else (b.node, b.index)
+        attrs = {"op": self.op, "node": self.node.name, "module": self.module, "why": relation}
+        self.facts.edges.append(((a.node, a.index), target, attrs))
+
+    def fresh(self, size: int, label: str) -> Atoms:
+        """New channels that no parameter produces (spatial positions, factory outputs)."""
+        return self.table.new_space(size, f"{self.node.name}:{label}")
+
+    def structural(self, atoms: Atoms) -> Atoms:
+        """Mark atoms as not channels at all (spatial positions, kernel taps)."""
+        self.facts.structural.append(atoms)
+        return atoms
+
+    def freeze(self, atoms: Atoms, reason: str) -> None:
+        where = f"{self.op} at node '{self.node.name}'"
+        if self.module:
+            where += f" in module '{self.module}'"
+        self.facts.frozen.append((atoms, f"{reason} ({where})"))
+
+    def note(self, atoms: Atoms, note: str) -> None:
+        where = f"'{self.module}'" if self.module else f"node '{self.node.name}'"
+        self.facts.notes.append((atoms, f"{note} at {where}"))
+
+    def shape_constant(
+        self, argument: str, value: int, atoms: Atoms, per: str = "size"
+    ) -> None:
+        self.facts.shape_constants.append(
+            ShapeConstant(self.node.name, self.op, self.module, argument, value, atoms, per)
+        )
+
+
+def _is_layout(value: Value) -> bool:
+    return isinstance(value, list) and all(hasattr(a, "shape") for a in value)
+
+
+def _flatten(value: Any) -> Iterable[Any]:
+    if isinstance(value, list | tuple):
+        for item in value:
+            yield from _flatten(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _flatten(item)
+    else:
+        yield value

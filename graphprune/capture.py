@@ -1,0 +1,134 @@
+"""Capture an ``nn.Module`` to a torch.export graph (the aten IR, no decompositions).
+
+The export IR keeps ``aten.conv2d``, ``aten.linear``, ``aten.batch_norm``, ``aten.layer_norm``
+and ``aten.scaled_dot_product_attention`` as single ops, so the analyzer needs no table of
+module types. Capture never mutates the model: train/eval flags are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from graphprune.errors import CaptureError, InputError
+
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+ExampleInputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_OWN_DIR = str(Path(__file__).parent)
+
+
+@dataclass
+class Captured:
+    """A captured program and the facts about it that the analyzer needs."""
+
+    program: torch.export.ExportedProgram
+    state_fqn: dict[str, str]  # placeholder name -> parameter/buffer/constant FQN
+    parameters: set[str]  # the FQNs above that are parameters (the rest are buffers)
+    aliases: dict[str, list[str]]  # FQN -> every FQN sharing the same tensor (tied weights)
+    user_inputs: list[str]  # placeholder names of the model's own inputs, in order
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph
+
+
+def normalize_inputs(example_inputs: ExampleInputs) -> tuple[Args, Kwargs]:
+    """Turn a tensor, a tuple/list, or a dict of keyword inputs into ``(args, kwargs)``."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return tuple(example_inputs), {}
+    raise InputError(
+        f"example_inputs must be a tensor, a tuple/list of inputs or a dict of keyword inputs, "
+        f"not {type(example_inputs).__name__}"
+    )
+
+
+def owning_module(node: fx.Node) -> str:
+    """FQN of the innermost module whose forward produced ``node`` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _type = list(stack.values())[-1]
+    return str(path)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame outside torch and graphprune: the user's source line."""
+    found: str | None = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.startswith((_TORCH_DIR, _OWN_DIR)) or frame.filename.startswith("<"):
+            continue
+        found = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return found
+
+
+def _hint_for(reason: str) -> str:
+    lowered = reason.lower()
+    if "data-dependent" in lowered or "data dependent" in lowered or "guardondata" in lowered:
+        return (
+            "the forward branches on tensor *values*; make the branch depend on shapes or module "
+            "attributes, or express it with torch.cond"
+        )
+    if "unsupported" in lowered or "not supported" in lowered:
+        return "replace the unsupported call, or wrap it in a custom op (torch.library.custom_op)"
+    return (
+        "check that `model(*args, **kwargs)` runs on the example inputs, and pass them as a "
+        "tensor, a tuple of positional inputs or a dict of keyword inputs"
+    )
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    by_tensor: dict[int, list[str]] = {}
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in named:
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {name: names for names in by_tensor.values() for name in names}
+
+
+def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
+    """Export ``model`` in eval mode with ``torch.export.export(strict=False)``.
+
+    Raises :class:`CaptureError` with the original reason, the user's source line when the
+    traceback has one, and a hint.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"expected an nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        program = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        raise CaptureError(reason, source_line=_user_frame(exc), hint=_hint_for(str(exc))) from exc
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+    signature = program.graph_signature
+    state_fqn: dict[str, str] = {}
+    state_fqn.update(signature.inputs_to_parameters)
+    state_fqn.update(signature.inputs_to_buffers)
+    state_fqn.update(signature.inputs_to_lifted_tensor_constants)
+    return Captured(
+        program=program,
+        state_fqn=state_fqn,
+        parameters=set(signature.inputs_to_parameters.values()),
+        aliases=_aliases(model),
+        user_inputs=list(signature.user_inputs),
+    )
