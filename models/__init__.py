@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graphprune.models import cnn, transformers, unet
+from . import cnn, transformers, unet
 
 
 @dataclass(frozen=True)

@@ -235,20 +235,24 @@ class DependencyGraph:
                 continue
             lines.append(f"group {g.id} ({g.size} channels, "
                          f"{'prunable' if g.prunable else 'frozen'}):")
+            explained: set[tuple[str, int]] = set()
             for m in own:
                 lines.append(f"  {m.label()}: {m.describe_map()}")
+                if (m.module, m.dim) in explained:
+                    continue
+                explained.add((m.module, m.dim))
                 source = _node_key(m.fqn, m.dim)
-                shown = 0
+                done = {m.module}
                 for other in g.members:
-                    if other.module == m.module or shown >= max_paths:
+                    if other.module in done or len(done) > max_paths:
                         continue
+                    done.add(other.module)
                     target = _node_key(other.fqn, other.dim)
                     try:
                         path = nx.shortest_path(self._graph, source, target)
                     except (nx.NetworkXNoPath, nx.NodeNotFound):
                         continue
                     lines.append("    " + self._describe_path(path))
-                    shown += 1
             for reason in g.frozen_reasons[:3]:
                 lines.append(f"  frozen because: {reason}")
             for note in g.notes[:3]:
@@ -261,12 +265,18 @@ class DependencyGraph:
         return text
 
     def _describe_path(self, path: list[str]) -> str:
+        """``a[1] -> op (module: why) -> ... -> b[0]``; pass-through steps show the op only."""
         parts = [path[0]]
         for a, b in zip(path, path[1:], strict=False):
             data = next(iter(self._graph.get_edge_data(a, b).values()))
-            where = f" {data['module']}" if data.get("module") else ""
-            parts.append(f"-[{data['op']}{where}: {data['why']}]-> {b}")
-        return " ".join(parts)
+            op = str(data["op"]).removeprefix("aten.").split(".")[0]
+            if data["why"] == "passes through":
+                parts.append(op)
+            else:
+                where = f"{data['module']}: " if data.get("module") else ""
+                parts.append(f"{op} ({where}{data['why']})")
+        parts.append(path[-1])
+        return " -> ".join(parts)
 
     def _resolve(self, name: str) -> set[str]:
         fqns = {m.fqn for g in self.groups for m in g.members}

@@ -17,7 +17,15 @@ from torch import fx
 
 from graphprune.analysis import rules_layers, rules_pointwise, rules_shape  # noqa: F401 (registers)
 from graphprune.analysis.atoms import AtomTable
-from graphprune.analysis.registry import Facts, Layout, RuleContext, Value, lookup, op_name
+from graphprune.analysis.registry import (
+    Facts,
+    Layout,
+    RuleContext,
+    TensorArg,
+    Value,
+    lookup,
+    op_name,
+)
 from graphprune.capture import Captured, owning_module
 
 aten = torch.ops.aten
@@ -93,7 +101,13 @@ def _call(
     if node.target is operator.getitem:
         source, index = node.args
         value = values.get(source.name) if isinstance(source, fx.Node) else None
-        return value[index] if isinstance(value, list) and not _is_layout(value) else None
+        if not isinstance(value, list) or _is_layout(value):
+            return None
+        picked = value[index]
+        if isinstance(source, fx.Node) and _is_layout(picked):  # link to split's input
+            src_ctx = RuleContext(source, module, table, values, facts)
+            _auto_link(RuleContext(node, module, table, values, facts), picked, src_ctx.tensors())
+        return picked
     if node.target in _HARMLESS:
         return None
     ctx = RuleContext(node, module, table, values, facts)
@@ -107,7 +121,7 @@ def _call(
     problem = _check(value, node.meta.get("val"))
     if problem:
         return _unsupported(ctx, f"rule for {ctx.op} produced {problem}")
-    _auto_link(ctx, value)
+    _auto_link(ctx, value, ctx.tensors())
     return value
 
 
@@ -149,14 +163,14 @@ def _check(value: Value, meta: object) -> str | None:
     return None
 
 
-def _auto_link(ctx: RuleContext, value: Value) -> None:
-    """Edges for dims the rule passed through unchanged (identity propagation)."""
+def _auto_link(ctx: RuleContext, value: Value, inputs: list[TensorArg]) -> None:
+    """Edges for output dims that hold some of an input dim's atoms (identity, slice, cat)."""
     if not _is_layout(value):
         return
-    for t in ctx.tensors():
+    for t in inputs:
         for d, atoms in enumerate(t.layout):
             for k, out in enumerate(value):
-                if out is atoms or (out.shape == atoms.shape and np.array_equal(out, atoms)):
+                if out is atoms or np.intersect1d(out, atoms).size:
                     ctx.link(t.dim(d), k, "passes through")
 
 

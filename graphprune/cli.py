@@ -1,0 +1,105 @@
+"""The ``graphprune`` command: ``graphprune analyze MODEL``.
+
+MODEL is a name from ``graphprune.models`` (``graphprune analyze --list``) or a
+``package.module:factory`` spec whose factory takes no arguments and returns an nn.Module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graphprune.analysis import analyze
+from graphprune.errors import GraphPruneError, InputError
+from graphprune.io import write_text_atomic
+
+
+def load_model(spec: str, input_shape: str | None, batch: int, tokens: int | None
+               ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Build the model and example inputs named by ``spec`` (zoo name or ``pkg.mod:factory``)."""
+    from graphprune.models import MODELS
+
+    if ":" not in spec:
+        if spec not in MODELS:
+            raise InputError(f"unknown model '{spec}'; use a zoo name ({', '.join(MODELS)}) "
+                             f"or 'package.module:factory'")
+        zoo = MODELS[spec]
+        model = zoo.build()
+        if input_shape is None:
+            return model, zoo.example_inputs(batch)
+    else:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise InputError(f"cannot load '{spec}': {exc}") from exc
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise InputError(f"'{spec}' returned {type(model).__name__}, not an nn.Module")
+        if input_shape is None:
+            raise InputError(f"'{spec}' needs --input-shape, e.g. --input-shape 3,224,224")
+    shape = tuple(int(s) for s in input_shape.split(","))
+    if tokens:
+        return model, (torch.randint(0, tokens, (batch, *shape)),)
+    return model, (torch.randn(batch, *shape),)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
+    dg = analyze(model, inputs)
+    print(dg.table(include_frozen=not args.prunable_only))
+    for name in args.explain or []:
+        print()
+        dg.explain(name)
+    if args.json:
+        write_text_atomic(Path(args.json), dg.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_list(_: argparse.Namespace) -> int:
+    from graphprune.models import MODELS
+
+    width = max(len(n) for n in MODELS)
+    for name, spec in MODELS.items():
+        print(f"{name:<{width}}  {spec.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="print the groups of coupled channels of MODEL")
+    p.add_argument("model", help="zoo name or package.module:factory")
+    p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the example input")
+    p.add_argument("--tokens", type=int, help="make integer token ids in [0, TOKENS)")
+    p.add_argument("--explain", action="append", metavar="NAME",
+                   help="print the coupling paths of a parameter or module (repeatable)")
+    p.add_argument("--prunable-only", action="store_true", help="hide frozen groups")
+    p.add_argument("--json", help="also write the groups as JSON to this file")
+    p.set_defaults(run=_cmd_analyze)
+
+    p = sub.add_parser("models", help="list the built-in models")
+    p.set_defaults(run=_cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except GraphPruneError as exc:
+        print(f"graphprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
