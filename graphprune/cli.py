@@ -20,15 +20,18 @@ from graphprune.errors import GraphPruneError, InputError
 from graphprune.io import write_text_atomic
 
 
-def load_model(spec: str, input_shape: str | None, batch: int, tokens: int | None
-               ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def load_model(
+    spec: str, input_shape: str | None, batch: int, tokens: int | None
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Build the model and example inputs named by ``spec`` (zoo name or ``pkg.mod:factory``)."""
     from graphprune.models import MODELS
 
     if ":" not in spec:
         if spec not in MODELS:
-            raise InputError(f"unknown model '{spec}'; use a zoo name ({', '.join(MODELS)}) "
-                             f"or 'package.module:factory'")
+            raise InputError(
+                f"unknown model '{spec}'; use a zoo name ({', '.join(MODELS)}) "
+                f"or 'package.module:factory'"
+            )
         zoo = MODELS[spec]
         model = zoo.build()
         if input_shape is None:
@@ -81,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
     p.add_argument("--batch", type=int, default=2, help="batch size of the example input")
     p.add_argument("--tokens", type=int, help="make integer token ids in [0, TOKENS)")
-    p.add_argument("--explain", action="append", metavar="NAME",
-                   help="print the coupling paths of a parameter or module (repeatable)")
+    p.add_argument(
+        "--explain",
+        action="append",
+        metavar="NAME",
+        help="print the coupling paths of a parameter or module (repeatable)",
+    )
     p.add_argument("--prunable-only", action="store_true", help="hide frozen groups")
     p.add_argument("--json", help="also write the groups as JSON to this file")
     p.set_defaults(run=_cmd_analyze)

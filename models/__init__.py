@@ -40,7 +40,9 @@ MODELS: dict[str, ModelSpec] = {
     for spec in [
         ModelSpec("vgg", cnn.vgg, _IMAGE, "VGG-BN: flatten conv -> linear"),
         ModelSpec("resnet18", cnn.resnet18, _IMAGE, "ResNet-18 layout: residual adds, downsample"),
-        ModelSpec("resnet_bottleneck", cnn.resnet_bottleneck, _IMAGE, "ResNet-50-style bottlenecks"),
+        ModelSpec(
+            "resnet_bottleneck", cnn.resnet_bottleneck, _IMAGE, "ResNet-50-style bottlenecks"
+        ),
         ModelSpec("mobilenet_v2", cnn.mobilenet_v2, _IMAGE, "depthwise convs, inverted residuals"),
         ModelSpec("resnext", cnn.resnext, _IMAGE, "grouped 3x3 convs (4 groups)"),
         ModelSpec("densenet", cnn.densenet, _IMAGE, "DenseNet-BC: growing concat"),
@@ -48,10 +50,12 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("se_resnet", cnn.se_resnet, _IMAGE, "squeeze-excitation broadcast scale"),
         ModelSpec("unet", unet.unet, (3, 32, 32), "U-Net: skip concat, ConvTranspose, PReLU"),
         ModelSpec("vit", transformers.vit, _IMAGE, "ViT: patch conv, cls token, MHA, layer scale"),
-        ModelSpec("gpt", transformers.gpt, (16,), "nanoGPT: fused qkv split, tied embedding",
-                  tokens=96),
-        ModelSpec("llama", transformers.llama, (16,), "LLaMA: RMSNorm, SwiGLU, GQA, rotary",
-                  tokens=96),
+        ModelSpec(
+            "gpt", transformers.gpt, (16,), "nanoGPT: fused qkv split, tied embedding", tokens=96
+        ),
+        ModelSpec(
+            "llama", transformers.llama, (16,), "LLaMA: RMSNorm, SwiGLU, GQA, rotary", tokens=96
+        ),
     ]
 }
 

@@ -23,8 +23,12 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -
 class VGG(nn.Module):
     """VGG with BatchNorm; the classifier sees the conv features flattened (C*H*W)."""
 
-    def __init__(self, cfg: tuple[int | str, ...] = (16, "M", 32, "M", 64, 64, "M"),
-                 num_classes: int = 10, image: int = 32) -> None:
+    def __init__(
+        self,
+        cfg: tuple[int | str, ...] = (16, "M", 32, "M", 64, 64, "M"),
+        num_classes: int = 10,
+        image: int = 32,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin, size = 3, image
@@ -34,11 +38,17 @@ class VGG(nn.Module):
                 size //= 2
             else:
                 assert isinstance(v, int)
-                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(cin, v, 3, padding=1),
+                    nn.BatchNorm2d(v),
+                    nn.ReLU(inplace=True),
+                ]
                 cin = v
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
-            nn.Linear(cin * size * size, 128), nn.ReLU(inplace=True), nn.Dropout(0.1),
+            nn.Linear(cin * size * size, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.1),
             nn.Linear(128, num_classes),
         )
 
@@ -59,8 +69,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample: nn.Module | None = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -72,8 +83,9 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int = 1, groups: int = 1,
-                 group_width: int | None = None) -> None:
+    def __init__(
+        self, cin: int, width: int, stride: int = 1, groups: int = 1, group_width: int | None = None
+    ) -> None:
         super().__init__()
         mid = group_width * groups if group_width else width
         cout = width * self.expansion
@@ -85,8 +97,9 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         self.downsample: nn.Module | None = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -97,9 +110,14 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int],
-                 widths: tuple[int, ...] = (16, 32, 64, 128), num_classes: int = 10,
-                 **block_kwargs: int) -> None:
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        widths: tuple[int, ...] = (16, 32, 64, 128),
+        num_classes: int = 10,
+        **block_kwargs: int,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -130,11 +148,17 @@ class InvertedResidual(nn.Module):
         self.use_res = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand != 1:
-            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(True)]
+            layers += [
+                nn.Conv2d(cin, hidden, 1, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU6(True),
+            ]
         layers += [
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),  # depthwise
-            nn.BatchNorm2d(hidden), nn.ReLU6(True),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(True),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         ]
         self.conv = nn.Sequential(*layers)
 
@@ -143,10 +167,17 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 10,
-                 setting: tuple[tuple[int, int, int, int], ...] = (
-                     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 1, 2)),
-                 last: int = 256) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        setting: tuple[tuple[int, int, int, int], ...] = (
+            (1, 16, 1, 1),
+            (6, 24, 2, 2),
+            (6, 32, 2, 2),
+            (6, 64, 1, 2),
+        ),
+        last: int = 256,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [conv_bn(3, 16, 3, 2)]
         cin = 16
@@ -179,8 +210,13 @@ class DenseLayer(nn.Module):
 class DenseNet(nn.Module):
     """DenseNet-BC: each layer sees the concat of every earlier feature map in its block."""
 
-    def __init__(self, growth: int = 8, layers: tuple[int, ...] = (3, 3), init: int = 16,
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        growth: int = 8,
+        layers: tuple[int, ...] = (3, 3),
+        init: int = 16,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, init, 3, padding=1, bias=False)
         blocks, transitions = [], []
@@ -189,9 +225,14 @@ class DenseNet(nn.Module):
             blocks.append(nn.ModuleList(DenseLayer(cin + k * growth, growth) for k in range(n)))
             cin += n * growth
             if i < len(layers) - 1:
-                transitions.append(nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(),
-                                                 nn.Conv2d(cin, cin // 2, 1, bias=False),
-                                                 nn.AvgPool2d(2)))
+                transitions.append(
+                    nn.Sequential(
+                        nn.BatchNorm2d(cin),
+                        nn.ReLU(),
+                        nn.Conv2d(cin, cin // 2, 1, bias=False),
+                        nn.AvgPool2d(2),
+                    )
+                )
                 cin //= 2
         self.blocks = nn.ModuleList(blocks)
         self.transitions = nn.ModuleList(transitions)
@@ -202,7 +243,7 @@ class DenseNet(nn.Module):
         x = self.stem(x)
         for i, block in enumerate(self.blocks):
             features = [x]
-            for layer in block:
+            for layer in block:  # type: ignore[attr-defined]
                 features.append(layer(torch.cat(features, 1)))  # (B, sum C_k, H, W)
             x = torch.cat(features, 1)
             if i < len(self.transitions):
@@ -212,12 +253,15 @@ class DenseNet(nn.Module):
 
 
 class InceptionBlock(nn.Module):
-    def __init__(self, cin: int, c1: int, c3: tuple[int, int], c5: tuple[int, int], pool: int) -> None:
+    def __init__(
+        self, cin: int, c1: int, c3: tuple[int, int], c5: tuple[int, int], pool: int
+    ) -> None:
         super().__init__()
         self.branch1 = conv_bn(cin, c1, 1)
         self.branch3 = nn.Sequential(conv_bn(cin, c3[0], 1), conv_bn(c3[0], c3[1], 3))
-        self.branch5 = nn.Sequential(conv_bn(cin, c5[0], 1), conv_bn(c5[0], c5[1], 3),
-                                     conv_bn(c5[1], c5[1], 3))
+        self.branch5 = nn.Sequential(
+            conv_bn(cin, c5[0], 1), conv_bn(c5[0], c5[1], 3), conv_bn(c5[1], c5[1], 3)
+        )
         self.branch_pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn(cin, pool, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -278,8 +322,9 @@ def resnet_bottleneck(num_classes: int = 10) -> ResNet:
 
 def resnext(num_classes: int = 10) -> ResNet:
     """ResNeXt: bottlenecks whose 3x3 conv has 4 groups of width 4."""
-    return ResNet(Bottleneck, [1, 1], widths=(8, 16), num_classes=num_classes,
-                  groups=4, group_width=4)
+    return ResNet(
+        Bottleneck, [1, 1], widths=(8, 16), num_classes=num_classes, groups=4, group_width=4
+    )
 
 
 def mobilenet_v2(num_classes: int = 10) -> MobileNetV2:

@@ -18,8 +18,9 @@ class ViTBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.gamma1 = nn.Parameter(torch.full((dim,), 0.5))  # layer scale
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(),
-                                 nn.Linear(dim * mlp_ratio, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim)
+        )
         self.gamma2 = nn.Parameter(torch.full((dim,), 0.5))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -29,8 +30,15 @@ class ViTBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, image: int = 32, patch: int = 8, dim: int = 64, depth: int = 2,
-                 heads: int = 4, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        image: int = 32,
+        patch: int = 8,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         n = (image // patch) ** 2
@@ -92,26 +100,51 @@ class GPTBlock(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int = 96, block_size: int = 32, n_layer: int = 2,
-                 n_head: int = 4, n_embd: int = 64) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 96,
+        block_size: int = 32,
+        n_layer: int = 2,
+        n_head: int = 4,
+        n_embd: int = 64,
+    ) -> None:
         super().__init__()
         self.block_size = block_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            h=nn.ModuleList([GPTBlock(n_embd, n_head) for _ in range(n_layer)]),
-            ln_f=nn.LayerNorm(n_embd),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab_size, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                h=nn.ModuleList([GPTBlock(n_embd, n_head) for _ in range(n_layer)]),
+                ln_f=nn.LayerNorm(n_embd),
+            )
+        )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.wte.weight = self.lm_head.weight  # weight tying
 
     def forward(self, idx: Tensor) -> Tensor:
         _, t = idx.size()
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for block in self.transformer.h:
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+
+    # typed views of the nanoGPT-style ModuleDict (keeps nanoGPT's parameter names)
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.transformer["wte"]  # type: ignore[return-value]
+
+    @property
+    def wpe(self) -> nn.Embedding:
+        return self.transformer["wpe"]  # type: ignore[return-value]
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer["h"]  # type: ignore[return-value]
+
+    @property
+    def ln_f(self) -> nn.LayerNorm:
+        return self.transformer["ln_f"]  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------- LLaMA
@@ -144,7 +177,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin  # rotary: pairs (i, i + hd/2) rotate together
         k = k * cos + rotate_half(k) * sin
@@ -183,12 +218,23 @@ class LlamaBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, vocab_size: int = 96, dim: int = 64, n_layers: int = 2, n_heads: int = 4,
-                 n_kv_heads: int = 2, hidden: int = 128, rope_theta: float = 10000.0) -> None:
+    inv_freq: Tensor  # rotary frequencies, (hd/2,), a non-persistent buffer
+
+    def __init__(
+        self,
+        vocab_size: int = 96,
+        dim: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        n_kv_heads: int = 2,
+        hidden: int = 128,
+        rope_theta: float = 10000.0,
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, dim)
-        self.layers = nn.ModuleList(LlamaBlock(dim, n_heads, n_kv_heads, hidden)
-                                    for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            LlamaBlock(dim, n_heads, n_kv_heads, hidden) for _ in range(n_layers)
+        )
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         head_dim = dim // n_heads

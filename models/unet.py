@@ -9,9 +9,11 @@ from torch import Tensor, nn
 class DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int, prelu: bool = False) -> None:
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
             nn.PReLU(cout) if prelu else nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
             nn.PReLU(cout) if prelu else nn.ReLU(inplace=True),
         )
 

@@ -149,9 +149,7 @@ class AtomTable:
         head = big[0]
         merged = self.new_space(head.shape[0] * rest.shape[0], f"{label}/merged")
         for pos, atom in enumerate(merged.tolist()):
-            self.set_pair(
-                atom, int(head[pos // rest.shape[0]]), int(rest[pos % rest.shape[0]])
-            )
+            self.set_pair(atom, int(head[pos // rest.shape[0]]), int(rest[pos % rest.shape[0]]))
         return merged
 
     def base_of(self, atom: int, memo: dict[int, tuple[int, ...]]) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ A member may belong to several groups: the rows of a fused qkv weight are indexe
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -89,9 +90,27 @@ class Group:
         members = ", ".join(m.label() for m in self.members)
         return f"{self.size} {state}: {members}"
 
+    def compact(self) -> str:
+        """``"<size> <state>: module[dim] ..."``: a stable one-line summary for golden tests.
+
+        A module's ``weight`` appears as ``module[dim]``; its bias and running stats are left
+        out when its weight is in the group (they follow it), else listed by full name.
+        """
+        state = "prunable" if self.prunable else "frozen"
+        with_weight = {m.module for m in self.members if m.fqn.endswith(".weight")}
+        names = sorted(
+            {
+                f"{m.module}[{m.dim}]" if m.fqn.endswith(".weight") else f"{m.fqn}[{m.dim}]"
+                for m in self.members
+                if m.fqn.endswith(".weight") or m.module not in with_weight
+            }
+        )
+        return f"{self.size} {state}: {' '.join(names)}"
+
     def __str__(self) -> str:
-        lines = [f"group {self.id}: {self.size} channels, "
-                 f"{'prunable' if self.prunable else 'FROZEN'}"]
+        lines = [
+            f"group {self.id}: {self.size} channels, {'prunable' if self.prunable else 'FROZEN'}"
+        ]
         lines += [f"  {m.label():<40} {m.describe_map()}" for m in self.members]
         lines += [f"  frozen: {r}" for r in self.frozen_reasons[:3]]
         lines += [f"  note: {n}" for n in self.notes[:3]]
@@ -182,8 +201,13 @@ class DependencyGraph:
                     "notes": g.notes,
                     "ops": g.ops,
                     "members": [
-                        {"fqn": m.fqn, "dim": m.dim, "parameter": m.is_parameter,
-                         "aliases": list(m.aliases), "index_map": m.index_map.tolist()}
+                        {
+                            "fqn": m.fqn,
+                            "dim": m.dim,
+                            "parameter": m.is_parameter,
+                            "aliases": list(m.aliases),
+                            "index_map": m.index_map.tolist(),
+                        }
                         for m in g.members
                     ],
                 }
@@ -209,12 +233,16 @@ class DependencyGraph:
             state = "prunable" if g.prunable else "frozen: " + _short(g.frozen_reasons[0])
             rows.append((str(g.id), str(g.size), state, str(len(g.members)), shown))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)) + "  " + r[4]
-                 for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)) + "  " + r[4]
+            for r in rows
+        ]
         lines.insert(1, "-" * min(max(len(s) for s in lines), 120))
         n_prunable = len(self.prunable_groups)
-        lines.append(f"{len(self.groups)} groups ({n_prunable} prunable), "
-                     f"{len(self.diagnostics)} unsupported ops, analysed in {self.seconds:.2f}s")
+        lines.append(
+            f"{len(self.groups)} groups ({n_prunable} prunable), "
+            f"{len(self.diagnostics)} unsupported ops, analysed in {self.seconds:.2f}s"
+        )
         for d in self.diagnostics[:10]:
             lines.append(f"  unsupported: {d.node}: {d.reason}")
         return "\n".join(lines)
@@ -233,8 +261,9 @@ class DependencyGraph:
             own = [m for m in g.members if m.fqn in names]
             if not own:
                 continue
-            lines.append(f"group {g.id} ({g.size} channels, "
-                         f"{'prunable' if g.prunable else 'frozen'}):")
+            lines.append(
+                f"group {g.id} ({g.size} channels, {'prunable' if g.prunable else 'frozen'}):"
+            )
             explained: set[tuple[str, int]] = set()
             for m in own:
                 lines.append(f"  {m.label()}: {m.describe_map()}")
@@ -267,7 +296,7 @@ class DependencyGraph:
     def _describe_path(self, path: list[str]) -> str:
         """``a[1] -> op (module: why) -> ... -> b[0]``; pass-through steps show the op only."""
         parts = [path[0]]
-        for a, b in zip(path, path[1:], strict=False):
+        for a, b in itertools.pairwise(path):
             data = next(iter(self._graph.get_edge_data(a, b).values()))
             op = str(data["op"]).removeprefix("aten.").split(".")[0]
             if data["why"] == "passes through":
@@ -284,7 +313,7 @@ class DependencyGraph:
         if name in fqns:
             return {name, *self._aliases.get(name, [])}
         prefix = name + "."
-        found = {f for f in fqns if f.startswith(prefix) and "." not in f[len(prefix):]}
+        found = {f for f in fqns if f.startswith(prefix) and "." not in f[len(prefix) :]}
         if not found:
             found = {f for f in fqns if f.startswith(prefix)}
         if not found:
@@ -350,46 +379,65 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
     candidate = {s: c for s, c in candidate.items() if len(c) > 1}
     order = sorted(candidate, key=lambda s: candidate[s][0])
     group_of_space = {s: i for i, s in enumerate(order)}
-    index_of_root = {root: (group_of_space[s], k) for s, roots in candidate.items()
-                     for k, root in enumerate(roots)}
+    index_of_root = {
+        root: (group_of_space[s], k)
+        for s, roots in candidate.items()
+        for k, root in enumerate(roots)
+    }
 
     positions: dict[TensorDim, list[tuple[tuple[int, int], ...]]] = {}
-    for key, rows in state_rows.items():
-        positions[key] = [tuple(index_of_root[r] for r in row if r in index_of_root)
-                          for row in rows]
+    for key, roots_per_position in state_rows.items():
+        positions[key] = [
+            tuple(index_of_root[r] for r in row if r in index_of_root) for row in roots_per_position
+        ]
 
     aliases = captured.aliases
     members: dict[int, list[Member]] = {i: [] for i in range(len(order))}
-    for (fqn, d), rows in positions.items():
-        involved = sorted({g for row in rows for g, _ in row})
+    for (fqn, d), channel_rows in positions.items():
+        involved = sorted({g for row in channel_rows for g, _ in row})
         for g in involved:
             index_map = np.array(
-                [next((c for gg, c in row if gg == g), -1) for row in rows], dtype=np.int64
+                [next((c for gg, c in row if gg == g), -1) for row in channel_rows],
+                dtype=np.int64,
             )
-            members[g].append(Member(
-                fqn, d, index_map, fqn in captured.parameters,
-                tuple(a for a in aliases.get(fqn, []) if a != fqn),
-            ))
+            members[g].append(
+                Member(
+                    fqn,
+                    d,
+                    index_map,
+                    fqn in captured.parameters,
+                    tuple(a for a in aliases.get(fqn, []) if a != fqn),
+                )
+            )
 
     graph, node_groups = _inspection_graph(walked, spaces, group_of_space)
     groups: list[Group] = []
     for i, s in enumerate(order):
-        ops = sorted({
-            f"{data['op']} ({data['module'] or '<root>'})"
-            for a, b, data in graph.edges(data=True)
-            if i in node_groups.get(a, ()) and i in node_groups.get(b, ())
-        })
-        groups.append(Group(
-            id=i, size=len(candidate[s]), members=members[i],
-            frozen_reasons=_unique(frozen.get(s, [])), notes=_unique(notes.get(s, [])), ops=ops,
-        ))
+        ops = sorted(
+            {
+                f"{data['op']} ({data['module'] or '<root>'})"
+                for a, b, data in graph.edges(data=True)
+                if i in node_groups.get(a, ()) and i in node_groups.get(b, ())
+            }
+        )
+        groups.append(
+            Group(
+                id=i,
+                size=len(candidate[s]),
+                members=members[i],
+                frozen_reasons=_unique(frozen.get(s, [])),
+                notes=_unique(notes.get(s, [])),
+                ops=ops,
+            )
+        )
 
     constants = []
     for c in walked.facts.shape_constants:
         gids = sorted(group_of_space[s] for s in spaces(c.atoms) if s in group_of_space)
         if gids:
-            constants.append(ShapeConstantUse(c.node, c.op, c.module, c.argument, c.value, gids,
-                                              c.per))
+            constants.append(
+                ShapeConstantUse(c.node, c.op, c.module, c.argument, c.value, gids, c.per)
+            )
     diagnostics = [Diagnostic(n, op, reason) for n, op, reason in walked.facts.unsupported]
     return DependencyGraph(groups, graph, positions, constants, diagnostics, aliases, seconds)
 

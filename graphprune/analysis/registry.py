@@ -156,6 +156,7 @@ class RuleContext:
         meta = value.meta.get("val")
         if not isinstance(meta, torch.Tensor) or not _is_layout(layout):
             return None
+        assert isinstance(layout, list)
         return TensorArg(value.name, layout, tuple(int(s) for s in meta.shape))
 
     def tensors(self) -> list[TensorArg]:
@@ -168,7 +169,7 @@ class RuleContext:
         return found
 
     def out_shape(self, index: int | None = None) -> tuple[int, ...]:
-        meta = self.node.meta.get("val")
+        meta: Any = self.node.meta.get("val")
         if index is not None:
             meta = meta[index]
         return tuple(int(s) for s in meta.shape)
@@ -204,9 +205,7 @@ class RuleContext:
         where = f"'{self.module}'" if self.module else f"node '{self.node.name}'"
         self.facts.notes.append((atoms, f"{note} at {where}"))
 
-    def shape_constant(
-        self, argument: str, value: int, atoms: Atoms, per: str = "size"
-    ) -> None:
+    def shape_constant(self, argument: str, value: int, atoms: Atoms, per: str = "size") -> None:
         self.facts.shape_constants.append(
             ShapeConstant(self.node.name, self.op, self.module, argument, value, atoms, per)
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from graphprune.analysis.registry import ops, Layout, RuleContext, TensorArg, rule
+from graphprune.analysis.registry import Layout, RuleContext, TensorArg, ops, rule
 from graphprune.analysis.rules_pointwise import broadcast
 
 aten = torch.ops.aten
@@ -37,7 +37,9 @@ def _optional(ctx: RuleContext, index: int, name: str) -> TensorArg | None:
 
 def _spatial_out(ctx: RuleContext, x: TensorArg, out_shape: tuple[int, ...], first: int) -> Layout:
     """Spatial output positions are made by the op, not by a parameter: structural."""
-    return [ctx.structural(ctx.fresh(out_shape[d], f"spatial{d}")) for d in range(first, len(out_shape))]
+    return [
+        ctx.structural(ctx.fresh(out_shape[d], f"spatial{d}")) for d in range(first, len(out_shape))
+    ]
 
 
 def _conv(ctx: RuleContext, transposed: bool, groups: int) -> Layout:
@@ -53,11 +55,17 @@ def _conv(ctx: RuleContext, transposed: bool, groups: int) -> Layout:
         if groups == 1:
             ctx.couple(x.dim(c), w.dim(1), "conv input channels")
         else:
-            g_in, j = ctx.table.factor(x.layout[c], [groups, x.shape[c] // groups], f"{ctx.node.name}.in")
-            g_out, _k = ctx.table.factor(w.layout[0], [groups, w.shape[0] // groups], f"{ctx.node.name}.out")
+            g_in, j = ctx.table.factor(
+                x.layout[c], [groups, x.shape[c] // groups], f"{ctx.node.name}.in"
+            )
+            g_out, _k = ctx.table.factor(
+                w.layout[0], [groups, w.shape[0] // groups], f"{ctx.node.name}.out"
+            )
             ctx.table.union_arrays(g_in, g_out)
             ctx.table.union_arrays(j, w.layout[1])
-            ctx.link(x.dim(c), w.dim(0), f"grouped conv: input and output share the {groups} groups")
+            ctx.link(
+                x.dim(c), w.dim(0), f"grouped conv: input and output share the {groups} groups"
+            )
             ctx.link(x.dim(c), w.dim(1), "grouped conv: channel within group")
             ctx.shape_constant("groups", groups, g_in)
         out_atoms = out_ch.atoms
@@ -66,7 +74,9 @@ def _conv(ctx: RuleContext, transposed: bool, groups: int) -> Layout:
         if groups == 1:
             out_atoms = w.layout[1]
         else:
-            g_in, _j = ctx.table.factor(x.layout[c], [groups, x.shape[c] // groups], f"{ctx.node.name}.in")
+            g_in, _j = ctx.table.factor(
+                x.layout[c], [groups, x.shape[c] // groups], f"{ctx.node.name}.in"
+            )
             out_atoms = ctx.table.merge([g_in, w.layout[1]], f"{ctx.node.name}.out")
             ctx.link(x.dim(c), w.dim(1), f"grouped transposed conv: {groups} groups")
             ctx.shape_constant("groups", groups, g_in)
@@ -153,11 +163,14 @@ def einsum(ctx: RuleContext) -> Layout:
     if "..." in equation or not rhs or any(t is None for t in operands):
         for t in ctx.tensors():
             for atoms in t.layout:
-                ctx.freeze(atoms, f"einsum '{equation}' is not analysed (ellipsis or implicit output)")
+                ctx.freeze(
+                    atoms, f"einsum '{equation}' is not analysed (ellipsis or implicit output)"
+                )
         return [ctx.fresh(s, f"einsum{d}") for d, s in enumerate(ctx.out_shape())]
     seen: dict[str, tuple[TensorArg, int]] = {}
-    for spec, t in zip(specs, operands, strict=True):
-        assert t is not None
+    for spec, operand in zip(specs, operands, strict=True):
+        assert operand is not None
+        t = operand
         for d, letter in enumerate(spec):
             if t.shape[d] == 1:
                 continue
@@ -176,21 +189,33 @@ def einsum(ctx: RuleContext) -> Layout:
     return out
 
 
-def _per_channel_params(ctx: RuleContext, x: TensorArg, names: list[tuple[int, str]], why: str) -> None:
+def _per_channel_params(
+    ctx: RuleContext, x: TensorArg, names: list[tuple[int, str]], why: str
+) -> None:
     for index, name in names:
         p = _optional(ctx, index, name)
         if p is not None and p.ndim == 1 and p.shape[0] == x.shape[1]:
             ctx.couple(x.dim(1), p.dim(0), why)
 
 
-@rule(*ops("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit", "instance_norm"))
+@rule(
+    *ops(
+        "batch_norm",
+        "_native_batch_norm_legit_no_training",
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "instance_norm",
+    )
+)
 def batch_norm(ctx: RuleContext) -> Layout | list[Layout]:
     x = _required(ctx, 0, "input")
     names = [(1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")]
     _per_channel_params(ctx, x, names, "per-channel norm parameter")
     if isinstance(ctx.node.meta.get("val"), tuple | list):
-        rest = [[ctx.fresh(s, f"stat{d}") for d, s in enumerate(ctx.out_shape(i))]
-                for i in range(1, len(ctx.node.meta["val"]))]
+        rest = [
+            [ctx.fresh(s, f"stat{d}") for d, s in enumerate(ctx.out_shape(i))]
+            for i in range(1, len(ctx.node.meta["val"]))
+        ]
         return [list(x.layout), *rest]
     return list(x.layout)
 
@@ -201,13 +226,17 @@ def group_norm(ctx: RuleContext) -> Layout:
     groups = int(ctx.arg(1, "num_groups"))
     _per_channel_params(ctx, x, [(2, "weight"), (3, "bias")], "per-channel norm parameter")
     if groups > 1:
-        g, _within = ctx.table.factor(x.layout[1], [groups, x.shape[1] // groups], f"{ctx.node.name}.groups")
+        g, _within = ctx.table.factor(
+            x.layout[1], [groups, x.shape[1] // groups], f"{ctx.node.name}.groups"
+        )
         ctx.shape_constant("num_groups", groups, g)
     ctx.note(x.layout[1], "GroupNorm statistics span channels")
     return list(x.layout)
 
 
-def _trailing_norm(ctx: RuleContext, weight_index: int, bias_index: int | None, kind: str) -> Layout | list[Layout]:
+def _trailing_norm(
+    ctx: RuleContext, weight_index: int, bias_index: int | None, kind: str
+) -> Layout | list[Layout]:
     x = _required(ctx, 0, "input")
     shape = [int(s) for s in ctx.arg(1, "normalized_shape")]
     k = len(shape)
@@ -220,8 +249,10 @@ def _trailing_norm(ctx: RuleContext, weight_index: int, bias_index: int | None, 
             if p is not None:
                 ctx.couple(x.dim(d), p.dim(i), f"{kind} affine parameter")
     if isinstance(ctx.node.meta.get("val"), tuple | list):
-        rest = [[ctx.fresh(s, f"stat{d}") for d, s in enumerate(ctx.out_shape(i))]
-                for i in range(1, len(ctx.node.meta["val"]))]
+        rest = [
+            [ctx.fresh(s, f"stat{d}") for d, s in enumerate(ctx.out_shape(i))]
+            for i in range(1, len(ctx.node.meta["val"]))
+        ]
         return [list(x.layout), *rest]
     return list(x.layout)
 
@@ -269,14 +300,19 @@ def sdpa(ctx: RuleContext) -> Layout:
             kv, _rep = ctx.table.factor(q.layout[-3], [hk, hq // hk], f"{ctx.node.name}.gqa")
             ctx.table.union_arrays(kv, k.layout[-3])
             ctx.couple(k.dim(-3), v.dim(-3), "attention heads")
-            ctx.link(q.dim(-3), k.dim(-3), f"grouped-query attention: {hq // hk} query heads per kv head")
+            ctx.link(
+                q.dim(-3), k.dim(-3), f"grouped-query attention: {hq // hk} query heads per kv head"
+            )
         batch = [TensorArg(t.node, t.layout[:-3], t.shape[:-3]) for t in (q, k, v)]
         out = broadcast(ctx, batch, ctx.out_shape()[:-3])
         out.append(q.layout[-3])
     mask = _optional(ctx, 3, "attn_mask")
     if mask is not None:
-        scores = TensorArg(ctx.node.name + ".scores", [*out, q.layout[-2], k.layout[-2]],
-                           (*ctx.out_shape()[:-2], q.shape[-2], k.shape[-2]))
+        scores = TensorArg(
+            ctx.node.name + ".scores",
+            [*out, q.layout[-2], k.layout[-2]],
+            (*ctx.out_shape()[:-2], q.shape[-2], k.shape[-2]),
+        )
         broadcast(ctx, [scores, mask], scores.shape)
     return [*out, q.layout[-2], v.layout[-1]]
 
@@ -313,7 +349,7 @@ _POOLS = {op: _POOL_SPATIAL_DIMS[name] for name in _POOL_SPATIAL_DIMS for op in 
 def pool(ctx: RuleContext) -> Layout | list[Layout]:
     """Pooling/resampling acts on the trailing spatial dims; channels pass through."""
     x = _required(ctx, 0, "input")
-    spatial = _POOLS[ctx.node.target.overloadpacket]
+    spatial = _POOLS[getattr(ctx.node.target, "overloadpacket", None)]
     multi = isinstance(ctx.node.meta.get("val"), tuple | list)
     out_shape = ctx.out_shape(0) if multi else ctx.out_shape()
     keep = x.ndim - spatial

@@ -15,12 +15,77 @@ from __future__ import annotations
 
 import torch
 
-from graphprune.analysis.registry import ops, Layout, RuleContext, TensorArg, rule
+from graphprune.analysis.registry import Layout, RuleContext, TensorArg, ops, rule
 
 aten = torch.ops.aten
 
 _UNARY = ops(
-    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "relu6", "leaky_relu", "elu", "selu", "mish", "softplus", "neg", "exp", "log", "sqrt", "rsqrt", "abs", "cos", "sin", "erf", "reciprocal", "square", "sign", "floor", "ceil", "round", "log1p", "expm1", "logical_not", "bitwise_not", "isnan", "clone", "contiguous", "dropout", "alpha_dropout", "feature_dropout", "alias", "detach", "lift_fresh_copy", "to", "_to_copy", "clamp", "clamp_min", "clamp_max", "nan_to_num", "tril", "triu", "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "fill", "type_as", "float", "half", "bfloat16", "dequantize",
+    "relu",
+    "relu_",
+    "gelu",
+    "silu",
+    "silu_",
+    "sigmoid",
+    "tanh",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "hardtanh",
+    "hardtanh_",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "mish",
+    "softplus",
+    "neg",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "cos",
+    "sin",
+    "erf",
+    "reciprocal",
+    "square",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
+    "log1p",
+    "expm1",
+    "logical_not",
+    "bitwise_not",
+    "isnan",
+    "clone",
+    "contiguous",
+    "dropout",
+    "alpha_dropout",
+    "feature_dropout",
+    "alias",
+    "detach",
+    "lift_fresh_copy",
+    "to",
+    "_to_copy",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "nan_to_num",
+    "tril",
+    "triu",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_like",
+    "rand_like",
+    "randn_like",
+    "fill",
+    "type_as",
+    "float",
+    "half",
+    "bfloat16",
+    "dequantize",
 )
 
 
@@ -53,7 +118,43 @@ def broadcast(ctx: RuleContext, inputs: list[TensorArg], out_shape: tuple[int, .
 
 
 _BINARY = ops(
-    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "true_divide", "floor_divide", "remainder", "fmod", "pow", "maximum", "minimum", "atan2", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "where", "masked_fill", "masked_fill_", "addcmul", "addcdiv", "lerp", "copy", "copy_", "hardshrink",
+    "add",
+    "add_",
+    "sub",
+    "sub_",
+    "rsub",
+    "mul",
+    "mul_",
+    "div",
+    "div_",
+    "true_divide",
+    "floor_divide",
+    "remainder",
+    "fmod",
+    "pow",
+    "maximum",
+    "minimum",
+    "atan2",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "logical_and",
+    "logical_or",
+    "logical_xor",
+    "bitwise_and",
+    "bitwise_or",
+    "where",
+    "masked_fill",
+    "masked_fill_",
+    "addcmul",
+    "addcdiv",
+    "lerp",
+    "copy",
+    "copy_",
+    "hardshrink",
 )
 
 
@@ -147,7 +248,9 @@ def positional(ctx: RuleContext) -> Layout | list[Layout]:
     for d in dims:
         ctx.freeze(x.dim(d).atoms, f"{ctx.op} depends on positions along this dimension")
     if ctx.node.target in (aten.sort.default, aten.sort.stable, aten.topk.default):
-        out = [x.layout[d] if d not in dims else ctx.fresh(s, "k")
-               for d, s in enumerate(ctx.out_shape(0))]
+        out = [
+            x.layout[d] if d not in dims else ctx.fresh(s, "k")
+            for d, s in enumerate(ctx.out_shape(0))
+        ]
         return [out, list(out)]
     return list(x.layout)

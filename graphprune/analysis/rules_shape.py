@@ -17,13 +17,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import torch
 
 from graphprune.analysis.atoms import Atoms
-from graphprune.analysis.registry import ops, Layout, RuleContext, TensorArg, rule
+from graphprune.analysis.registry import Layout, RuleContext, TensorArg, ops, rule
 
 aten = torch.ops.aten
 
@@ -45,7 +46,7 @@ def _boundaries(shape: tuple[int, ...]) -> list[int]:
 def refine(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[int] | None:
     """Cumulative-product cut points shared by both shapes, or None if they do not nest."""
     cuts = sorted(set(_boundaries(in_shape)) | set(_boundaries(out_shape)) | {1})
-    for a, b in zip(cuts, cuts[1:], strict=False):
+    for a, b in itertools.pairwise(cuts):
         if b % a:
             return None
     return cuts
@@ -63,7 +64,7 @@ def reshape_layout(ctx: RuleContext, x: TensorArg, out_shape: tuple[int, ...]) -
     # refined pieces, each identified by its (start, end) cumulative products
     pieces: list[Atoms] = []
     for d, (lo, hi) in enumerate(_spans(x.shape)):
-        sizes = [b // a for a, b in zip(cuts, cuts[1:], strict=False) if lo <= a and b <= hi]
+        sizes = [b // a for a, b in itertools.pairwise(cuts) if lo <= a and b <= hi]
         if hi == lo:  # size-1 input dim: carries no channels
             continue
         parts = ctx.table.factor(x.layout[d], sizes, f"{ctx.node.name}.in{d}")
@@ -71,12 +72,12 @@ def reshape_layout(ctx: RuleContext, x: TensorArg, out_shape: tuple[int, ...]) -
         if len(sizes) > 1:
             for k in range(len(out_shape)):
                 ctx.link(x.dim(d), k, "reshape (factored)")
-    refined = [b // a for a, b in zip(cuts, cuts[1:], strict=False)]
+    refined = [b // a for a, b in itertools.pairwise(cuts)]
     assert len(pieces) == len(refined), (pieces, refined)
     out: Layout = []
     cursor = 0
     for d, (lo, hi) in enumerate(_spans(out_shape)):
-        n = sum(1 for a, b in zip(cuts, cuts[1:], strict=False) if lo <= a and b <= hi)
+        n = sum(1 for a, b in itertools.pairwise(cuts) if lo <= a and b <= hi)
         if n == 0:
             out.append(ctx.fresh(1, f"unit{d}"))
             continue
@@ -373,7 +374,22 @@ def pad(ctx: RuleContext) -> Layout:
 
 
 _FACTORIES = ops(
-    "zeros", "ones", "empty", "full", "rand", "randn", "arange", "new_zeros", "new_ones", "new_empty", "new_full", "scalar_tensor", "eye", "linspace", "randint", "empty_strided",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "rand",
+    "randn",
+    "arange",
+    "new_zeros",
+    "new_ones",
+    "new_empty",
+    "new_full",
+    "scalar_tensor",
+    "eye",
+    "linspace",
+    "randint",
+    "empty_strided",
 )
 
 
@@ -383,7 +399,7 @@ def factory(ctx: RuleContext) -> Layout:
     out = [ctx.fresh(s, f"new{d}") for d, s in enumerate(ctx.out_shape())]
     sizes = ctx.arg(1 if ctx.op.startswith("aten.new_") else 0, "size")
     _record_sizes(ctx, "size", sizes, out)
-    if ctx.node.target.overloadpacket is aten.arange and out:
+    if ctx.op.startswith("aten.arange") and out:
         for k, v in enumerate(a for a in ctx.node.args if isinstance(a, int)):
             ctx.shape_constant(f"arange[{k}]", v, out[0])
     return out

@@ -32,9 +32,14 @@ aten = torch.ops.aten
 
 # ops that read tensors but produce no tensor and constrain no channel
 _HARMLESS = {
-    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default,
-    aten._assert_tensor_metadata.default, aten._assert_scalar.default,
-    aten.sym_constrain_range_for_size.default, aten._assert_async.msg,
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten.sym_storage_offset.default,
+    aten._assert_tensor_metadata.default,
+    aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+    aten._assert_async.msg,
 }
 
 
@@ -65,7 +70,9 @@ def walk(captured: Captured) -> Walked:
             values[node.name] = _call(node, modules[node.name], table, values, facts)
         elif node.op == "output":
             for arg in _flat(node.args):
-                layout = values.get(arg.name) if isinstance(arg, fx.Node) else None
+                if not isinstance(arg, fx.Node):
+                    continue
+                layout = values.get(arg.name)
                 for d, atoms in enumerate(_layouts(layout)):
                     facts.frozen.append((atoms, f"model output '{arg.name}' dim {d}"))
         else:  # get_attr of a submodule (control flow): nothing we can see through
@@ -103,7 +110,7 @@ def _call(
         value = values.get(source.name) if isinstance(source, fx.Node) else None
         if not isinstance(value, list) or _is_layout(value):
             return None
-        picked = value[index]
+        picked = value[int(index)]  # type: ignore[arg-type]
         if isinstance(source, fx.Node) and _is_layout(picked):  # link to split's input
             src_ctx = RuleContext(source, module, table, values, facts)
             _auto_link(RuleContext(node, module, table, values, facts), picked, src_ctx.tensors())

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from graphprune.cli import main
+
+
+def test_analyze_zoo_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "groups.json"
+    assert main(["analyze", "resnet18", "--explain", "fc", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "14 groups (12 prunable)" in text
+    assert "fc.weight[1]" in text
+    assert json.loads(out.read_text())["groups"][0]["size"] == 16
+
+
+def test_analyze_factory_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["analyze", "graphprune.models.cnn:vgg", "--input-shape", "3,32,32", "--prunable-only"]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "frozen" not in text.split("groups (")[0]
+    assert "7 groups (5 prunable)" in text
+
+
+def test_bad_model_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "resnet19"]) == 2
+    assert "unknown model 'resnet19'" in capsys.readouterr().err
+    assert main(["analyze", "graphprune.models.cnn:vgg"]) == 2
+    assert "needs --input-shape" in capsys.readouterr().err
+
+
+def test_models_lists_the_zoo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    assert "llama" in capsys.readouterr().out
