@@ -71,6 +71,7 @@ class Group:
     frozen_reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # where pruning is not exact (norm stats)
     ops: list[str] = field(default_factory=list)  # "op (module)" that coupled the members
+    kind: str = "channels"  # "channels", "heads", "kv_heads", "heads_per_kv" (GQA), "head_dim"
 
     @property
     def prunable(self) -> bool:
@@ -128,6 +129,17 @@ class ShapeConstantUse:
     value: int
     groups: list[int]
     per: str
+    source: str
+    positions: list[tuple[tuple[int, int], ...]] = field(repr=False, default_factory=list)
+
+    def expected(self, kept: dict[int, Iterable[int]]) -> int:
+        """The value this argument must take when each group keeps ``kept[group]``."""
+        sets = {g: {int(c) for c in chans} for g, chans in kept.items()}
+        return sum(all(c in sets.get(g, {c}) for g, c in row) for row in self.positions)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in vars(self).items() if k != "positions"}
+        return data
 
 
 @dataclass
@@ -213,7 +225,7 @@ class DependencyGraph:
                 }
                 for g in self.groups
             ],
-            "shape_constants": [vars(s) for s in self.shape_constants],
+            "shape_constants": [s.to_dict() for s in self.shape_constants],
             "diagnostics": [vars(d) for d in self.diagnostics],
             "analysis_seconds": self.seconds,
         }
@@ -359,6 +371,26 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
     for atoms, note in walked.facts.notes:
         for s in spaces(atoms):
             notes.setdefault(s, []).append(note)
+    kinds: dict[int, str] = {}
+    priority = {"kv_heads": 4, "heads_per_kv": 3, "heads": 2, "head_dim": 1}
+
+    def mark(space: int, kind: str) -> None:
+        if priority[kind] > priority.get(kinds.get(space, ""), 0):
+            kinds[space] = kind
+
+    for atoms, kind in walked.facts.tags:
+        if kind != "heads":
+            for s in spaces(atoms):
+                mark(s, kind)
+            continue
+        for a in np.unique(atoms).tolist():
+            roots = table.base_of(a, memo)
+            if len(roots) == 2:  # a query head is (kv head, repeat): grouped-query attention
+                mark(table.find_space(table.space_of[roots[0]]), "kv_heads")
+                mark(table.find_space(table.space_of[roots[1]]), "heads_per_kv")
+            else:
+                for r in roots:
+                    mark(table.find_space(table.space_of[r]), "heads")
 
     # per-position base channels of every parameter/buffer dim
     state_rows: dict[TensorDim, list[tuple[int, ...]]] = {}
@@ -428,6 +460,7 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
                 frozen_reasons=_unique(frozen.get(s, [])),
                 notes=_unique(notes.get(s, [])),
                 ops=ops,
+                kind=kinds.get(s, "channels"),
             )
         )
 
@@ -435,8 +468,14 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
     for c in walked.facts.shape_constants:
         gids = sorted(group_of_space[s] for s in spaces(c.atoms) if s in group_of_space)
         if gids:
+            rows = [
+                tuple(index_of_root[r] for r in table.base_of(a, memo) if r in index_of_root)
+                for a in c.atoms.tolist()
+            ]
             constants.append(
-                ShapeConstantUse(c.node, c.op, c.module, c.argument, c.value, gids, c.per)
+                ShapeConstantUse(
+                    c.node, c.op, c.module, c.argument, c.value, gids, c.per, c.source, rows
+                )
             )
     diagnostics = [Diagnostic(n, op, reason) for n, op, reason in walked.facts.unsupported]
     return DependencyGraph(groups, graph, positions, constants, diagnostics, aliases, seconds)

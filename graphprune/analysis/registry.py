@@ -106,6 +106,7 @@ class ShapeConstant:
     value: int
     atoms: Atoms  # the dimension whose size the constant follows
     per: str = "size"  # "size": constant == len(kept); "start"/"end": position in the dim
+    source: str = ""  # "file:line" of the user's code that made the node
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Facts:
     notes: list[tuple[Atoms, str]] = field(default_factory=list)  # inexact pruning, etc.
     shape_constants: list[ShapeConstant] = field(default_factory=list)
     unsupported: list[tuple[str, str, str]] = field(default_factory=list)  # node, op, module
+    tags: list[tuple[Atoms, str]] = field(default_factory=list)  # ("heads", "head_dim", ...)
 
 
 class RuleContext:
@@ -207,8 +209,35 @@ class RuleContext:
 
     def shape_constant(self, argument: str, value: int, atoms: Atoms, per: str = "size") -> None:
         self.facts.shape_constants.append(
-            ShapeConstant(self.node.name, self.op, self.module, argument, value, atoms, per)
+            ShapeConstant(
+                self.node.name,
+                self.op,
+                self.module,
+                argument,
+                value,
+                atoms,
+                per,
+                source_line(self.node),
+            )
         )
+
+    def tag(self, atoms: Atoms, kind: str) -> None:
+        """Mark what these channels are (attention heads, head_dim) for plans and passes."""
+        self.facts.tags.append((atoms, kind))
+
+
+def source_line(node: fx.Node) -> str:
+    """``file:line: code`` of the innermost user frame in the node's stack trace."""
+    trace = str(node.meta.get("stack_trace") or "")
+    lines = trace.strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        text = lines[i].strip()
+        if text.startswith('File "'):
+            file = text.split('"')[1]
+            lineno = text.split("line ")[1].split(",")[0] if "line " in text else "?"
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{file}:{lineno}: {code}"
+    return ""
 
 
 def _is_layout(value: Value) -> bool:

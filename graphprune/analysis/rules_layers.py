@@ -290,9 +290,14 @@ def sdpa(ctx: RuleContext) -> Layout:
     ctx.couple(k.dim(-2), v.dim(-2), "keys and values share positions")
     if ctx.arg(6, "scale") is None:
         ctx.note(q.layout[-1], "default attention scale 1/sqrt(head_dim) follows head_dim")
+    ctx.tag(q.layout[-1], "head_dim")
+    ctx.tag(v.layout[-1], "head_dim")
     out: Layout = []
     if q.ndim >= 3:
         hq, hk = q.shape[-3], k.shape[-3]
+        ctx.tag(q.layout[-3], "heads")
+        if hq != hk:
+            ctx.tag(k.layout[-3], "kv_heads")
         if hq == hk:
             ctx.couple(q.dim(-3), k.dim(-3), "attention heads")
             ctx.couple(k.dim(-3), v.dim(-3), "attention heads")
