@@ -468,7 +468,7 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
     for c in walked.facts.shape_constants:
         gids = sorted(group_of_space[s] for s in spaces(c.atoms) if s in group_of_space)
         if gids:
-            channel_rows: list[tuple[tuple[int, int], ...]] = [
+            const_rows: list[tuple[tuple[int, int], ...]] = [
                 tuple(index_of_root[r] for r in table.base_of(a, memo) if r in index_of_root)
                 for a in c.atoms.tolist()
             ]
@@ -482,7 +482,7 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
                     gids,
                     c.per,
                     c.source,
-                    channel_rows,
+                    const_rows,
                 )
             )
     diagnostics = [Diagnostic(n, op, reason) for n, op, reason in walked.facts.unsupported]
