@@ -4,19 +4,34 @@ from __future__ import annotations
 
 from graphprune.analysis import DependencyGraph, Group, Member, analyze
 from graphprune.capture import capture
+from graphprune.compile import compile, report
 from graphprune.errors import AnalysisError, CaptureError, GraphPruneError, InputError
+from graphprune.passes.base import PruneError
+from graphprune.plan import Plan, PlanError
+from graphprune.report import CompileReport
+from graphprune.resolve import Resolution
+from graphprune.serialize import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisError",
     "CaptureError",
+    "CompileReport",
     "DependencyGraph",
     "GraphPruneError",
     "Group",
     "InputError",
     "Member",
+    "Plan",
+    "PlanError",
+    "PruneError",
+    "Resolution",
     "__version__",
     "analyze",
     "capture",
+    "compile",
+    "load",
+    "report",
+    "save",
 ]

@@ -186,6 +186,10 @@ class DependencyGraph:
         names = self._resolve(fqn_or_module)
         return [g for g in self.groups if any(m.fqn in names for m in g.members)]
 
+    def member_dims(self) -> list[TensorDim]:
+        """Every (parameter/buffer FQN, dim) that belongs to at least one group."""
+        return [key for key, rows in self._positions.items() if any(rows)]
+
     def position_channels(self, fqn: str, dim: int) -> list[tuple[tuple[int, int], ...]]:
         """For each position of ``fqn``'s dim: the (group id, channel) pairs it depends on."""
         return self._positions[(fqn, dim)]

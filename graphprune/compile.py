@@ -1,0 +1,207 @@
+"""graphprune.compile: capture -> analyze -> score -> resolve -> passes -> verify."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from graphprune.analysis import DependencyGraph, analyze_captured
+from graphprune.capture import Captured, ExampleInputs, capture
+from graphprune.errors import InputError
+from graphprune.importance import LossFn, score_groups
+from graphprune.macs import count_macs, count_params
+from graphprune.passes.base import Pass, PassContext, PassManager
+from graphprune.passes.drop_layers import DropLayers, block_contributions, residual_blocks
+from graphprune.passes.provenance import trace_int_uses
+from graphprune.passes.prune_heads import PruneHeads
+from graphprune.passes.slice_channels import SliceChannels
+from graphprune.passes.verify import make_verifier, output_shapes
+from graphprune.plan import Plan, PlanError
+from graphprune.report import CompileReport, GroupOutcome
+from graphprune.resolve import Resolution, eligible_groups, resolve
+
+RECORD = "_graphprune_record"  # plain-data record of what was done, used by save()
+REPORT = "_graphprune_report"
+
+
+@dataclasses.dataclass
+class _Setup:
+    """Everything computed once per compile, shared by every trial of a MACs search."""
+
+    captured: Captured
+    dg: DependencyGraph
+    int_uses: list[Any]
+    reference_shapes: Any
+    macs_before: int
+
+
+def compile(
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: ExampleInputs,
+    *,
+    calibration: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Prune ``model`` as ``plan`` says; return a module of the same class.
+
+    Works on a deep copy unless ``inplace=True``; the result keeps the input's train/eval
+    mode and is an ordinary module (trainable, saveable with :func:`graphprune.save`).
+    ``calibration`` batches (defaults to the example inputs) feed the data-driven criteria
+    (taylor, fisher) and the layer contributions; ``loss_fn(output)`` defaults to the mean
+    squared output. :func:`graphprune.report` returns what was done.
+    """
+    if not isinstance(plan, Plan):
+        raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = seconds.get(stage, 0.0) + now - clock
+        clock = now
+
+    target = model if inplace else copy.deepcopy(model)
+    batches = list(calibration) if calibration is not None else [example_inputs]
+    params_before = count_params(target)
+    captured = capture(target, example_inputs)
+    lap("capture")
+    dg = analyze_captured(captured)
+    lap("analyze")
+    modules = dict(target.named_modules())
+    plan.check_patterns([n for n in modules if n] + [n for n, _ in target.named_parameters()])
+    setup = _Setup(
+        captured,
+        dg,
+        trace_int_uses(target, example_inputs),
+        output_shapes(target, example_inputs),
+        count_macs(target, example_inputs),
+    )
+
+    if plan.granularity == "layers":
+        blocks = [b for b in residual_blocks(captured) if not plan.ignores([b])]
+        if not blocks:
+            raise PlanError(
+                "granularity='layers' found no residual block (y = x + f(x)) to "
+                "drop in this model; use granularity='channels'"
+            )
+        order = _rank_blocks(target, blocks, plan, batches)
+        lap("score")
+
+        def layer_trial(ratio: float) -> tuple[list[Pass], dict[int, list[int]]]:
+            return [DropLayers(order[: math.floor(ratio * len(order) + 1e-9)])], {}
+
+        passes, kept = _choose(plan, layer_trial, target, example_inputs, setup)
+        outcomes: list[GroupOutcome] = []
+        resolution = Resolution()
+    else:
+        groups = eligible_groups(dg, plan, modules)
+        scores = score_groups(
+            target, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
+        )
+        lap("score")
+        make = PruneHeads if plan.granularity == "heads" else SliceChannels
+
+        def channel_trial(ratio: float) -> tuple[list[Pass], dict[int, list[int]]]:
+            trial_plan = dataclasses.replace(plan, ratio=ratio, target_macs=None)
+            return [make()], resolve(trial_plan, groups, scores, modules).kept
+
+        passes, kept = _choose(plan, channel_trial, target, example_inputs, setup)
+        resolution = Resolution(kept, {g.id: g.size for g in groups})
+        outcomes = [GroupOutcome(g.id, g.name, g.kind, len(kept[g.id]), g.size) for g in groups]
+    lap("resolve")
+
+    ctx = PassContext(target, example_inputs, captured, dg, kept, setup.int_uses)
+    manager = PassManager(passes, verify=make_verifier(setup.reference_shapes))
+    manager(ctx)
+    seconds.update({f"pass:{k}": v for k, v in manager.timings.items()})
+    clock = time.perf_counter()
+
+    report = CompileReport(
+        plan=_plan_data(plan),
+        params_before=params_before,
+        params_after=count_params(target),
+        macs_before=setup.macs_before,
+        macs_after=count_macs(target, example_inputs),
+        groups=outcomes,
+        changes=ctx.changes,
+        dropped=ctx.dropped,
+        seconds=seconds,
+    )
+    record = {
+        "format": 1,
+        "plan": report.plan,
+        "dropped": ctx.dropped,
+        "resolution": resolution.to_dict(),
+        "group_sizes": [g.size for g in dg.groups],
+        "changes": ctx.changes,
+    }
+    object.__setattr__(target, RECORD, record)
+    object.__setattr__(target, REPORT, report)
+    return target
+
+
+def report(model: nn.Module) -> CompileReport:
+    """The report of the :func:`compile` call that produced ``model``."""
+    found = getattr(model, REPORT, None)
+    if not isinstance(found, CompileReport):
+        raise InputError("this model was not produced by graphprune.compile (no report)")
+    return found
+
+
+def _plan_data(plan: Plan) -> dict[str, Any]:
+    if callable(plan.importance):
+        data = dataclasses.asdict(dataclasses.replace(plan, importance="l2"))
+        data["importance"] = getattr(plan.importance, "__name__", "callable")
+        return data
+    return plan.to_dict()
+
+
+def _rank_blocks(model: nn.Module, blocks: list[str], plan: Plan, batches: list[Any]) -> list[str]:
+    """Blocks in the order they should be dropped: least contribution (or random) first."""
+    if plan.importance == "random":
+        order = np.random.default_rng(plan.seed).permutation(len(blocks))
+        return [blocks[i] for i in order]
+    contributions = block_contributions(model, blocks, batches)
+    return sorted(blocks, key=lambda b: (contributions[b], blocks.index(b)))
+
+
+Trial = Callable[[float], tuple[list[Pass], dict[int, list[int]]]]
+
+
+def _choose(
+    plan: Plan, trial: Trial, model: nn.Module, example_inputs: Any, setup: _Setup
+) -> tuple[list[Pass], dict[int, list[int]]]:
+    """The passes for ``plan.ratio``, or the smallest ratio that meets ``plan.target_macs``."""
+    if plan.target_macs is None:
+        return trial(plan.ratio or 0.0)
+
+    def macs_ratio(ratio: float) -> float:
+        passes, kept = trial(ratio)
+        copy_ = copy.deepcopy(model)
+        ctx = PassContext(copy_, example_inputs, setup.captured, setup.dg, kept, setup.int_uses)
+        PassManager(passes)(ctx)
+        return count_macs(copy_, example_inputs) / max(setup.macs_before, 1)
+
+    lo, hi = 0.0, 0.95
+    if macs_ratio(hi) > plan.target_macs:
+        raise PlanError(
+            f"target_macs={plan.target_macs} is out of reach: removing 95% of "
+            f"what the plan may prune keeps {macs_ratio(hi):.3f} of the MACs"
+        )
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if macs_ratio(mid) <= plan.target_macs:
+            hi = mid
+        else:
+            lo = mid
+    return trial(hi)

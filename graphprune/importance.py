@@ -1,0 +1,209 @@
+"""Importance criteria: pure functions from a group to one score per channel.
+
+A criterion scores each *member* tensor position (a row of a weight along the member's dim),
+then adds the scores of every position that maps to a channel, over all members of the group
+(not just the first layer). Each member's scores are divided by their mean so that a wide
+layer does not drown a narrow one. Nothing here mutates the model.
+
+Criteria: ``l1``/``l2`` magnitude; ``bn_scale`` |gamma| of the group's BatchNorms (falls back to
+``l1`` where the group has none); ``random`` (seeded); ``taylor`` |w * dL/dw| and ``fisher`` (alias
+``hessian``) ½ w² E[(dL/dw)²], the diagonal OBD estimate, both from calibration batches;
+``fpgm``, the distance of each channel's weights to the others (near the geometric median =
+redundant). A callable ``(group, tensors, grads) -> scores`` may replace any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from graphprune.analysis import DependencyGraph, Group, Member
+from graphprune.capture import normalize_inputs
+
+Tensors = dict[str, Tensor]
+LossFn = Callable[[Any], Tensor]
+
+
+@dataclass
+class ScoringInputs:
+    tensors: Tensors  # FQN -> parameter/buffer (detached)
+    grads: dict[str, list[Tensor]]  # FQN -> per-batch gradients (taylor/fisher only)
+    modules: dict[str, nn.Module]
+    rng: np.random.Generator
+
+
+def _rows(t: Tensor, dim: int) -> np.ndarray:
+    """(size, -1) view of ``t`` with ``dim`` first, as float64 numpy."""
+    return t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1).double().cpu().numpy()
+
+
+def _accumulate(group: Group, per_member: Iterable[tuple[Member, np.ndarray]]) -> np.ndarray:
+    scores = np.zeros(group.size, dtype=np.float64)
+    for m, position_scores in per_member:
+        mean = float(np.mean(position_scores))
+        if mean > 0:
+            position_scores = position_scores / mean
+        mapped = m.index_map >= 0
+        np.add.at(scores, m.index_map[mapped], position_scores[mapped])
+    return scores
+
+
+def _weights(group: Group, inputs: ScoringInputs) -> list[Member]:
+    """Members that are parameters (running stats and other buffers do not vote)."""
+    return [m for m in group.members if m.is_parameter and m.fqn in inputs.tensors]
+
+
+def magnitude(group: Group, inputs: ScoringInputs, p: int) -> np.ndarray:
+    def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
+        for m in _weights(group, inputs):
+            rows = np.abs(_rows(inputs.tensors[m.fqn], m.dim))
+            yield m, (rows**p).sum(axis=1)
+
+    return _accumulate(group, member_scores())
+
+
+def bn_scale(group: Group, inputs: ScoringInputs) -> np.ndarray:
+    norms = [
+        m
+        for m in _weights(group, inputs)
+        if m.fqn.endswith(".weight")
+        and isinstance(inputs.modules.get(m.module), nn.modules.batchnorm._BatchNorm)
+    ]
+    if not norms:
+        return magnitude(group, inputs, 1)
+    return _accumulate(
+        group, ((m, np.abs(_rows(inputs.tensors[m.fqn], m.dim))[:, 0]) for m in norms)
+    )
+
+
+def random_scores(group: Group, inputs: ScoringInputs) -> np.ndarray:
+    return inputs.rng.random(group.size)
+
+
+def taylor(group: Group, inputs: ScoringInputs) -> np.ndarray:
+    def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
+        for m in _weights(group, inputs):
+            w = inputs.tensors[m.fqn]
+            total = sum(np.abs(_rows(w * g, m.dim)).sum(axis=1) for g in inputs.grads[m.fqn])
+            yield m, np.asarray(total)
+
+    return _accumulate(group, member_scores())
+
+
+def fisher(group: Group, inputs: ScoringInputs) -> np.ndarray:
+    def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
+        for m in _weights(group, inputs):
+            w = inputs.tensors[m.fqn]
+            grads = inputs.grads[m.fqn]
+            g2 = sum(g.double() ** 2 for g in grads) / max(len(grads), 1)
+            yield m, 0.5 * _rows(w.double() ** 2 * g2, m.dim).sum(axis=1)
+
+    return _accumulate(group, member_scores())
+
+
+def fpgm(group: Group, inputs: ScoringInputs) -> np.ndarray:
+    def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
+        for m in _weights(group, inputs):
+            rows = _rows(inputs.tensors[m.fqn], m.dim)
+            if rows.shape[1] < 2:  # a vector (bias, norm scale): no geometry to compare
+                continue
+            distances = np.sqrt(((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1))
+            yield m, distances.sum(axis=1)
+
+    scores = _accumulate(group, member_scores())
+    return scores if scores.any() else magnitude(group, inputs, 2)
+
+
+CRITERIA: dict[str, Callable[[Group, ScoringInputs], np.ndarray]] = {
+    "l1": lambda g, i: magnitude(g, i, 1),
+    "l2": lambda g, i: magnitude(g, i, 2),
+    "bn_scale": bn_scale,
+    "random": random_scores,
+    "taylor": taylor,
+    "fisher": fisher,
+    "hessian": fisher,
+    "fpgm": fpgm,
+}
+NEEDS_GRADIENTS = {"taylor", "fisher", "hessian"}
+
+
+def default_loss(output: Any) -> Tensor:
+    """Without labels: the mean squared output (a proxy that weights every output equally)."""
+    if isinstance(output, Tensor):
+        return output.float().pow(2).mean()
+    if isinstance(output, dict):
+        output = list(output.values())
+    return sum((default_loss(o) for o in output), torch.zeros(()))
+
+
+def gradients(
+    model: nn.Module, batches: Iterable[Any], loss_fn: LossFn | None, fqns: set[str]
+) -> dict[str, list[Tensor]]:
+    """Per-batch gradients of ``loss_fn(model(batch))`` for the named parameters.
+
+    The model's parameters and ``.grad`` are left as they were (gradients are read, then reset).
+    """
+    named = dict(model.named_parameters(remove_duplicate=False))
+    saved = {n: p.grad for n, p in named.items()}
+    requires = {n: p.requires_grad for n, p in named.items()}
+    out: dict[str, list[Tensor]] = {n: [] for n in fqns if n in named}
+    loss_fn = loss_fn or default_loss
+    try:
+        for p in named.values():
+            p.requires_grad_(True)
+        for batch in batches:
+            args, kwargs = normalize_inputs(batch)
+            for p in named.values():
+                p.grad = None
+            loss_fn(model(*args, **kwargs)).backward()
+            for n in out:
+                g = named[n].grad
+                out[n].append(torch.zeros_like(named[n]) if g is None else g.detach().clone())
+    finally:
+        for n, p in named.items():
+            p.grad = saved[n]
+            p.requires_grad_(requires[n])
+    return out
+
+
+def score_groups(
+    model: nn.Module,
+    dg: DependencyGraph,
+    groups: list[Group],
+    criterion: str | Callable[..., Any],
+    *,
+    batches: Iterable[Any] = (),
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+) -> dict[int, np.ndarray]:
+    """One score per channel for each group in ``groups`` (higher = more important)."""
+    tensors: Tensors = {n: t.detach() for n, t in model.named_parameters(remove_duplicate=False)}
+    tensors.update({n: t.detach() for n, t in model.named_buffers(remove_duplicate=False)})
+    fqns = {m.fqn for g in groups for m in g.members if m.is_parameter}
+    grads: dict[str, list[Tensor]] = {}
+    if callable(criterion) or criterion in NEEDS_GRADIENTS:
+        was_training = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            grads = gradients(model, batches, loss_fn, fqns)
+        finally:
+            for m, t in was_training.items():
+                m.train(t)
+    inputs = ScoringInputs(tensors, grads, dict(model.named_modules()), np.random.default_rng(seed))
+    scores: dict[int, np.ndarray] = {}
+    for g in groups:
+        if callable(criterion):
+            values = np.asarray(criterion(g, tensors, grads), dtype=np.float64)
+        else:
+            values = CRITERIA[criterion](g, inputs)
+        if values.shape != (g.size,):
+            raise ValueError(
+                f"importance for group {g.id} returned shape {values.shape}, expected ({g.size},)"
+            )
+        scores[g.id] = values
+    return scores

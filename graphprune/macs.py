@@ -1,0 +1,42 @@
+"""Parameter and MAC counts: MACs = FLOPs / 2 of conv, matmul and attention ops, counted by
+torch's FlopCounterMode. nn.MultiheadAttention's fused fast path (which the counter cannot see
+into) is disabled while counting, and the CPU flash-attention kernel gets the standard SDPA
+formula, so attention is counted the same way before and after pruning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from graphprune.capture import normalize_inputs
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    return int(sdpa_flop_count(query, key, value))
+
+
+_CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward on ``example_inputs`` (eval mode, no grad)."""
+    args, kwargs = normalize_inputs(example_inputs)
+    training = {m: m.training for m in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+            model(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, t in training.items():
+            m.train(t)
+    return int(counter.get_total_flops() // 2)

@@ -1,0 +1,185 @@
+"""Plan: what the user wants removed. Plain data, validated, JSON/YAML round-trippable."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from graphprune.errors import GraphPruneError
+from graphprune.io import write_text_atomic
+
+SCOPES = ("local", "global")
+GRANULARITIES = ("channels", "heads", "layers")
+IMPORTANCES = ("l1", "l2", "bn_scale", "random", "taylor", "fisher", "hessian", "fpgm")
+
+
+class PlanError(GraphPruneError, ValueError):
+    """A plan that cannot be applied as written."""
+
+
+@dataclass
+class Plan:
+    """What to remove.
+
+    ratio: fraction of channels (or heads, or residual blocks) removed, in [0, 1).
+    target_macs: instead of ``ratio``, the fraction of MACs to keep, in (0, 1].
+    scope: "local" (the same ratio in every group) or "global" (channels ranked across groups by
+        normalised importance, at most ``max_ratio`` of any group removed).
+    importance: "l1", "l2", "bn_scale", "random", "taylor", "fisher"/"hessian", "fpgm", or a
+        callable ``(group, tensors, grads) -> scores`` (not serialisable).
+    granularity: "channels" (every channel group except attention internals), "heads"
+        (attention heads; kv heads for GQA) or "layers" (whole residual blocks -> identity).
+    ignore: FQN globs of modules whose output channels are kept.
+    overrides: FQN glob -> ratio for the groups those modules produce.
+    round_to: kept channels are a multiple of this (e.g. 8 for SIMD), unless the group is smaller.
+    min_channels: never keep fewer channels than this in a group.
+    """
+
+    ratio: float | None = None
+    target_macs: float | None = None
+    scope: str = "local"
+    importance: str | Callable[..., Any] = "l2"
+    granularity: str = "channels"
+    ignore: list[str] = field(default_factory=list)
+    overrides: dict[str, float] = field(default_factory=dict)
+    round_to: int = 1
+    min_channels: int = 1
+    max_ratio: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        if (self.ratio is None) == (self.target_macs is None):
+            raise PlanError(
+                "give exactly one of ratio= (fraction removed) or target_macs= "
+                "(fraction of MACs kept)"
+            )
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise PlanError(f"ratio={self.ratio} is outside [0, 1): it is the fraction removed")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise PlanError(
+                f"target_macs={self.target_macs} is outside (0, 1]: it is the fraction of MACs kept"
+            )
+        if self.scope not in SCOPES:
+            raise PlanError(f"scope={self.scope!r}; use one of {SCOPES}")
+        if self.granularity not in GRANULARITIES:
+            raise PlanError(f"granularity={self.granularity!r}; use one of {GRANULARITIES}")
+        if not callable(self.importance) and self.importance not in IMPORTANCES:
+            raise PlanError(
+                f"unknown importance {self.importance!r}; use one of "
+                f"{', '.join(IMPORTANCES)} or a callable"
+            )
+        if self.round_to < 1 or self.min_channels < 1:
+            raise PlanError("round_to and min_channels must be >= 1")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise PlanError(f"max_ratio={self.max_ratio} is outside (0, 1]")
+        for pattern, value in self.overrides.items():
+            if not 0.0 <= value < 1.0:
+                raise PlanError(f"override {pattern!r}: ratio {value} is outside [0, 1)")
+
+    def check_patterns(self, modules: Iterable[str]) -> None:
+        """Every ``ignore``/``overrides`` glob must match a module (catches typos)."""
+        names = list(modules)
+        for pattern in [*self.ignore, *self.overrides]:
+            if not any(fnmatchcase(n, pattern) for n in names):
+                close = [
+                    n
+                    for n in names
+                    if pattern.split("*")[0]
+                    and n.startswith(pattern.split("*")[0].rsplit(".", 1)[0])
+                ][:3]
+                hint = f"; modules nearby: {', '.join(close)}" if close else ""
+                raise PlanError(f"pattern {pattern!r} matches no module of the model{hint}")
+
+    def check_heads(self, heads: int, where: str) -> None:
+        """A heads ratio must remove a whole number of heads."""
+        if self.ratio is None:
+            return
+        removed = self.ratio * heads
+        if abs(removed - round(removed)) > 1e-6:
+            valid = ", ".join(f"{k / heads:g}" for k in range(heads))
+            raise PlanError(
+                f"ratio={self.ratio} removes {removed:g} of the {heads} heads of "
+                f"{where}; use a ratio that removes whole heads: {valid}"
+            )
+
+    def ratio_for(self, modules: Iterable[str]) -> float:
+        """The ratio for a group whose producing modules are ``modules`` (overrides first)."""
+        names = list(modules)
+        for pattern, value in self.overrides.items():
+            if any(fnmatchcase(n, pattern) for n in names):
+                return value
+        return self.ratio if self.ratio is not None else 0.0
+
+    def ignores(self, modules: Iterable[str]) -> bool:
+        return any(fnmatchcase(n, p) for n in modules for p in self.ignore)
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        if callable(self.importance):
+            raise PlanError(
+                "a plan with a callable importance cannot be serialised; use a named criterion"
+            )
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"unknown plan keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON (or YAML for .yaml/.yml) atomically."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            write_text_atomic(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise PlanError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise PlanError(f"{path}: a plan is a mapping of keys to values")
+        return cls.from_dict(data)
+
+
+def keep_count(size: int, ratio: float, round_to: int, min_channels: int) -> int:
+    """Channels kept in a group of ``size`` when removing ``ratio`` of them.
+
+    The kept count is rounded *up* to a multiple of ``round_to`` (never above ``size``) and is
+    at least ``min_channels``.
+    """
+    keep = size - math.floor(ratio * size + 1e-9)
+    if round_to > 1 and size >= round_to:
+        keep = min(size, math.ceil(keep / round_to) * round_to)
+    return max(min(size, min_channels), keep)

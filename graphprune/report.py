@@ -1,0 +1,78 @@
+"""CompileReport: what compile did, measured — printable as a table, JSON-able."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class GroupOutcome:
+    id: int
+    name: str
+    kind: str
+    kept: int
+    total: int
+
+
+@dataclass
+class CompileReport:
+    plan: dict[str, Any]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    groups: list[GroupOutcome] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / max(self.macs_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(params_ratio=self.params_ratio, macs_ratio=self.macs_ratio)
+        return data
+
+    def table(self, max_groups: int = 20) -> str:
+        rows = [
+            ("", "before", "after", "after/before"),
+            (
+                "params",
+                f"{self.params_before:,}",
+                f"{self.params_after:,}",
+                f"{self.params_ratio:.3f}",
+            ),
+            ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", f"{self.macs_ratio:.3f}"),
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+            for r in rows
+        ]
+        changed = [g for g in self.groups if g.kept < g.total]
+        lines.append(
+            f"groups pruned: {len(changed)} of {len(self.groups)} eligible"
+            + (f"; blocks dropped: {len(self.dropped)}" if self.dropped else "")
+        )
+        for g in changed[:max_groups]:
+            lines.append(f"  group {g.id:<3} {g.kind:<9} {g.kept:>5}/{g.total:<5} {g.name}")
+        if len(changed) > max_groups:
+            lines.append(f"  … {len(changed) - max_groups} more")
+        for path in self.dropped:
+            lines.append(f"  dropped {path}")
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+        lines.append(f"stages: {stages}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

@@ -1,0 +1,84 @@
+"""Save and load pruned models without pickling code.
+
+The file holds the resolved plan (kept channel indices per group, dropped blocks) as JSON and
+the ``state_dict`` as plain tensors, in one ``torch.save`` archive read back with
+``weights_only=True``. Loading re-applies the same passes to a freshly built, unpruned model,
+checks that its analysis matches the one that was pruned, then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphprune.analysis import analyze_captured
+from graphprune.capture import ExampleInputs, capture
+from graphprune.compile import RECORD
+from graphprune.errors import InputError
+from graphprune.io import write_atomic
+from graphprune.passes.base import PassContext, PassManager
+from graphprune.passes.drop_layers import DropLayers
+from graphprune.passes.provenance import trace_int_uses
+from graphprune.passes.slice_channels import SliceChannels
+from graphprune.passes.verify import make_verifier, output_shapes
+from graphprune.resolve import Resolution
+
+
+def save(model: nn.Module, path: str | Path) -> None:
+    """Write ``model``'s pruning record and weights to ``path`` (atomically)."""
+    record = getattr(model, RECORD, None)
+    if record is None:
+        raise InputError(
+            "this model was not produced by graphprune.compile; "
+            "use torch.save(model.state_dict(), path) for an unpruned model"
+        )
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {"graphprune": json.dumps(record), "state_dict": state}
+    write_atomic(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load(model: nn.Module, path: str | Path, example_inputs: ExampleInputs) -> nn.Module:
+    """Prune the freshly built, unpruned ``model`` as recorded in ``path`` and load its weights.
+
+    ``model`` is rewritten in place (it is yours, built for this) and returned.
+    """
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "graphprune" not in payload:
+        raise InputError(f"{path} is not a file written by graphprune.save")
+    record = json.loads(payload["graphprune"])
+    apply_record(model, record, example_inputs)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model
+
+
+def apply_record(model: nn.Module, record: dict[str, Any], example_inputs: ExampleInputs) -> None:
+    """Replay the passes of a compile record on an unpruned model."""
+    reference = output_shapes(model, example_inputs)
+    if record["dropped"]:
+        ctx = PassContext(model, example_inputs, None, None)
+        DropLayers(list(record["dropped"]))(ctx)
+    resolution = Resolution.from_dict(record["resolution"])
+    if resolution.changed:
+        captured = capture(model, example_inputs)
+        dg = analyze_captured(captured)
+        sizes = [g.size for g in dg.groups]
+        if sizes != record["group_sizes"]:
+            raise InputError(
+                "the model given to load() is not the architecture that was pruned "
+                f"(its channel groups {sizes[:8]}… differ from the saved "
+                f"{record['group_sizes'][:8]}…); build it with the same factory"
+            )
+        ctx = PassContext(
+            model,
+            example_inputs,
+            captured,
+            dg,
+            resolution.kept,
+            trace_int_uses(model, example_inputs),
+        )
+        PassManager([SliceChannels()], verify=make_verifier(reference))(ctx)
+    object.__setattr__(model, RECORD, record)

@@ -1,0 +1,37 @@
+"""prune_heads: remove whole attention heads (kv heads with their query heads under GQA).
+
+Heads are channels of a ``heads``/``kv_heads`` group: slicing them removes each head's q, k, v
+rows and output-projection columns together, and the module's head count follows (an
+``nn.MultiheadAttention`` whose width no longer matches its input becomes a
+``PrunedMultiheadAttention``). Only head groups may change in this pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graphprune.passes.base import PassContext, PassResult, PruneError
+from graphprune.passes.slice_channels import SliceChannels
+
+HEAD_KINDS = {"heads", "kv_heads"}
+
+
+@dataclass
+class PruneHeads:
+    name: str = "prune_heads"
+
+    def __call__(self, ctx: PassContext) -> PassResult:
+        by_id = {g.id: g for g in ctx.dg.groups}
+        heads_left: dict[str, str] = {}
+        for gid, kept in ctx.kept.items():
+            group = by_id[gid]
+            if len(kept) == group.size:
+                continue
+            if group.kind not in HEAD_KINDS:
+                raise PruneError(f"group {gid} ({group.name}) is '{group.kind}', not heads")
+            if not kept:
+                raise PruneError(f"group {gid} ({group.name}) would lose every head")
+            heads_left[group.name] = f"{len(kept)}/{group.size}"
+        result = SliceChannels()(ctx)
+        result.stats["heads_kept"] = heads_left
+        return result
