@@ -1,4 +1,4 @@
-"""The ``graphprune`` command: ``graphprune analyze MODEL``.
+"""The ``graphprune`` command: ``graphprune analyze|compile MODEL``.
 
 MODEL is a name from ``graphprune.models`` (``graphprune analyze --list``) or a
 ``package.module:factory`` spec whose factory takes no arguments and returns an nn.Module.
@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 from graphprune.analysis import analyze
+from graphprune.compile import compile, report
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.io import write_text_atomic
+from graphprune.plan import Plan
+from graphprune.serialize import save
 
 
 def load_model(
@@ -66,6 +69,45 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """``--plan file`` as the base; flags given on the command line override its keys."""
+    data = Plan.load(args.plan).to_dict() if args.plan else {}
+    flags = {
+        "ratio": args.ratio,
+        "target_macs": args.target_macs,
+        "scope": args.scope,
+        "importance": args.importance,
+        "granularity": args.granularity,
+        "round_to": args.round_to,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.ignore:
+        data["ignore"] = list(args.ignore)
+    if data.get("target_macs") is not None and args.ratio is None:
+        data.pop("ratio", None)
+    if "ratio" not in data and "target_macs" not in data:
+        data["ratio"] = 0.5
+    return Plan.from_dict(data)
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
+    plan = plan_from_args(args)
+    pruned = compile(model, plan, inputs)
+    defaults = Plan(ratio=0.5).to_dict()
+    shown = " ".join(
+        f"{k}={v}"
+        for k, v in plan.to_dict().items()
+        if v != defaults[k] or k in ("ratio", "importance", "granularity")
+    )
+    print(f"graphprune compile {args.model}: {shown}")
+    print(report(pruned).table())
+    if args.output:
+        save(pruned, args.output)
+        print(f"wrote {args.output} (load with graphprune.load(fresh_model, path, inputs))")
+    return 0
+
+
 def _cmd_list(_: argparse.Namespace) -> int:
     from graphprune.models import MODELS
 
@@ -93,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prunable-only", action="store_true", help="hide frozen groups")
     p.add_argument("--json", help="also write the groups as JSON to this file")
     p.set_defaults(run=_cmd_analyze)
+
+    p = sub.add_parser("compile", help="prune MODEL and print the before/after table")
+    p.add_argument("model", help="zoo name or package.module:factory")
+    p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the example input")
+    p.add_argument("--tokens", type=int, help="make integer token ids in [0, TOKENS)")
+    p.add_argument("--plan", help="a plan file (.json or .yaml); flags override its keys")
+    p.add_argument("--ratio", type=float, help="fraction of channels removed (default 0.5)")
+    p.add_argument("--target-macs", type=float, help="fraction of MACs to keep instead")
+    p.add_argument("--scope", choices=["local", "global"])
+    p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm")
+    p.add_argument("--granularity", choices=["channels", "heads", "layers"])
+    p.add_argument("--round-to", type=int, help="kept channels a multiple of N")
+    p.add_argument("--ignore", action="append", metavar="GLOB", help="module glob to keep")
+    p.add_argument("-o", "--output", help="save the pruned model here (graphprune.save)")
+    p.set_defaults(run=_cmd_compile)
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(run=_cmd_list)

@@ -82,8 +82,14 @@ class IntUse:
     is_attribute: bool  # the value is the attribute itself, not derived from it
 
 
+_DISPATCH_FILES = ("torch/overrides.py", "torch/_tensor.py", "torch/utils/_device.py")
+
+
 def _caller_line() -> str:
+    """The line that called the torch op (skipping torch's own __torch_function__ dispatch)."""
     frame = sys._getframe(2)  # 0: here, 1: __torch_function__, 2: the caller of the torch op
+    while frame.f_back is not None and frame.f_code.co_filename.endswith(_DISPATCH_FILES):
+        frame = frame.f_back
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 

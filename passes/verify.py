@@ -108,7 +108,10 @@ def make_verifier(reference_shapes: Any) -> Any:
                 if lines
                 else ""
             )
-            raise PruneError(f"the rewritten model no longer runs: {exc.reason}{hint}") from exc
+            where = f" at {exc.source_line}" if exc.source_line else ""
+            raise PruneError(
+                f"the rewritten model no longer runs{where}: {exc.reason}{hint}"
+            ) from exc
         finally:
             for m, t in training.items():
                 m.train(t)

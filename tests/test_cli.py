@@ -37,3 +37,20 @@ def test_bad_model_spec(capsys: pytest.CaptureFixture[str]) -> None:
 def test_models_lists_the_zoo(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     assert "llama" in capsys.readouterr().out
+
+
+def test_compile_prints_the_table_and_saves(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"ratio": 0.3, "importance": "l1", "round_to": 4}')
+    out = tmp_path / "pruned.pt"
+    assert main(["compile", "resnet18", "--plan", str(plan), "--ratio", "0.5", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ratio=0.5" in text and "importance=l1" in text and "round_to=4" in text
+    assert "params" in text and "MACs" in text and out.exists()
+
+
+def test_compile_bad_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", "resnet18", "--ratio", "1.5"]) == 2
+    assert "ratio=1.5 is outside [0, 1)" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""Dead-channel oracle: zero the channels a plan will remove, then pruning must not change the
+output. Channels are made dead by zeroing every tensor position that *produces* them (weight
+rows, biases, norm affine terms, embedding columns, standalone parameters); what consumes
+them then reads zeros. Groups normalised by LayerNorm/RMSNorm get a masked reference: those
+norms compute their statistics over the live channels only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from graphprune.models.transformers import RMSNorm
+from graphprune.passes.tensors import get_tensor
+from torch import Tensor, nn
+
+import graphprune as gp
+from graphprune.resolve import is_output_dim
+
+EXACT_KINDS = {"channels", "heads", "kv_heads", "heads_per_kv"}
+
+
+def choose_dead(
+    dg: gp.DependencyGraph, kinds: set[str], ratio: float, rng: np.random.Generator
+) -> dict[int, list[int]]:
+    """For every prunable group of these kinds: floor(ratio * size) random channels."""
+    dead = {}
+    for g in dg.groups:
+        if g.prunable and g.kind in kinds and g.size > 1:
+            n = int(np.floor(ratio * g.size + 1e-9))
+            dead[g.id] = sorted(rng.choice(g.size, size=n, replace=False).tolist())
+    return dead
+
+
+def make_dead(model: nn.Module, dg: gp.DependencyGraph, dead: dict[int, list[int]]) -> None:
+    sizes = {g.id: g.size for g in dg.groups}
+    kept = {g: sorted(set(range(sizes[g])) - set(d)) for g, d in dead.items()}
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for g in dg.groups:
+            if g.id not in dead:
+                continue
+            for m in g.members:
+                if not is_output_dim(modules.get(m.module), m):
+                    continue
+                alive = set(dg.kept_positions(m.fqn, m.dim, kept).tolist())
+                positions = [p for p in range(m.index_map.shape[0]) if p not in alive]
+                if positions:
+                    t = get_tensor(model, m.fqn)
+                    t.index_fill_(m.dim, torch.tensor(positions), 0.0)
+
+
+class MaskedLayerNorm(nn.Module):
+    """LayerNorm / RMSNorm over the live channels only; dead channels output 0."""
+
+    def __init__(self, norm: nn.Module, live: Tensor) -> None:
+        super().__init__()
+        self.norm, self.live = norm, live
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        xs = x[..., self.live]
+        w = self.norm.weight[self.live]
+        if isinstance(self.norm, nn.LayerNorm):
+            b = self.norm.bias[self.live] if self.norm.bias is not None else None
+            out[..., self.live] = F.layer_norm(xs, (xs.shape[-1],), w, b, self.norm.eps)
+        else:
+            out[..., self.live] = (
+                xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.norm.eps) * w
+            )
+        return out
+
+
+def masked_reference(model: nn.Module, dg: gp.DependencyGraph, kept: dict[int, list[int]]) -> None:
+    """Swap every LayerNorm/RMSNorm whose channels are pruned for a masked one (in place)."""
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, nn.LayerNorm | RMSNorm):
+            continue
+        fqn = f"{path}.weight"
+        live = dg.kept_positions(fqn, 0, kept)
+        if len(live) == module.weight.shape[0]:
+            continue
+        parent, _, name = path.rpartition(".")
+        setattr(
+            model.get_submodule(parent) if parent else model,
+            name,
+            MaskedLayerNorm(module, torch.as_tensor(live)),
+        )
+
+
+def dead_first(dead: dict[int, list[int]]) -> Any:
+    """An importance callable that ranks dead channels last."""
+
+    def importance(group: gp.Group, tensors: Any, grads: Any) -> np.ndarray:
+        scores = np.ones(group.size)
+        scores[dead.get(group.id, [])] = 0.0
+        return scores
+
+    return importance
+
+
+def outputs(model: nn.Module, inputs: Any) -> Tensor:
+    with torch.no_grad():
+        return model(*inputs)
