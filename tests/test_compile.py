@@ -134,7 +134,7 @@ def test_heads_on_transformers_keep_attributes_in_sync() -> None:
 
 def test_heads_ratio_must_remove_whole_heads() -> None:
     spec = MODELS["gpt"]
-    with pytest.raises(gp.PlanError, match="removes 1.2 of the 4 heads"):
+    with pytest.raises(gp.PlanError, match=r"removes 1\.2 of the 4 heads"):
         gp.compile(spec.build(), gp.Plan(ratio=0.3, granularity="heads"), spec.example_inputs())
 
 
@@ -185,5 +185,5 @@ def test_hard_coded_constant_is_refused_with_its_line() -> None:
 
 def test_bad_plan_patterns_are_reported() -> None:
     spec = MODELS["resnet18"]
-    with pytest.raises(gp.PlanError, match="'layer9.\\*' matches no module"):
+    with pytest.raises(gp.PlanError, match=r"'layer9\.\*' matches no module"):
         gp.compile(spec.build(), gp.Plan(ratio=0.5, ignore=["layer9.*"]), spec.example_inputs())

@@ -43,7 +43,7 @@ def test_file_holds_no_pickled_code(tmp_path: Path) -> None:
 
 def test_errors(tmp_path: Path) -> None:
     spec = MODELS["resnet18"]
-    with pytest.raises(gp.InputError, match="not produced by graphprune.compile"):
+    with pytest.raises(gp.InputError, match=r"not produced by graphprune\.compile"):
         gp.save(spec.build(), tmp_path / "m.pt")
     pruned = gp.compile(spec.build(), gp.Plan(ratio=0.5), spec.example_inputs())
     gp.save(pruned, tmp_path / "m.pt")
