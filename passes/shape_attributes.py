@@ -36,25 +36,40 @@ def _line(source: str) -> str:
     return ":".join(source.split(":")[:2])
 
 
+def _owns(path: str, module: str) -> bool:
+    return path == "" or module == path or module.startswith(path + ".")
+
+
 def _op_name(op: str) -> str:
     return op.removeprefix("aten.").split(".")[0].lstrip("_")
 
 
 def matching_uses(c: ShapeConstantUse, uses: list[IntUse]) -> list[IntUse]:
-    """Eager uses of module attributes that became this constant."""
+    """Eager uses of a module attribute *itself* that became this constant.
+
+    Matched by source line, op name and argument position; only when the line shows no call of
+    that op (the export op came from a different Python function) by value, and then only if no
+    other int of that value (derived or another attribute) was passed on that line.
+    """
     index = eager_index(c)
     line = _line(c.source)
-    found = [
-        u
-        for u in uses
-        if u.line == line and u.value == c.value and u.is_attribute and len(u.src) == 1
+    # the same line runs once per module instance: keep uses of this module's (or an
+    # ancestor's) attributes only
+    at_line = [
+        u for u in uses if u.line == line and all(_owns(path, c.module) for path, _ in u.src)
     ]
-    exact = [
-        u
-        for u in found
-        if index is not None and u.index == index and u.func.lstrip("_") == _op_name(c.op)
-    ]
-    return exact or ([u for u in found if len({v.src for v in found}) == 1] if found else [])
+    op = _op_name(c.op)  # "split_with_sizes" comes from Tensor.split, "view" from Tensor.view
+    same_call = [u for u in at_line if op.startswith(u.func.lstrip("_"))]
+    if same_call and index is not None:
+        return [
+            u
+            for u in same_call
+            if u.index == index and u.value == c.value and u.is_attribute and len(u.src) == 1
+        ]
+    same_value = [u for u in at_line if u.value == c.value]
+    if len({(u.src, u.is_attribute) for u in same_value}) != 1:
+        return []
+    return [u for u in same_value if u.is_attribute and len(u.src) == 1]
 
 
 def update_shape_attributes(ctx: PassContext) -> None:

@@ -1,0 +1,171 @@
+"""Property tests over random architectures x random plans.
+
+A grammar builds networks from residual, concat, split, depthwise, grouped-conv, squeeze-
+excitation and attention blocks on a (B, C, 4, 4) feature map, ending in flatten -> linear.
+For every drawn network and plan: compile succeeds, output shapes are unchanged, and with a
+local plan pruning dead channels leaves the output unchanged (the equivalence oracle).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import graphprune as gp
+from tests.equivalence import choose_dead, dead_first, make_dead, outputs
+
+SIDE = 4
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups), nn.BatchNorm2d(cout), nn.ReLU()
+    )
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int, mid: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(conv_bn(c, mid), nn.Conv2d(mid, c, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.f(x)
+
+
+class Concat(nn.Module):
+    def __init__(self, c: int, a: int, b: int) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(c, a, 1), conv_bn(c, b, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+class Split(nn.Module):
+    def __init__(self, c: int, k: int, out: int) -> None:
+        super().__init__()
+        self.k = k
+        self.conv = conv_bn(k, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        head, tail = x.split([self.k, x.shape[1] - self.k], dim=1)
+        return torch.cat([self.conv(head), tail], 1)
+
+
+class SE(nn.Module):
+    def __init__(self, c: int, r: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(c, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(t).split(self.heads * self.head_dim, dim=2)
+        q, k, v = (z.view(B, H * W, self.heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, hd)
+        y = self.proj(y.transpose(1, 2).reshape(B, H * W, self.heads * self.head_dim))
+        return x + y.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Net(nn.Module):
+    def __init__(self, blocks: list[nn.Module], c: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c * SIDE * SIDE, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(x).flatten(1))
+
+
+@st.composite
+def networks(draw: st.DrawFn) -> Net:
+    c = draw(st.sampled_from([4, 6, 8]))
+    blocks: list[nn.Module] = [conv_bn(3, c)]
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(
+            st.sampled_from(
+                ["conv", "residual", "concat", "split", "depthwise", "grouped", "se", "attention"]
+            )
+        )
+        if kind == "conv":
+            out = draw(st.integers(2, 10))
+            blocks.append(conv_bn(c, out))
+            c = out
+        elif kind == "residual":
+            blocks.append(Residual(c, draw(st.integers(2, 8))))
+        elif kind == "concat":
+            a, b = draw(st.integers(2, 6)), draw(st.integers(2, 6))
+            blocks.append(Concat(c, a, b))
+            c = a + b
+        elif kind == "split":
+            k = draw(st.integers(1, c - 1))
+            out = draw(st.integers(2, 6))
+            blocks.append(Split(c, k, out))
+            c = out + c - k
+        elif kind == "depthwise":
+            blocks.append(conv_bn(c, c, 3, groups=c))
+        elif kind == "grouped":
+            groups = draw(st.sampled_from([g for g in (2, 3) if c % g == 0] or [1]))
+            out = groups * draw(st.integers(1, 4))
+            blocks.append(conv_bn(c, out, 3, groups=groups))
+            c = out
+        elif kind == "se":
+            blocks.append(SE(c, draw(st.integers(2, 4))))
+        else:
+            blocks.append(
+                Attention(c, draw(st.sampled_from([1, 2])), draw(st.sampled_from([2, 4])))
+            )
+    torch.manual_seed(draw(st.integers(0, 1000)))
+    return Net(blocks, c).eval()
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    net=networks(),
+    ratio=st.sampled_from([0.25, 0.5]),
+    scope=st.sampled_from(["local", "global"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_architectures(net: Net, ratio: float, scope: str, seed: int) -> None:
+    x = (torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(seed)),)
+    dg = gp.analyze(net, x)
+    assert dg.diagnostics == []
+    if scope == "global":
+        pruned = gp.compile(net, gp.Plan(ratio=ratio, scope="global", importance="l2"), x)
+        assert outputs(pruned, x).shape == (2, 5)
+        assert gp.report(pruned).params_after <= gp.report(pruned).params_before
+        return
+    dead = choose_dead(dg, {"channels"}, ratio, np.random.default_rng(seed))
+    model = copy.deepcopy(net)
+    make_dead(model, dg, dead)
+    pruned = gp.compile(model, gp.Plan(ratio=ratio, importance=dead_first(dead)), x)
+    torch.testing.assert_close(outputs(pruned, x), outputs(model, x), atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(net=networks())
+def test_keep_all_plan_is_a_no_op(net: Net) -> None:
+    x = (torch.randn(2, 3, SIDE, SIDE),)
+    pruned = gp.compile(net, gp.Plan(ratio=0.0), x)
+    assert torch.equal(outputs(pruned, x), outputs(net, x))
+    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in net.parameters())
