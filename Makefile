@@ -12,7 +12,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/graphprune analyze resnet18 --explain layer1.0.conv1 --explain fc
+	$(BIN)/graphprune analyze resnet18 --explain layer1.0.conv1
+	$(BIN)/graphprune compile resnet18 --ratio 0.5 --importance l2 -o out/resnet18-pruned.pt
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check graphprune passes models tests benchmarks

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from graphprune.passes.base import PassContext, PassResult
 from torch import fx, nn
 
 from graphprune.capture import Captured, normalize_inputs
 from graphprune.modules import SkipBlock
+from graphprune.passes.base import PassContext, PassResult
 
 aten = torch.ops.aten
 

@@ -11,10 +11,10 @@ sliced tensors, and replace modules that cannot express the new shapes.
 
 from __future__ import annotations
 
-from graphprune.passes.base import PassContext
 from torch import nn
 
 from graphprune.modules import PrunedMultiheadAttention
+from graphprune.passes.base import PassContext
 
 
 def _constant(ctx: PassContext, module: str, argument: str) -> int | None:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from graphprune.analysis.graph import ShapeConstantUse
 from graphprune.passes.base import PassContext, PruneError
 from graphprune.passes.provenance import IntUse
-
-from graphprune.analysis.graph import ShapeConstantUse
 
 # position of an export argument among the eager call's integer arguments
 _ARGUMENT_INDEX = {"split_size": 0, "start": 1, "length": 2}

@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from graphprune.passes.base import PassContext, PruneError
-from graphprune.passes.shape_attributes import matching_uses
 from torch import fx
 
 from graphprune.analysis.graph import ShapeConstantUse
 from graphprune.analysis.registry import source_line
 from graphprune.capture import capture, normalize_inputs
 from graphprune.errors import CaptureError
+from graphprune.passes.base import PassContext, PruneError
+from graphprune.passes.shape_attributes import matching_uses
 
 
 def argument_value(node: fx.Node, argument: str) -> int | None:

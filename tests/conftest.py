@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from graphprune.models import MODELS
 
 import graphprune as gp
+from graphprune.models import MODELS
 
 
 @pytest.fixture(scope="session")

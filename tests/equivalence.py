@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from graphprune.models.transformers import RMSNorm
-from graphprune.passes.tensors import get_tensor
 from torch import Tensor, nn
 
 import graphprune as gp
+from graphprune.models.transformers import RMSNorm
+from graphprune.passes.tensors import get_tensor
 from graphprune.resolve import is_output_dim
 
 EXACT_KINDS = {"channels", "heads", "kv_heads", "heads_per_kv"}

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from graphprune.models import MODELS
 from torch import Tensor, nn
 
 import graphprune as gp
+from graphprune.models import MODELS
 from graphprune.modules import PrunedMultiheadAttention, SkipBlock
 from tests.equivalence import outputs
 

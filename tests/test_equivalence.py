@@ -7,10 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from graphprune.models import MODELS
 
 import graphprune as gp
 from graphprune.compile import RECORD
+from graphprune.models import MODELS
 from graphprune.resolve import Resolution
 from tests.equivalence import choose_dead, dead_first, make_dead, masked_reference, outputs
 

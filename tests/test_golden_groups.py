@@ -17,9 +17,9 @@ reviewed by hand against the architectures, e.g.
 from __future__ import annotations
 
 import pytest
-from graphprune.models import MODELS
 
 import graphprune as gp
+from graphprune.models import MODELS
 
 GOLDEN: dict[str, list[str]] = {
     "vgg": [

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from graphprune.models import MODELS
 
 import graphprune as gp
+from graphprune.models import MODELS
 from tests.equivalence import outputs
 
 CASES = [(name, "channels") for name in sorted(MODELS)] + [
