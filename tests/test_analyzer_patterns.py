@@ -324,3 +324,18 @@ def test_position_channels_expand_composites() -> None:
     kept = dg.kept_positions("c_attn.weight", 0, {heads: [1], dims: [0, 1, 2, 3]})
     assert kept.tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
     assert np.all(np.diff(kept) > 0)
+
+
+def test_slice_from_the_end_freezes() -> None:
+    class Tail(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 6)
+            self.b = nn.Linear(5, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(self.a(x)[:, :-1])
+
+    dg = gp.analyze(Tail(), torch.randn(2, 3))
+    g = group_with(dg, "a.weight", 0)
+    assert not g.prunable and any("counts from the end" in r for r in g.frozen_reasons)

@@ -331,6 +331,10 @@ def slice_(ctx: RuleContext) -> Layout:
     if out[dim].shape[0] != x.shape[dim]:
         if step != 1:
             ctx.freeze(x.layout[dim], f"strided slice (step {step}) of this dimension")
+        if any(isinstance(b, int) and b < 0 for b in (start, end)):
+            # "all but the last k" selects different channels once channels are removed
+            ctx.freeze(x.layout[dim], f"slice [{start}:{end}] counts from the end")
+            return out
         if isinstance(start, int) and start not in (0,):
             ctx.shape_constant("start", start, x.layout[dim][: max(start, 0)], per="start")
         if isinstance(end, int) and end < x.shape[dim]:
