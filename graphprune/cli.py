@@ -1,4 +1,4 @@
-"""The ``graphprune`` command: ``graphprune analyze|compile MODEL``.
+"""The ``graphprune`` command: ``graphprune analyze|compile|export|bench MODEL``.
 
 MODEL is a name from ``graphprune.models`` (``graphprune analyze --list``) or a
 ``package.module:factory`` spec whose factory takes no arguments and returns an nn.Module.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,6 +92,67 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     return Plan.from_dict(data)
 
 
+def _progress(message: str) -> Any:
+    """A spinner on stderr for a long step (plain text when stderr is not a terminal)."""
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from graphprune.onnx import export_onnx
+
+    model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
+    pruning = args.plan or args.ratio is not None or args.target_macs is not None
+    target = model
+    if pruning:
+        with _progress("pruning"):
+            target = compile(model, plan_from_args(args), inputs)
+        print(report(target).table())
+    with _progress(f"exporting to {args.output} and verifying in onnxruntime"):
+        result = export_onnx(
+            target,
+            inputs,
+            args.output,
+            quantize=args.quantize,
+            dynamic_batch=not args.static_batch,
+            baseline=model if pruning else None,
+            bench_runs=0,
+        )
+    print(result.table())
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from graphprune.onnx import export_onnx
+
+    model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
+    with _progress("pruning"):
+        pruned = compile(model, plan_from_args(args), inputs)
+    print(report(pruned).table())
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _progress(f"exporting, verifying and timing ({args.runs} interleaved runs per batch size)"),
+    ):
+        result = export_onnx(
+            pruned,
+            inputs,
+            Path(tmp) / "pruned.onnx",
+            baseline=model,
+            quantize=args.quantize,
+            bench_runs=args.runs,
+            batch_sizes=sizes,
+            threads=args.threads,
+        )
+    print(result.table())
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1, default=str))
+    return 0
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     plan = plan_from_args(args)
@@ -117,15 +180,30 @@ def _cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="zoo name or package.module:factory")
+    p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the example input")
+    p.add_argument("--tokens", type=int, help="make integer token ids in [0, TOKENS)")
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", help="a plan file (.json or .yaml); flags override its keys")
+    p.add_argument("--ratio", type=float, help="fraction of channels removed (default 0.5)")
+    p.add_argument("--target-macs", type=float, help="fraction of MACs to keep instead")
+    p.add_argument("--scope", choices=["local", "global"])
+    p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm")
+    p.add_argument("--granularity", choices=["channels", "heads", "layers"])
+    p.add_argument("--round-to", type=int, help="kept channels a multiple of N")
+    p.add_argument("--ignore", action="append", metavar="GLOB", help="module glob to keep")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("analyze", help="print the groups of coupled channels of MODEL")
-    p.add_argument("model", help="zoo name or package.module:factory")
-    p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
-    p.add_argument("--batch", type=int, default=2, help="batch size of the example input")
-    p.add_argument("--tokens", type=int, help="make integer token ids in [0, TOKENS)")
+    _model_args(p)
     p.add_argument(
         "--explain",
         action="append",
@@ -137,20 +215,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_analyze)
 
     p = sub.add_parser("compile", help="prune MODEL and print the before/after table")
-    p.add_argument("model", help="zoo name or package.module:factory")
-    p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
-    p.add_argument("--batch", type=int, default=2, help="batch size of the example input")
-    p.add_argument("--tokens", type=int, help="make integer token ids in [0, TOKENS)")
-    p.add_argument("--plan", help="a plan file (.json or .yaml); flags override its keys")
-    p.add_argument("--ratio", type=float, help="fraction of channels removed (default 0.5)")
-    p.add_argument("--target-macs", type=float, help="fraction of MACs to keep instead")
-    p.add_argument("--scope", choices=["local", "global"])
-    p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm")
-    p.add_argument("--granularity", choices=["channels", "heads", "layers"])
-    p.add_argument("--round-to", type=int, help="kept channels a multiple of N")
-    p.add_argument("--ignore", action="append", metavar="GLOB", help="module glob to keep")
+    _model_args(p)
+    _plan_args(p)
     p.add_argument("-o", "--output", help="save the pruned model here (graphprune.save)")
     p.set_defaults(run=_cmd_compile)
+
+    p = sub.add_parser("export", help="export MODEL (pruned when a plan is given) to ONNX")
+    _model_args(p)
+    _plan_args(p)
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--quantize", choices=["dynamic", "static"], help="also write an int8 model")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension")
+    p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("bench", help="prune MODEL, export both, time them in onnxruntime")
+    _model_args(p)
+    _plan_args(p)
+    p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=50, help="interleaved runs per batch size")
+    p.add_argument("--quantize", choices=["dynamic", "static"], help="also verify int8")
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.set_defaults(run=_cmd_bench)
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(run=_cmd_list)

@@ -113,7 +113,7 @@ def compile(
 
         def channel_trial(ratio: float) -> tuple[list[Pass], dict[int, list[int]]]:
             trial_plan = dataclasses.replace(plan, ratio=ratio, target_macs=None)
-            return [make()], resolve(trial_plan, groups, scores, modules).kept
+            return [make()], resolve(trial_plan, dg, groups, scores, modules).kept
 
         passes, kept = _choose(plan, channel_trial, target, example_inputs, setup)
         resolution = Resolution(kept, {g.id: g.size for g in groups})

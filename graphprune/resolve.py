@@ -91,7 +91,11 @@ def _no_empty_members(group: Group, kept: list[int], scores: np.ndarray) -> list
 
 
 def resolve(
-    plan: Plan, groups: list[Group], scores: dict[int, np.ndarray], modules: dict[str, nn.Module]
+    plan: Plan,
+    dg: DependencyGraph,
+    groups: list[Group],
+    scores: dict[int, np.ndarray],
+    modules: dict[str, nn.Module],
 ) -> Resolution:
     """Kept indices per group: same ratio per group (local) or ranked across groups (global)."""
     resolution = Resolution(sizes={g.id: g.size for g in groups})
@@ -108,6 +112,7 @@ def resolve(
         resolution.kept.update(_global(plan, pooled, scores, ratio))
     for g in groups:
         resolution.kept[g.id] = _no_empty_members(g, resolution.kept[g.id], scores[g.id])
+    _no_empty_dims(dg, resolution.kept, scores)
     return resolution
 
 
@@ -140,3 +145,28 @@ def _global(
         keep = keep_count(g.size, len(removed[g.id]) / g.size, plan.round_to, plan.min_channels)
         kept[g.id] = _top(scores[g.id], keep)
     return kept
+
+
+def _no_empty_dims(
+    dg: DependencyGraph, kept: dict[int, list[int]], scores: dict[int, np.ndarray]
+) -> None:
+    """No tensor dim may lose every position. A position of a composite dim (a grouped conv's
+    (group, k) channel, a qkv row's (head, d)) survives only if *all* its channels do, so
+    per-group choices can jointly empty a dim (e.g. a split of a grouped conv's output):
+    put back the best-scoring position's channels until every dim keeps one."""
+    rows_per_dim = [dg.position_channels(f, d) for f, d in dg.member_dims()]
+    rows_per_dim += [c.positions for c in dg.shape_constants if c.per == "size"]
+    changed = True
+    while changed:
+        changed = False
+        sets = {g: set(k) for g, k in kept.items()}
+        for all_rows in rows_per_dim:
+            rows = [r for r in all_rows if r]
+            if not rows or any(all(c in sets.get(g, {c}) for g, c in r) for r in rows):
+                continue
+            best = max(rows, key=lambda r: sum(float(scores[g][c]) for g, c in r if g in scores))
+            for g, c in best:
+                if g in sets and c not in sets[g]:
+                    sets[g].add(c)
+                    kept[g] = sorted(sets[g])
+                    changed = True

@@ -54,3 +54,33 @@ def test_compile_prints_the_table_and_saves(
 def test_compile_bad_plan(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compile", "resnet18", "--ratio", "1.5"]) == 2
     assert "ratio=1.5 is outside [0, 1)" in capsys.readouterr().err
+
+
+def test_export_and_bench(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    assert main(["export", "vgg", "--ratio", "0.5", "-o", str(out), "--quantize", "dynamic"]) == 0
+    text = capsys.readouterr().out
+    assert out.exists() and (tmp_path / "m.int8.onnx").exists()
+    assert "pruned vs torch" in text and "original vs torch" in text and "int8 vs torch" in text
+    results = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                "se_resnet",
+                "--ratio",
+                "0.5",
+                "--runs",
+                "4",
+                "--batch-sizes",
+                "1,2",
+                "--json",
+                str(results),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "speedup" in text and "effic." in text
+    data = json.loads(results.read_text())
+    assert [r["batch"] for r in data["latency"]["results"]] == [1, 2]

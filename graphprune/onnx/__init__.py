@@ -1,0 +1,280 @@
+"""The ONNX backend: export, verify in onnxruntime, quantize to int8, measure latency."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from graphprune.capture import ExampleInputs
+from graphprune.macs import count_macs, count_params
+from graphprune.onnx.bench import BenchReport, benchmark
+from graphprune.onnx.export import ExportedModel, ExportError, export
+from graphprune.onnx.quantize import INT8_TOLERANCE, QuantizationError, quantize
+from graphprune.onnx.runtime import feeds
+from graphprune.onnx.verify import FP32_TOLERANCE, Verification, VerificationError, input_sets
+from graphprune.onnx.verify import verify as verify_onnx
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and measured."""
+
+    exported: ExportedModel
+    verification: Verification | None = None
+    baseline_verification: Verification | None = None  # the original model's own export
+    quantized: Path | None = None
+    quantized_bytes: int = 0
+    quantized_verification: Verification | None = None
+    latency: BenchReport | None = None
+    params: int = 0
+    macs: int = 0
+    baseline_params: int = 0
+    baseline_macs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        def v(x: Verification | None) -> dict[str, Any] | None:
+            return x.to_dict() if x is not None else None
+
+        return {
+            "path": str(self.exported.path),
+            "bytes": self.exported.bytes,
+            "inputs": self.exported.input_names,
+            "outputs": self.exported.output_names,
+            "opset": self.exported.opset,
+            "dynamic_batch": self.exported.dynamic_batch,
+            "verification": v(self.verification),
+            "baseline_verification": v(self.baseline_verification),
+            "quantized": str(self.quantized) if self.quantized else None,
+            "quantized_bytes": self.quantized_bytes,
+            "quantized_verification": v(self.quantized_verification),
+            "latency": self.latency.to_dict() if self.latency else None,
+            "params": self.params,
+            "macs": self.macs,
+            "baseline_params": self.baseline_params,
+            "baseline_macs": self.baseline_macs,
+        }
+
+    def table(self) -> str:
+        e = self.exported
+        lines = [
+            f"wrote {e.path} ({e.bytes / 1e6:.2f} MB, opset {e.opset}, inputs "
+            f"{', '.join(e.input_names)} -> {', '.join(e.output_names)}"
+            f"{', dynamic batch' if e.dynamic_batch else ''})"
+        ]
+        for label, ver in [
+            ("pruned vs torch", self.verification),
+            ("original vs torch", self.baseline_verification),
+            ("int8 vs torch", self.quantized_verification),
+        ]:
+            if ver is not None:
+                lines.append(
+                    f"{label:<18} max |Δ| {ver.max_abs:.2e}  max rel {ver.max_rel:.2e}"
+                    f"  ({len(ver.errors)} checks, {'ok' if ver.ok else 'FAILED'})"
+                )
+        if self.quantized:
+            lines.append(f"int8 model: {self.quantized} ({self.quantized_bytes / 1e6:.2f} MB)")
+        if self.latency:
+            lines.append(self.latency.table())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def make_feeds(example_inputs: ExampleInputs, names: list[str]) -> Any:
+    """``(session, batch) -> feeds`` built from the example inputs' shapes and dtypes."""
+
+    def build(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+        sets = input_sets(example_inputs, names, random=1, other_batch=batch)
+        tensors = sets.get(f"batch {batch}", sets["random 1"])
+        return feeds(sess, names, tensors)
+
+    return build
+
+
+def calibration_feeds(
+    example_inputs: ExampleInputs, names: list[str], calibration: list[Any] | None
+) -> list[dict[str, np.ndarray]]:
+    batches = calibration or [example_inputs]
+    out = []
+    for batch in batches:
+        sets = input_sets(batch, names, random=0, other_batch=None)
+        out.append({n: t.numpy() for n, t in zip(names, sets["example"], strict=True)})
+    return out
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    path: str | Path,
+    *,
+    verify: bool = True,
+    baseline: nn.Module | None = None,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    quantize: str | None = None,
+    calibration: list[Any] | None = None,
+    atol: float = FP32_TOLERANCE[0],
+    rtol: float = FP32_TOLERANCE[1],
+    external_data: bool | None = None,
+    optimized_path: str | Path | None = None,
+    bench_runs: int = 30,
+    batch_sizes: tuple[int, ...] | None = None,
+    threads: int = 2,
+) -> ExportReport:
+    """Export ``model`` to ``path`` and check it.
+
+    ``verify``: compare onnxruntime with torch (raises :class:`VerificationError`).
+    ``baseline``: the original model; its own export is verified too (so exporter problems
+    show apart from pruning problems) and its latency is measured side by side with ``model``'s
+    (``bench_runs`` interleaved runs at ``batch_sizes``, default the example batch).
+    ``quantize``: "dynamic" or "static" (calibrated on ``calibration`` batches, default the
+    example inputs) writes ``<stem>.int8.onnx``, verified against torch at a looser tolerance.
+    ``optimized_path``: also save onnxruntime's optimised graph there.
+    """
+    torch.set_flush_denormal(True)
+    path = Path(path)
+    exported = export(
+        model,
+        example_inputs,
+        path,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        external_data=external_data,
+    )
+    names_in, names_out = exported.input_names, exported.output_names
+    report = ExportReport(
+        exported, params=count_params(model), macs=count_macs(model, example_inputs)
+    )
+    if optimized_path is not None:
+        from graphprune.onnx.runtime import session
+
+        session(path, threads, optimized_path)
+    if verify:
+        report.verification = verify_onnx(
+            model,
+            path,
+            example_inputs,
+            names_in,
+            names_out,
+            dynamic_batch=dynamic_batch,
+            atol=atol,
+            rtol=rtol,
+        )
+    if quantize is not None:
+        int8 = path.with_name(f"{path.stem}.int8.onnx")
+        quantize_model(
+            path, int8, quantize, calibration_feeds(example_inputs, names_in, calibration)
+        )
+        report.quantized, report.quantized_bytes = int8, int8.stat().st_size
+        report.quantized_verification = verify_int8(
+            model, int8, example_inputs, names_in, names_out, dynamic_batch
+        )
+    if baseline is not None:
+        report.baseline_params = count_params(baseline)
+        report.baseline_macs = count_macs(baseline, example_inputs)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            base_path = Path(tmp) / "baseline.onnx"
+            export(baseline, example_inputs, base_path, dynamic_batch=dynamic_batch, opset=opset)
+            if verify:
+                report.baseline_verification = verify_onnx(
+                    baseline,
+                    base_path,
+                    example_inputs,
+                    names_in,
+                    names_out,
+                    dynamic_batch=dynamic_batch,
+                    atol=atol,
+                    rtol=rtol,
+                )
+            if bench_runs > 0:
+                example_batch = next(
+                    iter(
+                        input_sets(example_inputs, names_in, random=0, other_batch=None)["example"]
+                    )
+                ).shape[0]
+                sizes = batch_sizes or (example_batch,)
+                report.latency = benchmark(
+                    base_path,
+                    path,
+                    make_feeds(example_inputs, names_in),
+                    batch_sizes=sizes,
+                    threads=threads,
+                    runs=bench_runs,
+                    ideal_speedup=report.baseline_macs / max(report.macs, 1),
+                )
+    return report
+
+
+def quantize_model(
+    fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.ndarray]]
+) -> Path:
+    return quantize(fp32, out, mode, calibration)
+
+
+def verify_int8(
+    model: nn.Module,
+    path: Path,
+    example_inputs: ExampleInputs,
+    names_in: list[str],
+    names_out: list[str],
+    dynamic_batch: bool,
+) -> Verification:
+    """int8 vs fp32 torch: every element within INT8_TOLERANCE x the output's max magnitude."""
+    report = verify_onnx(
+        model,
+        path,
+        example_inputs,
+        names_in,
+        names_out,
+        dynamic_batch=dynamic_batch,
+        atol=0.0,
+        rtol=0.0,
+        raise_on_error=False,
+    )
+    scale = _output_scale(model, example_inputs)
+    report.atol, report.rtol = INT8_TOLERANCE * scale, 0.0
+    for e in report.errors:
+        e.ok = e.max_abs <= report.atol
+    if not report.ok:
+        raise VerificationError(
+            f"{path}: int8 outputs differ from fp32 torch by up to "
+            f"{report.max_abs:.3e}, more than {INT8_TOLERANCE:.0%} of the "
+            f"output scale {scale:.3e}\n{report.table()}"
+        )
+    return report
+
+
+def _output_scale(model: nn.Module, example_inputs: ExampleInputs) -> float:
+    from graphprune.capture import normalize_inputs
+
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    tensors = (
+        [out]
+        if isinstance(out, torch.Tensor)
+        else (list(out.values()) if isinstance(out, dict) else list(out))
+    )
+    return max(float(t.abs().max()) for t in tensors if isinstance(t, torch.Tensor))
+
+
+__all__ = [
+    "BenchReport",
+    "ExportError",
+    "ExportReport",
+    "QuantizationError",
+    "Verification",
+    "VerificationError",
+    "benchmark",
+    "export",
+    "export_onnx",
+    "make_feeds",
+]

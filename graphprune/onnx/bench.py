@@ -1,0 +1,160 @@
+"""Latency of a baseline and a pruned ONNX model in onnxruntime, measured side by side.
+
+Both sessions live in one process with the same thread count; runs alternate A B, B A, ... so
+drift (thermal, other load) hits both equally; after a warm-up the median and p90 of each are
+reported. speedup = t_baseline / t_pruned, next to the ideal speedup MACs_baseline / MACs_pruned
+(efficiency = speedup / ideal). Memory is the process RSS growth while a session is created and
+first run, a proxy for its footprint.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from graphprune.onnx.runtime import session
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p90_ms: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Latency:
+        ms = sorted(s * 1e3 for s in seconds)
+        return cls(statistics.median(ms), ms[min(len(ms) - 1, int(0.9 * len(ms)))])
+
+
+@dataclass
+class BatchResult:
+    batch: int
+    baseline: Latency
+    pruned: Latency
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline.median_ms / self.pruned.median_ms
+
+
+@dataclass
+class BenchReport:
+    threads: int
+    runs: int
+    baseline_bytes: int
+    pruned_bytes: int
+    ideal_speedup: float | None = None  # MACs_baseline / MACs_pruned
+    baseline_memory_mb: float = 0.0
+    pruned_memory_mb: float = 0.0
+    results: list[BatchResult] = field(default_factory=list)
+    labels: tuple[str, str] = ("baseline", "pruned")
+
+    def efficiency(self, result: BatchResult) -> float | None:
+        return result.speedup / self.ideal_speedup if self.ideal_speedup else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for row, result in zip(data["results"], self.results, strict=True):
+            row["speedup"] = result.speedup
+            row["efficiency"] = self.efficiency(result)
+        return data
+
+    def table(self) -> str:
+        a, b = self.labels
+        head = (
+            f"{'batch':>5}  {a + ' ms':>12} {'p90':>8}  {b + ' ms':>12} {'p90':>8}  "
+            f"{'speedup':>7}  {'ideal':>6}  {'effic.':>6}"
+        )
+        lines = [f"onnxruntime CPU, {self.threads} threads, {self.runs} interleaved runs", head]
+        for r in self.results:
+            eff = self.efficiency(r)
+            ideal = f"{self.ideal_speedup:.2f}" if self.ideal_speedup else "-"
+            lines.append(
+                f"{r.batch:>5}  {r.baseline.median_ms:>12.3f} {r.baseline.p90_ms:>8.3f}  "
+                f"{r.pruned.median_ms:>12.3f} {r.pruned.p90_ms:>8.3f}  {r.speedup:>6.2f}x  "
+                f"{ideal:>6}  {eff if eff is None else f'{eff:.2f}':>6}"
+            )
+        lines.append(
+            f"file size: {a} {self.baseline_bytes / 1e6:.2f} MB, {b} "
+            f"{self.pruned_bytes / 1e6:.2f} MB; RSS growth: {a} "
+            f"{self.baseline_memory_mb:.1f} MB, {b} {self.pruned_memory_mb:.1f} MB"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _time(sess: ort.InferenceSession, feeds: Feeds) -> float:
+    start = time.perf_counter()
+    sess.run(None, feeds)
+    return time.perf_counter() - start
+
+
+def benchmark(
+    baseline: str | Path,
+    pruned: str | Path,
+    make_feeds: Callable[[ort.InferenceSession, int], Feeds],
+    *,
+    batch_sizes: tuple[int, ...] = (1, 16),
+    threads: int = 2,
+    warmup: int = 10,
+    runs: int = 50,
+    ideal_speedup: float | None = None,
+    labels: tuple[str, str] = ("baseline", "pruned"),
+) -> BenchReport:
+    """Interleaved latency of two models; ``make_feeds(session, batch)`` builds the inputs."""
+    memory = []
+    sessions = []
+    for path in (baseline, pruned):
+        before = _rss_mb()
+        sess = session(path, threads)
+        sess.run(None, make_feeds(sess, batch_sizes[0]))
+        memory.append(_rss_mb() - before)
+        sessions.append(sess)
+    report = BenchReport(
+        threads,
+        runs,
+        Path(baseline).stat().st_size,
+        Path(pruned).stat().st_size,
+        ideal_speedup,
+        memory[0],
+        memory[1],
+        labels=labels,
+    )
+    a, b = sessions
+    for batch in batch_sizes:
+        fa, fb = make_feeds(a, batch), make_feeds(b, batch)
+        for _ in range(warmup):
+            _time(a, fa)
+            _time(b, fb)
+        ta, tb = [], []
+        for i in range(runs):
+            if i % 2:
+                tb.append(_time(b, fb))
+                ta.append(_time(a, fa))
+            else:
+                ta.append(_time(a, fa))
+                tb.append(_time(b, fb))
+        report.results.append(BatchResult(batch, Latency.of(ta), Latency.of(tb)))
+    return report

@@ -1,0 +1,157 @@
+"""Export to ONNX with torch's dynamo exporter: one self-contained file, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from graphprune.capture import ExampleInputs, normalize_inputs
+from graphprune.errors import GraphPruneError
+
+PROTOBUF_LIMIT = 2 * 1024**3  # a single .onnx file cannot exceed 2 GB
+
+
+class ExportError(GraphPruneError):
+    """torch.onnx.export or the ONNX checker failed; no file was written."""
+
+
+@dataclass
+class ExportedModel:
+    path: Path
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_batch: bool
+    bytes: int
+    opset: int
+    external_data: bool
+
+
+def input_names(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
+    """The forward's parameter names for positional inputs, the keys for keyword inputs."""
+    args, kwargs = normalize_inputs(example_inputs)
+    if kwargs:
+        return [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    params = [
+        p
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    names = [p.name for p in params[: len(args)]]
+    names += [f"input_{i}" for i in range(len(names), len(args))]
+    return [n for n, a in zip(names, args, strict=True) if isinstance(a, torch.Tensor)]
+
+
+def output_names(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    if isinstance(out, dict):
+        return [str(k) for k, v in out.items() if isinstance(v, torch.Tensor)]
+    return [f"output_{i}" for i, _ in enumerate(out)]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The exporter prints progress and warns about optional torchvision ops: silence both."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    path: str | Path,
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    external_data: bool | None = None,
+) -> ExportedModel:
+    """Export ``model`` (in eval mode; its mode is restored) to ``path`` atomically.
+
+    ``external_data``: None = only when the model exceeds the 2 GB protobuf limit, True/False to
+    force. A failed export or check raises :class:`ExportError` and leaves no file behind.
+    """
+    path = Path(path)
+    args, kwargs = normalize_inputs(example_inputs)
+    names_in = input_names(model, example_inputs)
+    names_out = output_names(model, example_inputs)
+    dynamic: Any = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        if kwargs:
+            dynamic = {
+                k: {0: batch} if isinstance(v, torch.Tensor) else None for k, v in kwargs.items()
+            }
+        else:
+            dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    big = sum(p.numel() * p.element_size() for p in model.state_dict().values()) > PROTOBUF_LIMIT
+    use_external = big if external_data is None else external_data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with quiet():
+            program = torch.onnx.export(
+                model,
+                args,
+                kwargs=kwargs or None,
+                dynamo=True,
+                opset_version=opset,
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_shapes=dynamic,
+                external_data=use_external,
+                optimize=True,
+                verbose=False,
+            )
+            assert program is not None
+            tmp = workdir / path.name
+            program.save(str(tmp), external_data=use_external)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        checked = onnx.load(str(tmp), load_external_data=False)
+        for produced in workdir.iterdir():  # the model, and its .data file if any
+            os.replace(produced, path.parent / produced.name)
+    except GraphPruneError:
+        raise
+    except Exception as exc:
+        raise ExportError(
+            f"ONNX export of {type(model).__name__} failed: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+        ) from exc
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        for m, t in training.items():
+            m.train(t)
+    opset_found = max(
+        (o.version for o in checked.opset_import if o.domain in ("", "ai.onnx")), default=0
+    )
+    size = path.stat().st_size + sum(
+        f.stat().st_size for f in path.parent.glob(path.name + "*.data")
+    )
+    return ExportedModel(path, names_in, names_out, dynamic_batch, size, opset_found, use_external)

@@ -1,0 +1,99 @@
+"""ONNX backend: export, verification in onnxruntime, corruption detection, atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import Tensor, nn
+
+import graphprune as gp
+from graphprune.models import MODELS
+from graphprune.onnx import ExportError, VerificationError, export_onnx
+from graphprune.onnx.export import export
+from graphprune.onnx.verify import verify
+
+
+@pytest.mark.parametrize("name", ["resnet18", "llama"])
+def test_pruned_export_verifies_and_benchmarks(name: str, tmp_path: Path) -> None:
+    spec = MODELS[name]
+    model, x = spec.build(), spec.example_inputs()
+    pruned = gp.compile(model, gp.Plan(ratio=0.5), x)
+    path = tmp_path / f"{name}.onnx"
+    report = export_onnx(pruned, x, path, baseline=model, bench_runs=5, batch_sizes=(1, 4))
+    assert path.exists() and not list(tmp_path.glob(".*"))  # no temp files left
+    assert report.verification is not None and report.verification.ok
+    assert report.verification.max_abs < 1e-4
+    labels = {e.input_set for e in report.verification.errors}
+    assert labels == {"example", "random 1", "random 2", "batch 3"}  # dynamic batch checked
+    assert report.baseline_verification is not None and report.baseline_verification.ok
+    assert report.latency is not None and [r.batch for r in report.latency.results] == [1, 4]
+    assert report.latency.ideal_speedup == pytest.approx(report.baseline_macs / report.macs)
+    assert report.latency.pruned_bytes < report.latency.baseline_bytes
+    proto = onnx.load(str(path))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    assert "wrote" in report.table() and report.to_dict()["verification"]["ok"]
+
+
+class KeywordModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, input_ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        h = self.emb(input_ids) * mask[..., None]
+        return {"logits": self.fc(h), "pooled": h.mean(1)}
+
+
+def test_dict_inputs_and_outputs(tmp_path: Path) -> None:
+    inputs = {"input_ids": torch.randint(0, 20, (2, 5)), "mask": torch.ones(2, 5)}
+    report = export_onnx(KeywordModel().eval(), inputs, tmp_path / "kw.onnx")
+    assert report.exported.input_names == ["input_ids", "mask"]
+    assert report.exported.output_names == ["logits", "pooled"]
+    assert {e.output for e in report.verification.errors} == {"logits", "pooled"}
+
+
+def test_int8_dynamic_and_static(tmp_path: Path) -> None:
+    spec = MODELS["vgg"]
+    model, x = spec.build(), spec.example_inputs()
+    dynamic = export_onnx(model, x, tmp_path / "d.onnx", quantize="dynamic")
+    assert dynamic.quantized == tmp_path / "d.int8.onnx"
+    assert dynamic.quantized_bytes < dynamic.exported.bytes / 2
+    assert dynamic.quantized_verification is not None and dynamic.quantized_verification.ok
+    calibration = [spec.example_inputs(seed=s) for s in range(4)]
+    static = export_onnx(model, x, tmp_path / "s.onnx", quantize="static", calibration=calibration)
+    assert static.quantized_verification is not None and static.quantized_verification.ok
+
+
+def test_corrupted_weight_fails_verification(tmp_path: Path) -> None:
+    spec = MODELS["resnet18"]
+    model, x = spec.build(), spec.example_inputs()
+    exported = export(model, x, tmp_path / "m.onnx")
+    proto = onnx.load(str(exported.path))
+    init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = numpy_helper.to_array(init).copy()
+    values.flat[0] += 10.0
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    onnx.save(proto, str(exported.path))
+    with pytest.raises(VerificationError) as info:
+        verify(model, exported.path, x, exported.input_names, exported.output_names)
+    message = str(info.value)
+    assert "onnxruntime disagrees with torch" in message and "output 'output'" in message
+    assert "max |Δ|" in message and "tolerance" in message
+
+
+class NotExportable(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(x.numpy() * 2)  # leaves torch: cannot be traced
+
+
+def test_failed_export_leaves_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="ONNX export of NotExportable failed"):
+        export(NotExportable(), torch.randn(2, 3), path)
+    assert list(tmp_path.iterdir()) == []
