@@ -194,7 +194,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=["local", "global"])
     p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm")
     p.add_argument("--granularity", choices=["channels", "heads", "layers"])
-    p.add_argument("--round-to", type=int, help="kept channels a multiple of N")
+    p.add_argument(
+        "--round-to",
+        type=lambda v: v if v == "auto" else int(v),
+        help="kept channels a multiple of N, or 'auto' (this CPU's SIMD block)",
+    )
     p.add_argument("--ignore", action="append", metavar="GLOB", help="module glob to keep")
 
 

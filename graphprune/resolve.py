@@ -106,7 +106,7 @@ def resolve(
         if plan.scope == "global" and group_ratio == ratio:
             pooled.append(g)
             continue
-        keep = keep_count(g.size, group_ratio, plan.round_to, plan.min_channels)
+        keep = keep_count(g.size, group_ratio, plan.channel_multiple, plan.min_channels)
         resolution.kept[g.id] = _top(scores[g.id], keep)
     if pooled:
         resolution.kept.update(_global(plan, pooled, scores, ratio))
@@ -142,7 +142,9 @@ def _global(
             count += 1
     kept: dict[int, list[int]] = {}
     for g in groups:
-        keep = keep_count(g.size, len(removed[g.id]) / g.size, plan.round_to, plan.min_channels)
+        keep = keep_count(
+            g.size, len(removed[g.id]) / g.size, plan.channel_multiple, plan.min_channels
+        )
         kept[g.id] = _top(scores[g.id], keep)
     return kept
 

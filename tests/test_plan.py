@@ -19,7 +19,8 @@ from graphprune.plan import keep_count
         ({"ratio": 0.5, "importance": "l3"}, "unknown importance 'l3'; use one of l1, l2"),
         ({"ratio": 0.5, "scope": "galaxy"}, "scope='galaxy'"),
         ({"ratio": 0.5, "granularity": "blocks"}, "granularity='blocks'"),
-        ({"ratio": 0.5, "round_to": 0}, "round_to and min_channels"),
+        ({"ratio": 0.5, "round_to": 0}, "round_to=0; use an int >= 1 or 'auto'"),
+        ({"ratio": 0.5, "min_channels": 0}, "min_channels must be >= 1"),
         ({"ratio": 0.5, "overrides": {"fc": 1.5}}, "override 'fc'"),
     ],
 )
@@ -82,3 +83,9 @@ def test_patterns_and_heads() -> None:
 )
 def test_keep_count(size: int, ratio: float, round_to: int, minimum: int, kept: int) -> None:
     assert keep_count(size, ratio, round_to, minimum) == kept
+
+
+def test_round_to_auto_is_the_simd_block() -> None:
+    plan = gp.Plan(ratio=0.5, round_to="auto")
+    assert plan.channel_multiple in (4, 8, 16)
+    assert gp.Plan.from_json(plan.to_json()).round_to == "auto"

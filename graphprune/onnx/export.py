@@ -7,6 +7,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -23,6 +24,7 @@ from graphprune.capture import ExampleInputs, normalize_inputs
 from graphprune.errors import GraphPruneError
 
 PROTOBUF_LIMIT = 2 * 1024**3  # a single .onnx file cannot exceed 2 GB
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages
 
 
 class ExportError(GraphPruneError):
@@ -69,7 +71,8 @@ def output_names(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """The exporter prints progress and warns about optional torchvision ops: silence both."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal")]
+    # the root logger too: onnxruntime.quantization warns through it about per-channel axes
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal", "")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -140,9 +143,10 @@ def export(
     except GraphPruneError:
         raise
     except Exception as exc:
+        reason = _ANSI.sub("", str(exc)).strip().splitlines()[0] if str(exc) else ""
         raise ExportError(
-            f"ONNX export of {type(model).__name__} failed: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {reason} "
+            "(an op without an ONNX conversion is the usual cause: see the chained exception)"
         ) from exc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
