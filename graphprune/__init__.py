@@ -6,6 +6,7 @@ from graphprune.analysis import DependencyGraph, Group, Member, analyze
 from graphprune.capture import capture
 from graphprune.compile import compile, report
 from graphprune.errors import AnalysisError, CaptureError, GraphPruneError, InputError
+from graphprune.onnx import ExportError, ExportReport, VerificationError, export_onnx
 from graphprune.passes.base import PruneError
 from graphprune.plan import Plan, PlanError
 from graphprune.report import CompileReport
@@ -19,6 +20,8 @@ __all__ = [
     "CaptureError",
     "CompileReport",
     "DependencyGraph",
+    "ExportError",
+    "ExportReport",
     "GraphPruneError",
     "Group",
     "InputError",
@@ -27,10 +30,12 @@ __all__ = [
     "PlanError",
     "PruneError",
     "Resolution",
+    "VerificationError",
     "__version__",
     "analyze",
     "capture",
     "compile",
+    "export_onnx",
     "load",
     "report",
     "save",

@@ -102,6 +102,7 @@ def networks(draw: st.DrawFn) -> Net:
     c = draw(st.sampled_from([4, 6, 8]))
     blocks: list[nn.Module] = [conv_bn(3, c)]
     for _ in range(draw(st.integers(1, 4))):
+        assert c >= 2  # every block below leaves at least 2 channels
         kind = draw(
             st.sampled_from(
                 ["conv", "residual", "concat", "split", "depthwise", "grouped", "se", "attention"]
@@ -126,7 +127,7 @@ def networks(draw: st.DrawFn) -> Net:
             blocks.append(conv_bn(c, c, 3, groups=c))
         elif kind == "grouped":
             groups = draw(st.sampled_from([g for g in (2, 3) if c % g == 0] or [1]))
-            out = groups * draw(st.integers(1, 4))
+            out = groups * draw(st.integers(2 // groups or 1, 4))  # at least 2 channels
             blocks.append(conv_bn(c, out, 3, groups=groups))
             c = out
         elif kind == "se":

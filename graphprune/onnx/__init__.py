@@ -80,6 +80,12 @@ class ExportReport:
                 )
         if self.quantized:
             lines.append(f"int8 model: {self.quantized} ({self.quantized_bytes / 1e6:.2f} MB)")
+        if self.baseline_params:
+            lines.append(
+                f"params {self.baseline_params:,} -> {self.params:,}, MACs "
+                f"{self.baseline_macs:,} -> {self.macs:,} "
+                f"(ideal speed-up {self.baseline_macs / max(self.macs, 1):.2f}x)"
+            )
         if self.latency:
             lines.append(self.latency.table())
         return "\n".join(lines)
