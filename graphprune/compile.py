@@ -136,6 +136,7 @@ def compile(
         changes=ctx.changes,
         dropped=ctx.dropped,
         seconds=seconds,
+        resolution=resolution.to_dict(),
     )
     record = {
         "format": 1,

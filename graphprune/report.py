@@ -26,6 +26,7 @@ class CompileReport:
     changes: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    resolution: dict[str, Any] = field(default_factory=dict)  # Resolution.to_dict(): kept indices
 
     @property
     def params_ratio(self) -> float:

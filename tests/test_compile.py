@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -64,6 +65,8 @@ def test_report_table_and_changes() -> None:
     assert "layer1.0.conv2.groups: 4 -> 2" in report.changes
     assert pruned.layer1[0].conv2.groups == 2
     assert report.to_dict()["macs_ratio"] == pytest.approx(report.macs_ratio)
+    kept = gp.Resolution.from_dict(json.loads(json.dumps(report.resolution))).kept
+    assert all(len(kept[g.id]) == g.kept for g in report.groups)  # indices are plain data
     assert {"capture", "analyze", "score", "resolve"} <= set(report.seconds)
 
 
