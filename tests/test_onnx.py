@@ -97,3 +97,11 @@ def test_failed_export_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="ONNX export of NotExportable failed"):
         export(NotExportable(), torch.randn(2, 3), path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_one_example_still_exports_a_dynamic_batch(tmp_path: Path) -> None:
+    spec = MODELS["vit"]
+    model, x = spec.build(), spec.example_inputs(batch=1)
+    report = export_onnx(model, x, tmp_path / "vit.onnx")
+    assert report.verification is not None and report.verification.ok
+    assert {e.input_set for e in report.verification.errors} >= {"example", "batch 3"}

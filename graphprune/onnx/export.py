@@ -68,6 +68,12 @@ def output_names(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
     return [f"output_{i}" for i, _ in enumerate(out)]
 
 
+def _batch_of_two(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return value.expand(2, *value.shape[1:]).clone()
+    return value
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """The exporter prints progress and warns about optional torchvision ops: silence both."""
@@ -101,6 +107,9 @@ def export(
     """
     path = Path(path)
     args, kwargs = normalize_inputs(example_inputs)
+    if dynamic_batch:  # torch.export specialises a dim of size 1: trace with a batch of 2
+        args = tuple(_batch_of_two(a) for a in args)
+        kwargs = {k: _batch_of_two(v) for k, v in kwargs.items()}
     names_in = input_names(model, example_inputs)
     names_out = output_names(model, example_inputs)
     dynamic: Any = None
