@@ -153,9 +153,13 @@ def export(
         raise
     except Exception as exc:
         reason = _ANSI.sub("", str(exc)).strip().splitlines()[0] if str(exc) else ""
+        hint = (
+            " (an op without an ONNX conversion is the usual cause: see the chained exception)"
+            if "Conversion" in type(exc).__name__
+            else ""
+        )
         raise ExportError(
-            f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {reason} "
-            "(an op without an ONNX conversion is the usual cause: see the chained exception)"
+            f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {reason}{hint}"
         ) from exc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
