@@ -16,8 +16,9 @@ from graphprune.capture import ExampleInputs
 from graphprune.macs import count_macs, count_params
 from graphprune.onnx.bench import BenchReport, benchmark
 from graphprune.onnx.export import ExportedModel, ExportError, export
-from graphprune.onnx.quantize import INT8_TOLERANCE, QuantizationError, quantize
-from graphprune.onnx.runtime import feeds
+from graphprune.onnx.quantize import INT8_TOLERANCE, QuantizationError
+from graphprune.onnx.quantize import quantize as quantize_onnx
+from graphprune.onnx.runtime import feeds, session
 from graphprune.onnx.verify import FP32_TOLERANCE, Verification, VerificationError, input_sets
 from graphprune.onnx.verify import verify as verify_onnx
 
@@ -159,9 +160,7 @@ def export_onnx(
     report = ExportReport(
         exported, params=count_params(model), macs=count_macs(model, example_inputs)
     )
-    if optimized_path is not None:
-        from graphprune.onnx.runtime import session
-
+    if optimized_path is not None:  # onnxruntime writes its optimised graph at session start
         session(path, threads, optimized_path)
     if verify:
         report.verification = verify_onnx(
@@ -176,7 +175,7 @@ def export_onnx(
         )
     if quantize is not None:
         int8 = path.with_name(f"{path.stem}.int8.onnx")
-        quantize_model(
+        quantize_onnx(
             path, int8, quantize, calibration_feeds(example_inputs, names_in, calibration)
         )
         report.quantized, report.quantized_bytes = int8, int8.stat().st_size
@@ -217,12 +216,6 @@ def export_onnx(
                     ideal_speedup=report.baseline_macs / max(report.macs, 1),
                 )
     return report
-
-
-def quantize_model(
-    fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.ndarray]]
-) -> Path:
-    return quantize(fp32, out, mode, calibration)
 
 
 def verify_int8(
