@@ -57,34 +57,26 @@ def measure(
         )
         feeds = make_feeds(x, base.exported.input_names)
         ideal = base.macs / max(small.macs, 1)
-        fp32 = benchmark(
-            base.exported.path,
-            small.exported.path,
-            feeds,
-            batch_sizes=batches,
-            threads=threads,
-            runs=runs,
-            ideal_speedup=ideal,
-        )
         assert base.quantized and small.quantized
-        int8 = benchmark(
-            base.exported.path,
-            small.quantized,
-            feeds,
-            batch_sizes=batches,
-            threads=threads,
-            runs=runs,
-            labels=("fp32", "pruned int8"),
-        )
-        int8_base = benchmark(
-            base.exported.path,
-            base.quantized,
-            feeds,
-            batch_sizes=batches,
-            threads=threads,
-            runs=runs,
-            labels=("fp32", "int8"),
-        )
+        pairs = {  # each timed side by side against the fp32 original
+            "fp32": (small.exported.path, ("baseline", "pruned"), ideal),
+            "int8": (small.quantized, ("fp32", "pruned int8"), None),
+            "int8_base": (base.quantized, ("fp32", "int8"), None),
+        }
+        timed = {
+            key: benchmark(
+                base.exported.path,
+                other,
+                feeds,
+                batch_sizes=batches,
+                threads=threads,
+                runs=runs,
+                labels=labels,
+                ideal_speedup=best,
+            )
+            for key, (other, labels, best) in pairs.items()
+        }
+    fp32, int8, int8_base = timed["fp32"], timed["int8"], timed["int8_base"]
     return {
         "model": name,
         "int8_mode": mode,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -156,7 +157,7 @@ class RuleContext:
             return None
         layout = self._values.get(value.name)
         meta = value.meta.get("val")
-        if not isinstance(meta, torch.Tensor) or not _is_layout(layout):
+        if not isinstance(meta, torch.Tensor) or not is_layout(layout):
             return None
         assert isinstance(layout, list)
         return TensorArg(value.name, layout, tuple(int(s) for s in meta.shape))
@@ -164,7 +165,7 @@ class RuleContext:
     def tensors(self) -> list[TensorArg]:
         """Every tensor among the node's arguments (flattening lists)."""
         found: list[TensorArg] = []
-        for value in _flatten((self.node.args, self.node.kwargs)):
+        for value in flatten_args((self.node.args, self.node.kwargs)):
             t = self.tensor(value)
             if t is not None:
                 found.append(t)
@@ -240,16 +241,18 @@ def source_line(node: fx.Node) -> str:
     return ""
 
 
-def _is_layout(value: Value) -> bool:
-    return isinstance(value, list) and all(hasattr(a, "shape") for a in value)
+def is_layout(value: Value) -> bool:
+    """A tensor's layout (one atom array per dim), as opposed to a list of layouts or None."""
+    return isinstance(value, list) and all(isinstance(a, np.ndarray) for a in value)
 
 
-def _flatten(value: Any) -> Iterable[Any]:
+def flatten_args(value: Any) -> Iterable[Any]:
+    """Leaves of nested lists, tuples and dicts (node args and kwargs), in order."""
     if isinstance(value, list | tuple):
         for item in value:
-            yield from _flatten(item)
+            yield from flatten_args(item)
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _flatten(item)
+            yield from flatten_args(item)
     else:
         yield value

@@ -189,6 +189,18 @@ def einsum(ctx: RuleContext) -> Layout:
     return out
 
 
+def _with_stats(ctx: RuleContext, layout: Layout) -> Layout | list[Layout]:
+    """Norm ops returning (out, mean, rstd, ...): the statistics get fresh positions."""
+    meta = ctx.node.meta.get("val")
+    if not isinstance(meta, tuple | list):
+        return layout
+    stats = [
+        [ctx.fresh(s, f"stat{d}") for d, s in enumerate(ctx.out_shape(i))]
+        for i in range(1, len(meta))
+    ]
+    return [layout, *stats]
+
+
 def _per_channel_params(
     ctx: RuleContext, x: TensorArg, names: list[tuple[int, str]], why: str
 ) -> None:
@@ -211,13 +223,7 @@ def batch_norm(ctx: RuleContext) -> Layout | list[Layout]:
     x = _required(ctx, 0, "input")
     names = [(1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")]
     _per_channel_params(ctx, x, names, "per-channel norm parameter")
-    if isinstance(ctx.node.meta.get("val"), tuple | list):
-        rest = [
-            [ctx.fresh(s, f"stat{d}") for d, s in enumerate(ctx.out_shape(i))]
-            for i in range(1, len(ctx.node.meta["val"]))
-        ]
-        return [list(x.layout), *rest]
-    return list(x.layout)
+    return _with_stats(ctx, list(x.layout))
 
 
 @rule(*ops("group_norm"))
@@ -248,13 +254,7 @@ def _trailing_norm(
             p = _optional(ctx, index, name) if index is not None else None
             if p is not None:
                 ctx.couple(x.dim(d), p.dim(i), f"{kind} affine parameter")
-    if isinstance(ctx.node.meta.get("val"), tuple | list):
-        rest = [
-            [ctx.fresh(s, f"stat{d}") for d, s in enumerate(ctx.out_shape(i))]
-            for i in range(1, len(ctx.node.meta["val"]))
-        ]
-        return [list(x.layout), *rest]
-    return list(x.layout)
+    return _with_stats(ctx, list(x.layout))
 
 
 @rule(*ops("layer_norm", "native_layer_norm"))

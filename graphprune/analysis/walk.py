@@ -23,6 +23,8 @@ from graphprune.analysis.registry import (
     RuleContext,
     TensorArg,
     Value,
+    flatten_args,
+    is_layout,
     lookup,
     op_name,
 )
@@ -69,7 +71,7 @@ def walk(captured: Captured) -> Walked:
             display[node.name] = node.name
             values[node.name] = _call(node, modules[node.name], table, values, facts)
         elif node.op == "output":
-            for arg in _flat(node.args):
+            for arg in flatten_args(node.args):
                 if not isinstance(arg, fx.Node):
                     continue
                 layout = values.get(arg.name)
@@ -108,10 +110,10 @@ def _call(
     if node.target is operator.getitem:
         source, index = node.args
         value = values.get(source.name) if isinstance(source, fx.Node) else None
-        if not isinstance(value, list) or _is_layout(value):
+        if not isinstance(value, list) or is_layout(value):
             return None
         picked = value[int(index)]  # type: ignore[arg-type]
-        if isinstance(source, fx.Node) and _is_layout(picked):  # link to split's input
+        if isinstance(source, fx.Node) and is_layout(picked):  # link to split's input
             src_ctx = RuleContext(source, module, table, values, facts)
             _auto_link(RuleContext(node, module, table, values, facts), picked, src_ctx.tensors())
         return picked
@@ -155,7 +157,7 @@ def _fresh_like(ctx: RuleContext, meta: object, reason: str) -> Value:
 def _check(value: Value, meta: object) -> str | None:
     """Layouts must have one atom array per dim, each as long as the dim."""
     if isinstance(meta, torch.Tensor):
-        if not _is_layout(value):
+        if not is_layout(value):
             return "no layout for a tensor output"
         shape = tuple(int(s) for s in meta.shape)
         sizes = tuple(int(a.shape[0]) for a in value)
@@ -172,7 +174,7 @@ def _check(value: Value, meta: object) -> str | None:
 
 def _auto_link(ctx: RuleContext, value: Value, inputs: list[TensorArg]) -> None:
     """Edges for output dims that hold some of an input dim's atoms (identity, slice, cat)."""
-    if not _is_layout(value):
+    if not is_layout(value):
         return
     for t in inputs:
         for d, atoms in enumerate(t.layout):
@@ -181,24 +183,12 @@ def _auto_link(ctx: RuleContext, value: Value, inputs: list[TensorArg]) -> None:
                     ctx.link(t.dim(d), k, "passes through")
 
 
-def _is_layout(value: Value) -> bool:
-    return isinstance(value, list) and all(isinstance(a, np.ndarray) for a in value)
-
-
 def _layouts(value: Value) -> list[np.ndarray]:
-    if _is_layout(value):
+    if is_layout(value):
         return list(value)
     if isinstance(value, list):
         return [a for v in value for a in _layouts(v)]
     return []
-
-
-def _flat(value: object) -> list[object]:
-    if isinstance(value, list | tuple):
-        return [x for v in value for x in _flat(v)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _flat(v)]
-    return [value]
 
 
 __all__ = ["Layout", "Walked", "op_name", "walk"]
