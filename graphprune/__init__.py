@@ -12,6 +12,7 @@ from graphprune.plan import Plan, PlanError
 from graphprune.report import CompileReport
 from graphprune.resolve import Resolution
 from graphprune.serialize import load, save
+from graphprune.sparsity import finalize, masked_layers, sparsify, sparsify_report
 
 __version__ = "0.1.0"
 
@@ -36,7 +37,11 @@ __all__ = [
     "capture",
     "compile",
     "export_onnx",
+    "finalize",
     "load",
+    "masked_layers",
     "report",
     "save",
+    "sparsify",
+    "sparsify_report",
 ]

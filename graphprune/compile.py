@@ -24,11 +24,10 @@ from graphprune.passes.prune_heads import PruneHeads
 from graphprune.passes.slice_channels import SliceChannels
 from graphprune.passes.verify import make_verifier, output_shapes
 from graphprune.plan import Plan, PlanError
-from graphprune.report import CompileReport, GroupOutcome
+from graphprune.report import RECORD, REPORT, CompileReport, GroupOutcome, LayerSparsity
 from graphprune.resolve import Resolution, eligible_groups, resolve
-
-RECORD = "_graphprune_record"  # plain-data record of what was done, used by save()
-REPORT = "_graphprune_report"
+from graphprune.sparsity.masks import compute_masks
+from graphprune.sparsity.parametrize import apply_masks
 
 
 @dataclasses.dataclass
@@ -53,6 +52,11 @@ def compile(
 ) -> nn.Module:
     """Prune ``model`` as ``plan`` says; return a module of the same class.
 
+    Structured plans (channels, heads, layers) make the model smaller and dense. Sparse plans
+    (unstructured, n:m, block; or ``plan.sparsity`` after a structured one) mask weights with
+    ``torch.nn.utils.parametrize`` so fine-tuning keeps them zero; :func:`graphprune.finalize`
+    bakes the masks, :func:`graphprune.sparsify` runs them on sparse kernels where faster.
+
     Works on a deep copy unless ``inplace=True``; the result keeps the input's train/eval
     mode and is an ordinary module (trainable, saveable with :func:`graphprune.save`).
     ``calibration`` batches (defaults to the example inputs) feed the data-driven criteria
@@ -73,18 +77,102 @@ def compile(
     target = model if inplace else copy.deepcopy(model)
     batches = list(calibration) if calibration is not None else [example_inputs]
     params_before = count_params(target)
+    macs_before = count_macs(target, example_inputs)
+    names = [n for n, _ in target.named_modules() if n] + [n for n, _ in target.named_parameters()]
+    plan.check_patterns(names)
+    if plan.sparsity is not None:
+        plan.sparsity.check_patterns(names)
+    changes: list[str] = []
+    dropped: list[str] = []
+    outcomes: list[GroupOutcome] = []
+    resolution = Resolution()
+    group_sizes: list[int] = []
+    if not plan.is_sparse:
+        structure = _prune_structure(target, plan, example_inputs, batches, loss_fn, macs_before)
+        changes, dropped = structure.ctx.changes, structure.ctx.dropped
+        outcomes, resolution = structure.outcomes, structure.resolution
+        group_sizes = [g.size for g in structure.ctx.dg.groups]
+        seconds.update(structure.seconds)
+        clock = time.perf_counter()
+    masked: list[LayerSparsity] = []
+    sparse = plan.sparse_plan
+    if sparse is not None:
+        clock = time.perf_counter()
+        masks = compute_masks(target, sparse, batches=batches, loss_fn=loss_fn)
+        apply_masks(target, masks)
+        masked = [
+            LayerSparsity(name, m.pattern, list(m.mask.shape), m.sparsity)
+            for name, m in masks.layers.items()
+        ] + [LayerSparsity(name, "dense", [], 0.0, why) for name, why in masks.skipped.items()]
+        changes += [
+            f"{n}: {m.pattern} mask, {m.sparsity:.1%} zeros" for n, m in masks.layers.items()
+        ]
+        lap("masks")
+
+    report = CompileReport(
+        plan=_plan_data(plan),
+        params_before=params_before,
+        params_after=count_params(target),
+        macs_before=macs_before,
+        macs_after=count_macs(target, example_inputs),  # masks keep the dense MACs
+        groups=outcomes,
+        changes=changes,
+        dropped=dropped,
+        seconds=seconds,
+        resolution=resolution.to_dict(),
+        sparsity=masked,
+    )
+    record = {
+        "format": 1,
+        "plan": report.plan,
+        "dropped": dropped,
+        "resolution": resolution.to_dict(),
+        "group_sizes": group_sizes,
+        "changes": changes,
+        "sparsity": {"layers": [m.module for m in masked if m.pattern != "dense"], "baked": False},
+    }
+    object.__setattr__(target, RECORD, record)
+    object.__setattr__(target, REPORT, report)
+    return target
+
+
+@dataclasses.dataclass
+class _Structure:
+    ctx: PassContext
+    outcomes: list[GroupOutcome]
+    resolution: Resolution
+    seconds: dict[str, float]
+
+
+def _prune_structure(
+    target: nn.Module,
+    plan: Plan,
+    example_inputs: ExampleInputs,
+    batches: list[Any],
+    loss_fn: LossFn | None,
+    macs_before: int,
+) -> _Structure:
+    """Channels, heads or layers: analyze, score, resolve, run the passes (in place)."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = seconds.get(stage, 0.0) + now - clock
+        clock = now
+
     captured = capture(target, example_inputs)
     lap("capture")
     dg = analyze_captured(captured)
     lap("analyze")
     modules = dict(target.named_modules())
-    plan.check_patterns([n for n in modules if n] + [n for n, _ in target.named_parameters()])
     setup = _Setup(
         captured,
         dg,
         trace_int_uses(target, example_inputs),
         output_shapes(target, example_inputs),
-        count_macs(target, example_inputs),
+        macs_before,
     )
 
     if plan.granularity == "layers":
@@ -124,31 +212,7 @@ def compile(
     manager = PassManager(passes, verify=make_verifier(setup.reference_shapes))
     manager(ctx)
     seconds.update({f"pass:{k}": v for k, v in manager.timings.items()})
-    clock = time.perf_counter()
-
-    report = CompileReport(
-        plan=_plan_data(plan),
-        params_before=params_before,
-        params_after=count_params(target),
-        macs_before=setup.macs_before,
-        macs_after=count_macs(target, example_inputs),
-        groups=outcomes,
-        changes=ctx.changes,
-        dropped=ctx.dropped,
-        seconds=seconds,
-        resolution=resolution.to_dict(),
-    )
-    record = {
-        "format": 1,
-        "plan": report.plan,
-        "dropped": ctx.dropped,
-        "resolution": resolution.to_dict(),
-        "group_sizes": [g.size for g in dg.groups],
-        "changes": ctx.changes,
-    }
-    object.__setattr__(target, RECORD, record)
-    object.__setattr__(target, REPORT, report)
-    return target
+    return _Structure(ctx, outcomes, resolution, seconds)
 
 
 def report(model: nn.Module) -> CompileReport:

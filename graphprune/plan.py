@@ -14,8 +14,11 @@ from graphprune.errors import GraphPruneError
 from graphprune.io import write_text_atomic
 
 SCOPES = ("local", "global")
-GRANULARITIES = ("channels", "heads", "layers")
+STRUCTURED = ("channels", "heads", "layers")
+SPARSE = ("unstructured", "n:m", "block")  # masks on weights: storage, not dense speed
+GRANULARITIES = STRUCTURED + SPARSE
 IMPORTANCES = ("l1", "l2", "bn_scale", "random", "taylor", "fisher", "hessian", "fpgm")
+SPARSE_IMPORTANCES = ("l1", "l2", "random", "taylor", "fisher", "hessian")
 
 
 class PlanError(GraphPruneError, ValueError):
@@ -32,9 +35,17 @@ class Plan:
         normalised importance, at most ``max_ratio`` of any group removed).
     importance: "l1", "l2", "bn_scale", "random", "taylor", "fisher"/"hessian", "fpgm", or a
         callable ``(group, tensors, grads) -> scores`` (not serialisable).
-    granularity: "channels" (every channel group except attention internals), "heads"
-        (attention heads; kv heads for GQA) or "layers" (whole residual blocks -> identity).
-    ignore: FQN globs of modules whose output channels are kept.
+    granularity: structured -- "channels" (every channel group except attention internals),
+        "heads" (attention heads; kv heads for GQA) or "layers" (whole residual blocks ->
+        identity); or sparse masks on the weights of Linear/Conv layers -- "unstructured"
+        (``ratio`` of the weights zeroed), "n:m" (``nm=[n, m]``: n of every m consecutive
+        weights along the input dim kept; 2:4 by default) or "block" (``ratio`` of the
+        ``block=[rows, cols]`` tiles of the (out, in) weight zeroed). Sparse plans keep the
+        dense MACs: they buy storage, and speed only through sparse kernels (``sparsify``).
+    sparsity: a sparse plan applied after this structured one, e.g.
+        ``Plan(ratio=0.5, sparsity=Plan(granularity="n:m", include=["*.mlp.*"]))``.
+    include: FQN globs of the layers a sparse plan masks (default: every Linear/Conv).
+    ignore: FQN globs of modules whose output channels are kept (sparse plans: not masked).
     overrides: FQN glob -> ratio for the groups those modules produce.
     round_to: kept channels are a multiple of this unless the group is smaller; "auto" = this
         CPU's SIMD block (16 with AVX-512, 8 with AVX2), which keeps every conv in
@@ -53,12 +64,29 @@ class Plan:
     min_channels: int = 1
     max_ratio: float = 0.9
     seed: int = 0
+    nm: list[int] = field(default_factory=lambda: [2, 4])
+    block: list[int] = field(default_factory=lambda: [4, 4])
+    include: list[str] = field(default_factory=list)
+    sparsity: Plan | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
+        if isinstance(self.sparsity, dict):  # from JSON
+            self.sparsity = Plan.from_dict(self.sparsity)
+        self.nm, self.block = list(self.nm), list(self.block)
+        if self.granularity in SPARSE:
+            self._validate_sparse()
+            return
+        if self.sparsity is not None and self.sparsity.granularity not in SPARSE:
+            raise PlanError(
+                f"sparsity= takes a sparse plan (granularity one of {SPARSE}), not "
+                f"{self.sparsity.granularity!r}"
+            )
+        if self.include:
+            raise PlanError("include= selects the layers of a sparse plan; use ignore= here")
         if (self.ratio is None) == (self.target_macs is None):
             raise PlanError(
                 "give exactly one of ratio= (fraction removed) or target_macs= "
@@ -89,15 +117,69 @@ class Plan:
             if not 0.0 <= value < 1.0:
                 raise PlanError(f"override {pattern!r}: ratio {value} is outside [0, 1)")
 
+    def _validate_sparse(self) -> None:
+        g = self.granularity
+        if self.sparsity is not None:
+            raise PlanError("a sparse plan cannot nest another: give one sparse plan")
+        if self.target_macs is not None:
+            raise PlanError(
+                f"target_macs does not apply to granularity={g!r}: zeroed weights keep the "
+                "dense MACs (they buy storage, and speed only through sparse kernels); "
+                "give ratio= (the fraction of weights zeroed)"
+            )
+        if g == "n:m":
+            n, m = self.nm if len(self.nm) == 2 else (0, 0)
+            if not 0 < n < m:
+                raise PlanError(f"nm={self.nm}: give [n, m] with 0 < n < m, e.g. [2, 4]")
+            implied = 1.0 - n / m
+            if self.ratio is not None and abs(self.ratio - implied) > 1e-9:
+                raise PlanError(f"nm={self.nm} zeroes {implied:g} of the weights; drop ratio=")
+            self.ratio = implied
+        elif self.ratio is None or not 0.0 <= self.ratio < 1.0:
+            raise PlanError(
+                f"granularity={g!r} needs ratio= in [0, 1): the fraction of "
+                f"{'weights' if g == 'unstructured' else 'blocks'} zeroed"
+            )
+        if g == "block" and (len(self.block) != 2 or min(self.block) < 1):
+            raise PlanError(f"block={self.block}: give [rows, cols] >= 1, e.g. [4, 4]")
+        if callable(self.importance) or self.importance not in SPARSE_IMPORTANCES:
+            raise PlanError(
+                f"importance={self.importance!r} does not score single weights; use one of "
+                f"{', '.join(SPARSE_IMPORTANCES)}"
+            )
+        if self.scope not in SCOPES:
+            raise PlanError(f"scope={self.scope!r}; use one of {SCOPES}")
+        if self.scope == "global" and self.ratio > self.max_ratio:
+            raise PlanError(
+                f"scope='global' with ratio={self.ratio} needs max_ratio >= ratio (the most "
+                f"any one layer may lose; now {self.max_ratio}): pass max_ratio=0.99"
+            )
+        if g == "n:m" and self.scope == "global":
+            raise PlanError("n:m is a per-group pattern: use scope='local'")
+        if self.overrides and self.scope == "global":
+            raise PlanError("overrides= set per-layer ratios: use scope='local' with them")
+        for pattern, value in self.overrides.items():
+            if g == "n:m" or not 0.0 <= value < 1.0:
+                raise PlanError(f"override {pattern!r}: ratio {value} is not valid for {g!r}")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.granularity in SPARSE
+
+    @property
+    def sparse_plan(self) -> Plan | None:
+        """The sparse part of this plan: itself, its ``sparsity``, or None."""
+        return self if self.is_sparse else self.sparsity
+
     @property
     def channel_multiple(self) -> int:
         """``round_to`` as a number ("auto" resolved for this CPU)."""
         return simd_block() if self.round_to == "auto" else int(self.round_to)
 
     def check_patterns(self, modules: Iterable[str]) -> None:
-        """Every ``ignore``/``overrides`` glob must match a module (catches typos)."""
+        """Every ``ignore``/``overrides``/``include`` glob must match a module (catches typos)."""
         names = list(modules)
-        for pattern in [*self.ignore, *self.overrides]:
+        for pattern in [*self.ignore, *self.overrides, *self.include]:
             if not any(fnmatchcase(n, pattern) for n in names):
                 close = [
                     n
@@ -137,7 +219,7 @@ class Plan:
             raise PlanError(
                 "a plan with a callable importance cannot be serialised; use a named criterion"
             )
-        return asdict(self)
+        return asdict(self)  # a nested sparsity plan becomes a nested dict
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+RECORD = "_graphprune_record"  # plain-data record of what compile did, used by save()/load()
+REPORT = "_graphprune_report"
 
 
 @dataclass
@@ -13,6 +17,17 @@ class GroupOutcome:
     kind: str
     kept: int
     total: int
+
+
+@dataclass
+class LayerSparsity:
+    """A layer a sparse plan masked (pattern "unstructured"/"n:m"/"block") or left dense."""
+
+    module: str
+    pattern: str
+    shape: list[int]
+    sparsity: float  # zeroed fraction of the weight
+    skipped: str = ""  # why it stays dense
 
 
 @dataclass
@@ -27,6 +42,14 @@ class CompileReport:
     dropped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     resolution: dict[str, Any] = field(default_factory=dict)  # Resolution.to_dict(): kept indices
+    sparsity: list[LayerSparsity] = field(default_factory=list)  # masks of a sparse plan
+
+    @property
+    def weight_sparsity(self) -> float:
+        """Zeroed fraction of the masked layers' weights, all together."""
+        sizes = [(math.prod(s.shape), s.sparsity) for s in self.sparsity if s.shape]
+        total = sum(n for n, _ in sizes)
+        return sum(n * z for n, z in sizes) / max(total, 1)
 
     @property
     def params_ratio(self) -> float:
@@ -71,6 +94,15 @@ class CompileReport:
             lines.append(f"  … {len(changed) - max_groups} more")
         for path in self.dropped:
             lines.append(f"  dropped {path}")
+        masked = [s for s in self.sparsity if s.shape]
+        if self.sparsity:
+            lines.append(
+                f"masked layers: {len(masked)} ({self.weight_sparsity:.1%} of their weights "
+                "zero; dense MACs unchanged: sparse kernels or storage, not dense speed)"
+            )
+        for s in self.sparsity[:max_groups]:
+            detail = s.skipped or f"{s.pattern:<12} {s.sparsity:>6.1%} of {tuple(s.shape)}"
+            lines.append(f"  {s.module:<32} {detail}")
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         lines.append(f"stages: {stages}")
         return "\n".join(lines)

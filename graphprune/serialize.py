@@ -1,13 +1,15 @@
 """Save and load pruned models without pickling code.
 
-The file holds the resolved plan (kept channel indices per group, dropped blocks) as JSON and
-the ``state_dict`` as plain tensors, in one ``torch.save`` archive read back with
-``weights_only=True``. Loading re-applies the same passes to a freshly built, unpruned model,
-checks that its analysis matches the one that was pruned, then loads the weights strictly.
+The file holds the resolved plan (kept channel indices per group, dropped blocks, masked layers)
+as JSON and the ``state_dict`` (with the masks, until finalized) as plain tensors, in one
+``torch.save`` archive read back with ``weights_only=True``. Loading re-applies the same passes
+to a freshly built, unpruned model, checks that its analysis matches the one that was pruned,
+then loads the weights strictly.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,17 @@ from torch import nn
 
 from graphprune.analysis import analyze_captured
 from graphprune.capture import ExampleInputs, capture
-from graphprune.compile import RECORD
 from graphprune.errors import InputError
 from graphprune.io import write_atomic
+from graphprune.kernels.sparse_modules import SPARSE_MODULES
 from graphprune.passes.base import PassContext, PassManager
 from graphprune.passes.drop_layers import DropLayers
 from graphprune.passes.provenance import trace_int_uses
 from graphprune.passes.slice_channels import SliceChannels
 from graphprune.passes.verify import make_verifier, output_shapes
+from graphprune.report import RECORD
 from graphprune.resolve import Resolution
+from graphprune.sparsity.parametrize import register_placeholder_masks
 
 
 def save(model: nn.Module, path: str | Path) -> None:
@@ -35,6 +39,13 @@ def save(model: nn.Module, path: str | Path) -> None:
         raise InputError(
             "this model was not produced by graphprune.compile; "
             "use torch.save(model.state_dict(), path) for an unpruned model"
+        )
+    sparse = [n for n, m in model.named_modules() if isinstance(m, SPARSE_MODULES)]
+    if sparse:
+        raise InputError(
+            f"{sparse[0]} runs on a sparse kernel: save the model before graphprune.sparsify "
+            "(sparse kernels are a deployment step; sparsify again after load, with "
+            "force=sparsify_report(model).converted to skip re-measuring)"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"graphprune": json.dumps(record), "state_dict": state}
@@ -81,4 +92,7 @@ def apply_record(model: nn.Module, record: dict[str, Any], example_inputs: Examp
             trace_int_uses(model, example_inputs),
         )
         PassManager([SliceChannels()], verify=make_verifier(reference))(ctx)
-    object.__setattr__(model, RECORD, record)
+    sparsity = record.get("sparsity") or {}
+    if sparsity.get("layers") and not sparsity.get("baked"):
+        register_placeholder_masks(model, list(sparsity["layers"]))  # filled by the state_dict
+    object.__setattr__(model, RECORD, copy.deepcopy(record))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import logging
@@ -22,6 +23,9 @@ from torch import nn
 
 from graphprune.capture import ExampleInputs, normalize_inputs
 from graphprune.errors import GraphPruneError
+from graphprune.kernels.sparse_modules import SPARSE_MODULES, densify
+from graphprune.onnx.sparse_storage import PackingReport, pack_sparse_weights
+from graphprune.sparsity.parametrize import finalize, is_masked
 
 PROTOBUF_LIMIT = 2 * 1024**3  # a single .onnx file cannot exceed 2 GB
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages
@@ -40,6 +44,7 @@ class ExportedModel:
     bytes: int
     opset: int
     external_data: bool
+    packing: PackingReport | None = None  # sparse weights stored compactly (sparse_storage=)
 
 
 def input_names(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
@@ -99,13 +104,19 @@ def export(
     dynamic_batch: bool = True,
     opset: int | None = None,
     external_data: bool | None = None,
+    sparse_storage: str | None = None,
 ) -> ExportedModel:
     """Export ``model`` (in eval mode; its mode is restored) to ``path`` atomically.
 
     ``external_data``: None = only when the model exceeds the 2 GB protobuf limit, True/False to
-    force. A failed export or check raises :class:`ExportError` and leaves no file behind.
+    force. ``sparse_storage``: "bitmask" or "auto" stores mostly-zero weights compactly (see
+    :mod:`graphprune.onnx.sparse_storage`). Masked or sparse-kernel models are exported as
+    their dense equivalent (masks baked in). A failed export or check raises
+    :class:`ExportError` and leaves no file behind.
     """
     path = Path(path)
+    if is_masked(model) or any(isinstance(m, SPARSE_MODULES) for m in model.modules()):
+        model = densify(finalize(copy.deepcopy(model)))  # the exporter would trace w * mask
     args, kwargs = normalize_inputs(example_inputs)
     if dynamic_batch:  # torch.export specialises a dim of size 1: trace with a batch of 2
         args = tuple(_batch_of_two(a) for a in args)
@@ -125,6 +136,12 @@ def export(
     model.eval()
     big = sum(p.numel() * p.element_size() for p in model.state_dict().values()) > PROTOBUF_LIMIT
     use_external = big if external_data is None else external_data
+    if sparse_storage is not None and use_external:
+        raise ExportError(
+            "sparse_storage needs a single-file model; this one exceeds 2 GB dense "
+            "(pass external_data=False if it fits once packed)"
+        )
+    packing = None
     path.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -145,6 +162,10 @@ def export(
             assert program is not None
             tmp = workdir / path.name
             program.save(str(tmp), external_data=use_external)
+        if sparse_storage is not None:
+            proto = onnx.load(str(tmp))
+            packing = pack_sparse_weights(proto, storage=sparse_storage)
+            onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
         checked = onnx.load(str(tmp), load_external_data=False)
         for produced in workdir.iterdir():  # the model, and its .data file if any
@@ -171,4 +192,6 @@ def export(
     size = path.stat().st_size + sum(
         f.stat().st_size for f in path.parent.glob(path.name + "*.data")
     )
-    return ExportedModel(path, names_in, names_out, dynamic_batch, size, opset_found, use_external)
+    return ExportedModel(
+        path, names_in, names_out, dynamic_batch, size, opset_found, use_external, packing
+    )

@@ -10,6 +10,11 @@ element, ``np.packbits``), plus a small constant subgraph that rebuilds W:
 Every input of that subgraph is an initializer, so onnxruntime folds it when the session starts:
 inference runs the dense kernels at dense speed with exact values. This buys file size, not
 speed (``../shared/DESIGN.md`` §7: 7.6x smaller at 90 % sparsity).
+
+ONNX's own sparse tensor (values + int64 indices, 12 bytes per nonzero; stored as a
+``Constant(sparse_value=...)``) is smaller than the bitmask only above ~98.4 % sparsity
+(8 bytes/nonzero < 1 bit/element); with ``storage="auto"`` each weight gets whichever of dense,
+bitmask or sparse tensor is smallest. onnxruntime densifies it at load: also size only.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 MIN_OPSET = 18  # BitwiseAnd
 
 
+STORAGES = ("bitmask", "auto")
+
+
 @dataclass
 class PackedWeight:
     name: str
@@ -30,6 +38,7 @@ class PackedWeight:
     sparsity: float
     dense_bytes: int
     packed_bytes: int
+    storage: str = "bitmask"  # or "sparse_tensor"
 
 
 @dataclass
@@ -50,12 +59,24 @@ def packed_size(n: int, nonzeros: int, itemsize: int = 4) -> int:
     return nonzeros * itemsize + (n + 7) // 8
 
 
+def coo_size(nonzeros: int, itemsize: int = 4) -> int:
+    """Bytes of an ONNX sparse tensor: values + one int64 linear index per nonzero."""
+    return nonzeros * (itemsize + 8)
+
+
 def pack_sparse_weights(
-    model: onnx.ModelProto, *, min_sparsity: float = 0.5, min_elements: int = 1024
+    model: onnx.ModelProto,
+    *,
+    min_sparsity: float = 0.5,
+    min_elements: int = 1024,
+    storage: str = "auto",
 ) -> PackingReport:
     """Rewrite ``model`` in place: every float32 initializer with at least ``min_sparsity``
-    zeros and ``min_elements`` elements, where packing is smaller, becomes values + bitmask +
-    a decode subgraph producing the same tensor name."""
+    zeros and ``min_elements`` elements, where it is smaller, becomes values + bitmask + a
+    decode subgraph producing the same tensor name (``storage="bitmask"``), or whichever of
+    that and an ONNX sparse tensor is smaller (``"auto"``)."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage={storage!r}; use one of {STORAGES}")
     report = PackingReport()
     graph = model.graph
     decode_nodes: list[onnx.NodeProto] = []
@@ -67,15 +88,21 @@ def pack_sparse_weights(
         w = numpy_helper.to_array(init)
         mask = w.ravel() != 0
         sparsity = 1.0 - mask.mean()
-        size = packed_size(w.size, int(mask.sum()))
+        nnz = int(mask.sum())
+        size, kind = packed_size(w.size, nnz), "bitmask"
+        if storage == "auto" and coo_size(nnz) < size:
+            size, kind = coo_size(nnz), "sparse_tensor"
         if sparsity < min_sparsity or size >= w.nbytes:
             keep.append(init)
             continue
-        new_inits, nodes = _decoder(init.name, w, mask)
-        keep.extend(new_inits)
-        decode_nodes.extend(nodes)
+        if kind == "sparse_tensor":
+            decode_nodes.append(_sparse_constant(init.name, w, mask))
+        else:
+            new_inits, nodes = _decoder(init.name, w, mask)
+            keep.extend(new_inits)
+            decode_nodes.extend(nodes)
         report.weights.append(
-            PackedWeight(init.name, tuple(w.shape), float(sparsity), w.nbytes, size)
+            PackedWeight(init.name, tuple(w.shape), float(sparsity), w.nbytes, size, kind)
         )
     if report.weights:
         del graph.initializer[:]
@@ -121,6 +148,18 @@ def _decoder(
         helper.make_node("Reshape", [f"{p}_dense", f"{p}_shape"], [name]),
     ]
     return inits, nodes
+
+
+def _sparse_constant(name: str, w: np.ndarray, mask: np.ndarray) -> onnx.NodeProto:
+    """``Constant(sparse_value=...)``: ONNX's sparse tensor (values + int64 linear indices),
+    output as the dense tensor ``name`` -- the typed, checker-clean form of a sparse
+    initializer (a graph.sparse_initializer fed to a dense op fails strict type inference)."""
+    indices = np.flatnonzero(mask).astype(np.int64)  # (nnz,) linear indices, ascending
+    values = numpy_helper.from_array(w.ravel()[indices].astype(np.float32), f"{name}__values")
+    sparse = helper.make_sparse_tensor(
+        values, numpy_helper.from_array(indices, f"{name}__indices"), list(w.shape)
+    )
+    return helper.make_node("Constant", [], [name], sparse_value=sparse)
 
 
 def _require_opset(model: onnx.ModelProto, version: int) -> None:

@@ -1,0 +1,1 @@
+"""Sparse-kernel inference modules and the measurements that decide when they pay off."""

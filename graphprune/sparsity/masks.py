@@ -1,0 +1,249 @@
+"""Sparse masks: which single weights (or n:m groups, or blocks) of each layer are zeroed.
+
+Every Linear/Conv weight is seen as a matrix so one code path serves all layers:
+
+* ``block`` and ``unstructured``: the natural (out, in * k) view -- for Linear and 1x1 convs
+  that is exactly the (out, in) matrix a CSR/BSR kernel multiplies;
+* ``n:m``: the (out, k * in) view with input channels last (conv weights permuted to
+  (out, kh, kw, in)), so every group of m consecutive weights shares an output channel and a
+  kernel position and spans m input channels, as sparse tensor cores expect.
+
+Scores are per weight (higher = keep): ``l1`` |w|, ``l2`` w², ``random`` (seeded), ``taylor``
+|w · E[dL/dw]|, ``fisher``/``hessian`` ½ w² E[(dL/dw)²] over the calibration batches. Counts are
+exact: a local plan zeroes ``floor(ratio · n)`` weights (or blocks) of every layer; a global plan
+zeroes ``floor(ratio · N)`` of all of them, never more than ``max_ratio`` of any one layer.
+Nothing here changes the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from graphprune.importance import LossFn, gradients
+from graphprune.plan import Plan
+
+MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class LayerMask:
+    """The mask of one layer's weight: True = kept."""
+
+    module: str  # FQN of the Linear/Conv module
+    pattern: str  # "unstructured", "n:m" or "block"
+    mask: Tensor  # bool, the weight's shape
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float(self.mask.float().mean())
+
+
+@dataclass
+class MaskSet:
+    layers: dict[str, LayerMask] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # module FQN -> why it stays dense
+
+    @property
+    def sparsity(self) -> float:
+        """Zeroed fraction of all masked weights."""
+        total = sum(m.mask.numel() for m in self.layers.values())
+        kept = sum(int(m.mask.sum()) for m in self.layers.values())
+        return 1.0 - kept / max(total, 1)
+
+
+def maskable_layers(model: nn.Module, plan: Plan) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Linear/Conv modules the sparse ``plan`` masks, and the ones it leaves dense (with why)."""
+    tied = _tied_weights(model)
+    chosen: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, MASKABLE):
+            continue
+        if plan.include and not any(fnmatchcase(name, p) for p in plan.include):
+            continue
+        if any(fnmatchcase(name, p) for p in plan.ignore):
+            skipped[name] = "ignored by the plan"
+        elif f"{name}.weight" in tied:
+            skipped[name] = (
+                f"weight tied with {tied[f'{name}.weight']}: a mask on one user of a shared "
+                "weight would untie it; left dense"
+            )
+        elif _is_parametrized(module):
+            skipped[name] = "weight already parametrized (masked?): finalize() it first"
+        else:
+            chosen[name] = module
+    return chosen, skipped
+
+
+def compute_masks(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    batches: Iterable[Any] = (),
+    loss_fn: LossFn | None = None,
+) -> MaskSet:
+    """Masks for every layer the sparse ``plan`` selects (see the module docstring)."""
+    assert plan.is_sparse, plan.granularity
+    layers, skipped = maskable_layers(model, plan)
+    result = MaskSet(skipped=skipped)
+    scores = _scores(model, layers, plan, list(batches), loss_fn)
+    units: dict[str, np.ndarray] = {}  # per layer: scores of the units that are zeroed together
+    for name, module in layers.items():
+        matrix = _matrix(scores[name], plan.granularity)
+        if plan.granularity == "n:m":
+            n, m = plan.nm
+            if matrix.shape[1] % m:
+                result.skipped[name] = f"{matrix.shape[1]} inputs are not a multiple of m={m}"
+                continue
+            kept = _nm_keep(matrix, n, m)
+            result.layers[name] = LayerMask(name, "n:m", _unmatrix(kept, weight_of(module), "n:m"))
+            continue
+        if plan.granularity == "block":
+            r, c = plan.block
+            if matrix.shape[0] % r or matrix.shape[1] % c:
+                result.skipped[name] = (
+                    f"weight ({matrix.shape[0]}, {matrix.shape[1]}) does not tile into "
+                    f"{r}x{c} blocks"
+                )
+                continue
+            matrix = matrix.reshape(matrix.shape[0] // r, r, -1, c).sum(axis=(1, 3))
+        units[name] = matrix
+    if units:
+        keep_units = (
+            _global_keep(units, plan.ratio or 0.0, plan.max_ratio)
+            if plan.scope == "global"
+            else {n: _local_keep(u, plan.ratio_for([n])) for n, u in units.items()}
+        )
+        for name, kept in keep_units.items():
+            if plan.granularity == "block":
+                r, c = plan.block
+                kept = np.repeat(np.repeat(kept, r, axis=0), c, axis=1)
+            weight = weight_of(layers[name])
+            result.layers[name] = LayerMask(
+                name, plan.granularity, _unmatrix(kept, weight, plan.granularity)
+            )
+    return result
+
+
+# -- scores ---------------------------------------------------------------------------------
+def _scores(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    plan: Plan,
+    batches: list[Any],
+    loss_fn: LossFn | None,
+) -> dict[str, np.ndarray]:
+    weights = {n: weight_of(m).detach().double() for n, m in layers.items()}
+    criterion = plan.importance
+    if criterion == "l1":
+        return {n: w.abs().numpy() for n, w in weights.items()}
+    if criterion == "l2":
+        return {n: (w * w).numpy() for n, w in weights.items()}
+    if criterion == "random":
+        rng = np.random.default_rng(plan.seed)
+        return {n: rng.random(tuple(w.shape)) for n, w in weights.items()}
+    if not batches:
+        raise ValueError(f"importance={criterion!r} needs calibration batches")
+    fqns = {f"{n}.weight" for n in layers}
+    grads = gradients(model, batches, loss_fn, fqns)
+    out = {}
+    for n, w in weights.items():
+        g = torch.stack([x.double() for x in grads[f"{n}.weight"]])  # (batches, *w.shape)
+        if criterion == "taylor":
+            out[n] = (w * g.mean(0)).abs().numpy()
+        else:  # fisher / hessian: the diagonal OBD saliency
+            out[n] = (0.5 * w * w * (g * g).mean(0)).numpy()
+    return out
+
+
+# -- matrix views -----------------------------------------------------------------------------
+def _matrix(scores: np.ndarray, pattern: str) -> np.ndarray:
+    """(out, -1) view; for n:m with input channels last (see the module docstring)."""
+    if pattern == "n:m" and scores.ndim > 2:
+        scores = np.moveaxis(scores, 1, -1)  # (out, in, *k) -> (out, *k, in)
+    return scores.reshape(scores.shape[0], -1)
+
+
+def _unmatrix(kept: np.ndarray, weight: Tensor, pattern: str) -> Tensor:
+    """The inverse of :func:`_matrix`: a bool mask in ``weight``'s shape."""
+    shape = tuple(weight.shape)
+    if pattern == "n:m" and len(shape) > 2:
+        moved = (shape[0], *shape[2:], shape[1])
+        kept = np.moveaxis(kept.reshape(moved), -1, 1)
+    return torch.from_numpy(np.ascontiguousarray(kept.reshape(shape))).to(torch.bool)
+
+
+# -- selection ---------------------------------------------------------------------------------
+def _local_keep(scores: np.ndarray, ratio: float) -> np.ndarray:
+    """Zero exactly floor(ratio * n) of the lowest scores (ties: earliest index first)."""
+    flat = scores.ravel()
+    k = math.floor(ratio * flat.size + 1e-9)
+    keep = np.ones(flat.size, dtype=bool)
+    keep[np.argsort(flat, kind="stable")[:k]] = False
+    return keep.reshape(scores.shape)
+
+
+def _global_keep(
+    units: dict[str, np.ndarray], ratio: float, max_ratio: float
+) -> dict[str, np.ndarray]:
+    """One threshold over all layers; each layer's top (1 - max_ratio) is protected."""
+    names = list(units)
+    flats = [units[n].ravel() for n in names]
+    total = sum(f.size for f in flats)
+    k = math.floor(ratio * total + 1e-9)
+    candidates = []  # (score, layer, index) of every unprotected unit
+    for li, flat in enumerate(flats):
+        protect = math.ceil((1.0 - max_ratio) * flat.size - 1e-9)
+        order = np.argsort(flat, kind="stable")
+        free = order[: flat.size - protect]
+        candidates.append((flat[free], np.full(free.size, li), free))
+    scores = np.concatenate([c[0] for c in candidates])
+    layer = np.concatenate([c[1] for c in candidates])
+    index = np.concatenate([c[2] for c in candidates])
+    drop = np.lexsort((index, layer, scores))[:k]  # lowest score first, then a fixed order
+    keeps = [np.ones(f.size, dtype=bool) for f in flats]
+    for li, i in zip(layer[drop], index[drop], strict=True):
+        keeps[li][i] = False
+    return {n: keeps[i].reshape(units[n].shape) for i, n in enumerate(names)}
+
+
+def _nm_keep(matrix: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep the n highest of every m consecutive scores in each row (ties: earliest)."""
+    groups = matrix.reshape(matrix.shape[0], -1, m)  # (out, cols / m, m)
+    order = np.argsort(-groups, axis=-1, kind="stable")[..., :n]
+    keep = np.zeros(groups.shape, dtype=bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    return keep.reshape(matrix.shape)
+
+
+# -- model facts ------------------------------------------------------------------------------
+def weight_of(module: nn.Module) -> Tensor:
+    """``module.weight`` (typed; masked layers return the masked weight)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor), type(weight)
+    return weight
+
+
+def _tied_weights(model: nn.Module) -> dict[str, str]:
+    """FQN -> another FQN of the same parameter, for every parameter reachable twice."""
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied[name] = seen[id(p)]
+            tied.setdefault(seen[id(p)], name)
+        else:
+            seen[id(p)] = name
+    return tied
+
+
+def _is_parametrized(module: nn.Module) -> bool:
+    return bool(getattr(module, "parametrizations", None))
