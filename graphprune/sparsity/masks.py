@@ -100,8 +100,9 @@ def compute_masks(
         matrix = _matrix(scores[name], plan.granularity)
         if plan.granularity == "n:m":
             n, m = plan.nm
-            if matrix.shape[1] % m:
-                result.skipped[name] = f"{matrix.shape[1]} inputs are not a multiple of m={m}"
+            inputs = weight_of(module).shape[1]  # groups must not straddle kernel positions
+            if inputs % m:
+                result.skipped[name] = f"{inputs} input channels are not a multiple of m={m}"
                 continue
             kept = _nm_keep(matrix, n, m)
             result.layers[name] = LayerMask(name, "n:m", _unmatrix(kept, weight_of(module), "n:m"))
