@@ -9,6 +9,7 @@ first run, a proxy for its footprint.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class BenchReport:
     pruned_memory_mb: float = 0.0
     results: list[BatchResult] = field(default_factory=list)
     labels: tuple[str, str] = ("baseline", "pruned")
+    runtime: str = "onnxruntime CPU"
 
     def efficiency(self, result: BatchResult) -> float | None:
         return result.speedup / self.ideal_speedup if self.ideal_speedup else None
@@ -74,15 +76,17 @@ class BenchReport:
             f"{'batch':>5}  {a + ' ms':>12} {'p90':>8}  {b + ' ms':>12} {'p90':>8}  "
             f"{'speedup':>7}  {'ideal':>6}  {'effic.':>6}"
         )
-        lines = [f"onnxruntime CPU, {self.threads} threads, {self.runs} interleaved runs", head]
+        lines = [f"{self.runtime}, {self.threads} threads, {self.runs} interleaved runs", head]
         for r in self.results:
             eff = self.efficiency(r)
             ideal = f"{self.ideal_speedup:.2f}" if self.ideal_speedup else "-"
             lines.append(
                 f"{r.batch:>5}  {r.baseline.median_ms:>12.3f} {r.baseline.p90_ms:>8.3f}  "
                 f"{r.pruned.median_ms:>12.3f} {r.pruned.p90_ms:>8.3f}  {r.speedup:>6.2f}x  "
-                f"{ideal:>6}  {eff if eff is None else f'{eff:.2f}':>6}"
+                f"{ideal:>6}  {'-' if eff is None else f'{eff:.2f}':>6}"
             )
+        if not self.baseline_bytes:  # timed in-process (torch): no files, no sessions
+            return "\n".join(lines)
         lines.append(
             f"file size: {a} {self.baseline_bytes / 1e6:.2f} MB, {b} "
             f"{self.pruned_bytes / 1e6:.2f} MB; RSS growth: {a} "
@@ -105,10 +109,21 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def _time(sess: ort.InferenceSession, feeds: Feeds) -> float:
-    start = time.perf_counter()
-    sess.run(None, feeds)
-    return time.perf_counter() - start
+def interleaved(
+    run_a: Callable[[], object], run_b: Callable[[], object], *, warmup: int, runs: int
+) -> tuple[Latency, Latency]:
+    """Median/p90 of ``run_a`` and ``run_b`` timed A B, B A, ... after ``warmup`` pairs."""
+    for _ in range(warmup):
+        run_a()
+        run_b()
+    samples: tuple[list[float], list[float]] = ([], [])
+    for i in range(runs):
+        order = ((1, run_b), (0, run_a)) if i % 2 else ((0, run_a), (1, run_b))
+        for which, run in order:
+            start = time.perf_counter()
+            run()
+            samples[which].append(time.perf_counter() - start)
+    return Latency.of(samples[0]), Latency.of(samples[1])
 
 
 def benchmark(
@@ -145,16 +160,8 @@ def benchmark(
     a, b = sessions
     for batch in batch_sizes:
         fa, fb = make_feeds(a, batch), make_feeds(b, batch)
-        for _ in range(warmup):
-            _time(a, fa)
-            _time(b, fb)
-        ta, tb = [], []
-        for i in range(runs):
-            if i % 2:
-                tb.append(_time(b, fb))
-                ta.append(_time(a, fa))
-            else:
-                ta.append(_time(a, fa))
-                tb.append(_time(b, fb))
-        report.results.append(BatchResult(batch, Latency.of(ta), Latency.of(tb)))
+        run_a = functools.partial(a.run, None, fa)
+        run_b = functools.partial(b.run, None, fb)
+        la, lb = interleaved(run_a, run_b, warmup=warmup, runs=runs)
+        report.results.append(BatchResult(batch, la, lb))
     return report

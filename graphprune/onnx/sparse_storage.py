@@ -4,7 +4,7 @@ A weight W with many zeros is replaced by its nonzero values and a packed bitmas
 element, ``np.packbits``), plus a small constant subgraph that rebuilds W:
 
     bits   = Reshape(BitwiseAnd(BitShift(Unsqueeze(mask_bytes), [7..0], RIGHT), 1), [-1])[:n]
-    index  = CumSum(Cast<int64>(bits)) * bits          # k for the k-th nonzero, 0 elsewhere
+    index  = CumSum(Cast<int32>(bits)) * bits          # k for the k-th nonzero, 0 elsewhere
     W      = Reshape(Gather(Concat([0], values), index), shape)
 
 Every input of that subgraph is an initializer, so onnxruntime folds it when the session starts:
@@ -64,6 +64,15 @@ def coo_size(nonzeros: int, itemsize: int = 4) -> int:
     return nonzeros * (itemsize + 8)
 
 
+def storage_choice(n: int, nonzeros: int, storage: str, itemsize: int = 4) -> tuple[int, str]:
+    """Bytes and format of the compact storage of ``n`` elements with ``nonzeros`` nonzeros:
+    the bitmask, or with ``storage="auto"`` whichever of it and an ONNX sparse tensor is smaller."""
+    bitmask = packed_size(n, nonzeros, itemsize)
+    if storage == "auto" and coo_size(nonzeros, itemsize) < bitmask:
+        return coo_size(nonzeros, itemsize), "sparse_tensor"
+    return bitmask, "bitmask"
+
+
 def pack_sparse_weights(
     model: onnx.ModelProto,
     *,
@@ -89,9 +98,7 @@ def pack_sparse_weights(
         mask = w.ravel() != 0
         sparsity = 1.0 - mask.mean()
         nnz = int(mask.sum())
-        size, kind = packed_size(w.size, nnz), "bitmask"
-        if storage == "auto" and coo_size(nnz) < size:
-            size, kind = coo_size(nnz), "sparse_tensor"
+        size, kind = storage_choice(w.size, nnz, storage)
         if sparsity < min_sparsity or size >= w.nbytes:
             keep.append(init)
             continue
@@ -141,7 +148,8 @@ def _decoder(
         helper.make_node("BitwiseAnd", [f"{p}_shifted", f"{p}_one"], [f"{p}_bits8"]),
         helper.make_node("Reshape", [f"{p}_bits8", f"{p}_flat"], [f"{p}_bitsall"]),
         helper.make_node("Slice", [f"{p}_bitsall", f"{p}_zero", f"{p}_n"], [f"{p}_bitsu8"]),
-        helper.make_node("Cast", [f"{p}_bitsu8"], [f"{p}_bits"], to=TensorProto.INT64),
+        # int32 indices: half the transient memory of int64 while onnxruntime folds this
+        helper.make_node("Cast", [f"{p}_bitsu8"], [f"{p}_bits"], to=TensorProto.INT32),
         helper.make_node("CumSum", [f"{p}_bits", f"{p}_axis0"], [f"{p}_rank"]),
         helper.make_node("Mul", [f"{p}_rank", f"{p}_bits"], [f"{p}_index"]),
         helper.make_node("Gather", [f"{p}_values", f"{p}_index"], [f"{p}_dense"], axis=0),
