@@ -53,7 +53,7 @@ def main() -> None:
     head = (
         f"{'plan':<17} {'sparsity':>8} {'ONNX MB':>15} {'ratio':>6}  "
         + "  ".join(f"{'ORT b' + str(b):>9} {'torch b' + str(b):>9}" for b in BATCHES)
-        + "  sparse layers"
+        + "  sparse layers  b1 ms: ORT dense, torch dense, torch sparse"
     )
     print(
         f"GPT n_embd 768, 2 layers: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
@@ -72,11 +72,14 @@ def main() -> None:
             for o, t in zip(report.onnx_latency.results, report.torch_latency.results, strict=True)
         )
         converted = sum(layer.layout != "dense" for layer in report.layers)
+        ort1, torch1 = report.onnx_latency.results[0], report.torch_latency.results[0]
         print(
             f"{label:<17} {report.sparsity:>8.1%} "
             f"{report.onnx_dense_bytes / 1e6:>6.1f} -> {report.onnx_compact_bytes / 1e6:>5.1f} "
             f"{report.onnx_dense_bytes / report.onnx_compact_bytes:>5.1f}x  {speeds}  "
-            f"{converted}/{len(report.layers)}",
+            f"{converted:>6}/{len(report.layers)}  "
+            f"{ort1.baseline.median_ms:>5.2f} {torch1.baseline.median_ms:>5.2f} "
+            f"{torch1.pruned.median_ms:>5.2f}",
             flush=True,
         )
         results[label] = report.to_dict()

@@ -1,4 +1,4 @@
-"""The ``graphprune`` command: ``graphprune analyze|compile|export|bench MODEL``.
+"""The ``graphprune`` command: ``graphprune analyze|compile|export|bench|sparsity MODEL``.
 
 MODEL is a name from ``graphprune.models`` (``graphprune analyze --list``) or a
 ``package.module:factory`` spec whose factory takes no arguments and returns an nn.Module.
@@ -21,7 +21,7 @@ from graphprune.analysis import analyze
 from graphprune.compile import compile, report
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.io import write_text_atomic
-from graphprune.plan import Plan
+from graphprune.plan import GRANULARITIES, Plan
 from graphprune.serialize import save
 
 
@@ -81,13 +81,20 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         "importance": args.importance,
         "granularity": args.granularity,
         "round_to": args.round_to,
+        "nm": args.nm,
+        "block": args.block,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.ignore:
         data["ignore"] = list(args.ignore)
+    if args.include:
+        data["include"] = list(args.include)
     if data.get("target_macs") is not None and args.ratio is None:
         data.pop("ratio", None)
-    if "ratio" not in data and "target_macs" not in data:
+    if data.get("granularity") == "n:m":
+        if args.ratio is None:
+            data.pop("ratio", None)  # implied by n:m
+    elif "ratio" not in data and "target_macs" not in data:
         data["ratio"] = 0.5
     return Plan.from_dict(data)
 
@@ -103,7 +110,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from graphprune.onnx import export_onnx
 
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
-    pruning = args.plan or args.ratio is not None or args.target_macs is not None
+    pruning = args.plan or any(
+        v is not None for v in (args.ratio, args.target_macs, args.granularity)
+    )
     target = model
     if pruning:
         with _progress("pruning"):
@@ -118,6 +127,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             dynamic_batch=not args.static_batch,
             baseline=model if pruning else None,
             bench_runs=0,
+            sparse_storage=args.sparse_storage,
         )
     print(result.table())
     return 0
@@ -148,6 +158,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
     print(result.table())
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1, default=str))
+    return 0
+
+
+def _cmd_sparsity(args: argparse.Namespace) -> int:
+    from graphprune.sparsity.report import measure_sparsity
+
+    model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
+    plan = plan_from_args(args)
+    if plan.sparse_plan is None:
+        raise InputError(
+            "graphprune sparsity needs a sparse plan: --granularity unstructured, n:m or block"
+        )
+    with _progress("masking"):
+        masked = compile(model, plan, inputs)
+    print(report(masked).table())
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    with _progress("timing sparse kernels, exporting compact ONNX, timing onnxruntime"):
+        result = measure_sparsity(
+            masked, inputs, batch_sizes=sizes, runs=args.runs, threads=args.threads
+        )
+    print(result.table())
+    if args.output:
+        from graphprune.onnx.export import export
+        from graphprune.sparsity.parametrize import finalize
+
+        exported = export(finalize(masked), inputs, args.output, sparse_storage="auto")
+        print(f"wrote {exported.path} ({exported.bytes / 1e6:.2f} MB, compact sparse storage)")
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1, default=str))
     return 0
@@ -193,7 +232,20 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-macs", type=float, help="fraction of MACs to keep instead")
     p.add_argument("--scope", choices=["local", "global"])
     p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm")
-    p.add_argument("--granularity", choices=["channels", "heads", "layers"])
+    p.add_argument("--granularity", choices=list(GRANULARITIES))
+    p.add_argument(
+        "--nm",
+        type=lambda v: [int(k) for k in v.split(":")],
+        help="n:m pattern, e.g. 2:4 (with --granularity n:m)",
+    )
+    p.add_argument(
+        "--block",
+        type=lambda v: [int(k) for k in v.split("x")],
+        help="block shape ROWSxCOLS, e.g. 4x4 (with --granularity block)",
+    )
+    p.add_argument(
+        "--include", action="append", metavar="GLOB", help="sparse plans: only mask these"
+    )
     p.add_argument(
         "--round-to",
         type=lambda v: v if v == "auto" else int(v),
@@ -230,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--quantize", choices=["dynamic", "static"], help="also write an int8 model")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension")
+    p.add_argument(
+        "--sparse-storage",
+        choices=["auto", "bitmask"],
+        help="store mostly-zero weights compactly (smaller file, same onnxruntime speed)",
+    )
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("bench", help="prune MODEL, export both, time them in onnxruntime")
@@ -241,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["dynamic", "static"], help="also verify int8")
     p.add_argument("--json", help="also write the results as JSON here")
     p.set_defaults(run=_cmd_bench)
+
+    p = sub.add_parser(
+        "sparsity",
+        help="mask MODEL's weights, report storage and measured speed (torch sparse kernels, "
+        "onnxruntime compact storage)",
+    )
+    _model_args(p)
+    _plan_args(p)
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated (default 1,32)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=30, help="interleaved runs per batch size")
+    p.add_argument("-o", "--output", help="also write the compact ONNX model here")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.set_defaults(run=_cmd_sparsity)
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(run=_cmd_list)

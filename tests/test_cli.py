@@ -84,3 +84,37 @@ def test_export_and_bench(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     assert "speedup" in text and "effic." in text
     data = json.loads(results.read_text())
     assert [r["batch"] for r in data["latency"]["results"]] == [1, 2]
+
+
+def test_sparsity_reports_storage_and_both_speeds(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, onnx_path = tmp_path / "report.json", tmp_path / "compact.onnx"
+    args = ["sparsity", "gpt", "--tokens", "96", "--granularity", "unstructured", "--ratio", "0.9"]
+    args += ["--batch-sizes", "1,4", "--runs", "3", "--json", str(out), "-o", str(onnx_path)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "this is storage, not speed" in text and "speed, torch" in text
+    report = json.loads(out.read_text())
+    assert len(report["layers"]) == 9  # 8 masked Linear layers + the tied (dense) lm_head
+    masked = [layer for layer in report["layers"] if layer["sparsity"] > 0.5]
+    assert all(layer["disk_bytes"] * 6 < layer["dense_bytes"] for layer in masked)
+    assert report["onnx_compact_bytes"] < report["onnx_dense_bytes"] / 2  # embeddings: dense
+    assert report["onnx_max_abs_error"] < 1e-4
+    assert [r["batch"] for r in report["torch_latency"]["results"]] == [1, 4]
+    assert onnx_path.stat().st_size == report["onnx_compact_bytes"]
+
+
+def test_sparsity_needs_a_sparse_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sparsity", "gpt", "--tokens", "96", "--ratio", "0.5"]) == 2
+    assert "needs a sparse plan" in capsys.readouterr().err
+
+
+def test_export_two_four_with_sparse_storage(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "m.onnx"
+    args = ["export", "vgg", "--granularity", "n:m", "--nm", "2:4", "-o", str(path)]
+    assert main([*args, "--sparse-storage", "auto"]) == 0
+    text = capsys.readouterr().out
+    assert "n:m" in text and "sparse storage:" in text and "ok" in text
