@@ -30,6 +30,22 @@ from graphprune.sparsity.masks import compute_masks
 from graphprune.sparsity.parametrize import apply_masks
 
 
+class Stopwatch:
+    """Seconds per named stage, accumulated from lap to lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.restart()
+
+    def restart(self) -> None:
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._clock
+        self._clock = now
+
+
 @dataclasses.dataclass
 class _Setup:
     """Everything computed once per compile, shared by every trial of a MACs search."""
@@ -65,15 +81,7 @@ def compile(
     """
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = seconds.get(stage, 0.0) + now - clock
-        clock = now
-
+    watch = Stopwatch()
     target = model if inplace else copy.deepcopy(model)
     batches = list(calibration) if calibration is not None else [example_inputs]
     params_before = count_params(target)
@@ -88,16 +96,16 @@ def compile(
     resolution = Resolution()
     group_sizes: list[int] = []
     if not plan.is_sparse:
-        structure = _prune_structure(target, plan, example_inputs, batches, loss_fn, macs_before)
+        structure = _prune_structure(
+            target, plan, example_inputs, batches, loss_fn, macs_before, watch
+        )
         changes, dropped = structure.ctx.changes, structure.ctx.dropped
         outcomes, resolution = structure.outcomes, structure.resolution
         group_sizes = [g.size for g in structure.ctx.dg.groups]
-        seconds.update(structure.seconds)
-        clock = time.perf_counter()
     masked: list[LayerSparsity] = []
     sparse = plan.sparse_plan
     if sparse is not None:
-        clock = time.perf_counter()
+        watch.restart()
         masks = compute_masks(target, sparse, batches=batches, loss_fn=loss_fn)
         apply_masks(target, masks)
         masked = [
@@ -107,7 +115,7 @@ def compile(
         changes += [
             f"{n}: {m.pattern} mask, {m.sparsity:.1%} zeros" for n, m in masks.layers.items()
         ]
-        lap("masks")
+        watch.lap("masks")
 
     report = CompileReport(
         plan=_plan_data(plan),
@@ -118,7 +126,7 @@ def compile(
         groups=outcomes,
         changes=changes,
         dropped=dropped,
-        seconds=seconds,
+        seconds=watch.seconds,
         resolution=resolution.to_dict(),
         sparsity=masked,
     )
@@ -141,7 +149,6 @@ class _Structure:
     ctx: PassContext
     outcomes: list[GroupOutcome]
     resolution: Resolution
-    seconds: dict[str, float]
 
 
 def _prune_structure(
@@ -151,17 +158,11 @@ def _prune_structure(
     batches: list[Any],
     loss_fn: LossFn | None,
     macs_before: int,
+    watch: Stopwatch,
 ) -> _Structure:
     """Channels, heads or layers: analyze, score, resolve, run the passes (in place)."""
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = seconds.get(stage, 0.0) + now - clock
-        clock = now
-
+    watch.restart()
+    lap = watch.lap
     captured = capture(target, example_inputs)
     lap("capture")
     dg = analyze_captured(captured)
@@ -211,8 +212,8 @@ def _prune_structure(
     ctx = PassContext(target, example_inputs, captured, dg, kept, setup.int_uses)
     manager = PassManager(passes, verify=make_verifier(setup.reference_shapes))
     manager(ctx)
-    seconds.update({f"pass:{k}": v for k, v in manager.timings.items()})
-    return _Structure(ctx, outcomes, resolution, seconds)
+    watch.seconds.update({f"pass:{k}": v for k, v in manager.timings.items()})
+    return _Structure(ctx, outcomes, resolution)
 
 
 def report(model: nn.Module) -> CompileReport:

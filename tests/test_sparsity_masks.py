@@ -95,7 +95,7 @@ def test_block_masks_are_aligned_tiles(block: list[int]) -> None:
 @given(
     out=st.integers(1, 24),
     inp=st.sampled_from([4, 8, 12, 16, 32]),
-    ratio=st.floats(0.0, 0.95),
+    ratio=st.floats(0.0, 0.95, allow_subnormal=False),  # export_onnx flushes denormals
     seed=st.integers(0, 1000),
 )
 def test_counts_are_exact_for_any_shape(out: int, inp: int, ratio: float, seed: int) -> None:
@@ -112,7 +112,9 @@ def test_counts_are_exact_for_any_shape(out: int, inp: int, ratio: float, seed: 
         elif plan.granularity == "block":
             tiles = mask.reshape(out, -1, 4)
             assert bool((tiles.all(-1) | ~tiles.any(-1)).all())
-            assert int((~tiles.any(-1)).sum()) == math.floor(ratio * tiles.shape[0] * tiles.shape[1])
+            assert int((~tiles.any(-1)).sum()) == math.floor(
+                ratio * tiles.shape[0] * tiles.shape[1]
+            )
         else:
             assert int((~mask).sum()) == math.floor(ratio * mask.numel() + 1e-9)
 
@@ -183,7 +185,9 @@ def test_channels_then_two_four_on_the_remaining_mlp(tmp_path: Path) -> None:
     fc = pruned.transformer.h[0].mlp.c_fc
     assert fc.weight.shape == (128, 32)  # channels first (50 % of 64 and 256)...
     masks = masked_layers(pruned)
-    assert sorted(masks) == [f"transformer.h.{i}.mlp.{n}" for i in (0, 1) for n in ("c_fc", "c_proj")]
+    assert sorted(masks) == [
+        f"transformer.h.{i}.mlp.{n}" for i in (0, 1) for n in ("c_fc", "c_proj")
+    ]
     for mask in masks.values():  # ...then 2:4 on what is left
         assert bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
 
