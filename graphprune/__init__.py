@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from graphprune.analysis import DependencyGraph, Group, Member, analyze
-from graphprune.capture import capture
+from graphprune.capture import LabelledBatch, capture
 from graphprune.compile import compile, report
 from graphprune.errors import AnalysisError, CaptureError, GraphPruneError, InputError
 from graphprune.onnx import ExportError, ExportReport, VerificationError, export_onnx
 from graphprune.passes.base import PruneError
+from graphprune.pipeline import GroupLasso, Pruner, StepRecord, recalibrate_norms, rewind
 from graphprune.plan import Plan, PlanError
 from graphprune.report import CompileReport
 from graphprune.resolve import Resolution
@@ -25,12 +26,16 @@ __all__ = [
     "ExportReport",
     "GraphPruneError",
     "Group",
+    "GroupLasso",
     "InputError",
+    "LabelledBatch",
     "Member",
     "Plan",
     "PlanError",
     "PruneError",
+    "Pruner",
     "Resolution",
+    "StepRecord",
     "VerificationError",
     "__version__",
     "analyze",
@@ -40,7 +45,9 @@ __all__ = [
     "finalize",
     "load",
     "masked_layers",
+    "recalibrate_norms",
     "report",
+    "rewind",
     "save",
     "sparsify",
     "sparsify_report",

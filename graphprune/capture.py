@@ -41,8 +41,19 @@ class Captured:
         return self.program.graph
 
 
-def normalize_inputs(example_inputs: ExampleInputs) -> tuple[Args, Kwargs]:
-    """Turn a tensor, a tuple/list, or a dict of keyword inputs into ``(args, kwargs)``."""
+@dataclass
+class LabelledBatch:
+    """A calibration batch with a target: the loss is ``loss_fn(model(inputs), target)``."""
+
+    inputs: Any  # what example inputs may be: a tensor, a tuple/list or a dict
+    target: Any
+
+
+def normalize_inputs(example_inputs: ExampleInputs | LabelledBatch) -> tuple[Args, Kwargs]:
+    """Turn a tensor, a tuple/list, or a dict of keyword inputs into ``(args, kwargs)``
+    (a :class:`LabelledBatch` gives its inputs)."""
+    if isinstance(example_inputs, LabelledBatch):
+        return normalize_inputs(example_inputs.inputs)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, Mapping):

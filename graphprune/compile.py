@@ -77,7 +77,8 @@ def compile(
     mode and is an ordinary module (trainable, saveable with :func:`graphprune.save`).
     ``calibration`` batches (defaults to the example inputs) feed the data-driven criteria
     (taylor, fisher) and the layer contributions; ``loss_fn(output)`` defaults to the mean
-    squared output. :func:`graphprune.report` returns what was done.
+    squared output (``loss_fn(output, target)`` for :class:`graphprune.LabelledBatch` batches).
+    :func:`graphprune.report` returns what was done.
     """
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
@@ -138,6 +139,9 @@ def compile(
         "group_sizes": group_sizes,
         "changes": changes,
         "sparsity": {"layers": [m.module for m in masked if m.pattern != "dense"], "baked": False},
+        # compiling an already-compiled model (iterative pruning) chains the records, so
+        # load() and rewind() replay every step from the original architecture
+        "previous": earlier_records(model),
     }
     object.__setattr__(target, RECORD, record)
     object.__setattr__(target, REPORT, report)
@@ -214,6 +218,15 @@ def _prune_structure(
     manager(ctx)
     watch.seconds.update({f"pass:{k}": v for k, v in manager.timings.items()})
     return _Structure(ctx, outcomes, resolution)
+
+
+def earlier_records(model: nn.Module) -> list[dict[str, Any]]:
+    """The records of every compile that produced ``model``, oldest first."""
+    record = getattr(model, RECORD, None)
+    if record is None:
+        return []
+    own = {k: v for k, v in record.items() if k != "previous"}
+    return [*record.get("previous", []), copy.deepcopy(own)]
 
 
 def report(model: nn.Module) -> CompileReport:

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from graphprune.analysis import DependencyGraph, Group, Member
-from graphprune.capture import normalize_inputs
+from graphprune.capture import LabelledBatch, normalize_inputs
 
 Tensors = dict[str, Tensor]
-LossFn = Callable[[Any], Tensor]
+LossFn = Callable[..., Tensor]  # loss_fn(output), or loss_fn(output, target) for LabelledBatch
 
 
 @dataclass
@@ -152,7 +152,7 @@ def gradients(
     saved = {n: p.grad for n, p in named.items()}
     requires = {n: p.requires_grad for n, p in named.items()}
     out: dict[str, list[Tensor]] = {n: [] for n in fqns if n in named}
-    loss_fn = loss_fn or default_loss
+    loss_fn = loss_fn or cast(LossFn, default_loss)
     try:
         for p in named.values():
             p.requires_grad_(True)
@@ -160,7 +160,10 @@ def gradients(
             args, kwargs = normalize_inputs(batch)
             for p in named.values():
                 p.grad = None
-            loss_fn(model(*args, **kwargs)).backward()
+            output = model(*args, **kwargs)
+            labelled = isinstance(batch, LabelledBatch)
+            loss = loss_fn(output, batch.target) if labelled else loss_fn(output)
+            loss.backward()
             for n in out:
                 g = named[n].grad
                 out[n].append(torch.zeros_like(named[n]) if g is None else g.detach().clone())

@@ -67,7 +67,15 @@ def load(model: nn.Module, path: str | Path, example_inputs: ExampleInputs) -> n
 
 
 def apply_record(model: nn.Module, record: dict[str, Any], example_inputs: ExampleInputs) -> None:
-    """Replay the passes of a compile record on an unpruned model."""
+    """Replay the passes of a compile record (and of the compiles before it) on an unpruned
+    model."""
+    for earlier in record.get("previous", []):
+        _apply_one(model, earlier, example_inputs)
+    _apply_one(model, record, example_inputs)
+    object.__setattr__(model, RECORD, copy.deepcopy(record))
+
+
+def _apply_one(model: nn.Module, record: dict[str, Any], example_inputs: ExampleInputs) -> None:
     reference = output_shapes(model, example_inputs)
     if record["dropped"]:
         ctx = PassContext(model, example_inputs, None, None)
@@ -95,4 +103,3 @@ def apply_record(model: nn.Module, record: dict[str, Any], example_inputs: Examp
     sparsity = record.get("sparsity") or {}
     if sparsity.get("layers") and not sparsity.get("baked"):
         register_placeholder_masks(model, list(sparsity["layers"]))  # filled by the state_dict
-    object.__setattr__(model, RECORD, copy.deepcopy(record))

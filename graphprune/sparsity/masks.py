@@ -59,8 +59,12 @@ class MaskSet:
         return 1.0 - kept / max(total, 1)
 
 
-def maskable_layers(model: nn.Module, plan: Plan) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Linear/Conv modules the sparse ``plan`` masks, and the ones it leaves dense (with why)."""
+def maskable_layers(
+    model: nn.Module, plan: Plan, previous: dict[str, Tensor] | None = None
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Linear/Conv modules the sparse ``plan`` masks, and the ones it leaves dense (with why).
+    Layers in ``previous`` (masked already) may be masked again."""
+    previous = previous or {}
     tied = _tied_weights(model)
     chosen: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
@@ -76,7 +80,7 @@ def maskable_layers(model: nn.Module, plan: Plan) -> tuple[dict[str, nn.Module],
                 f"weight tied with {tied[f'{name}.weight']}: a mask on one user of a shared "
                 "weight would untie it; left dense"
             )
-        elif _is_parametrized(module):
+        elif _is_parametrized(module) and name not in previous:
             skipped[name] = "weight already parametrized (masked?): finalize() it first"
         else:
             chosen[name] = module
@@ -89,12 +93,20 @@ def compute_masks(
     *,
     batches: Iterable[Any] = (),
     loss_fn: LossFn | None = None,
+    previous: dict[str, Tensor] | None = None,
 ) -> MaskSet:
-    """Masks for every layer the sparse ``plan`` selects (see the module docstring)."""
+    """Masks for every layer the sparse ``plan`` selects (see the module docstring).
+
+    ``previous``: masks from an earlier step (iterative pruning); weights they cut are cut
+    first again, so each step's mask is a subset of the last one.
+    """
     assert plan.is_sparse, plan.granularity
-    layers, skipped = maskable_layers(model, plan)
+    layers, skipped = maskable_layers(model, plan, previous)
     result = MaskSet(skipped=skipped)
     scores = _scores(model, layers, plan, list(batches), loss_fn)
+    for name, mask in (previous or {}).items():
+        if name in scores:  # every score is >= 0: -1 ranks the cut weights below all others
+            scores[name][~mask.cpu().numpy()] = -1.0
     units: dict[str, np.ndarray] = {}  # per layer: scores of the units that are zeroed together
     for name, module in layers.items():
         matrix = _matrix(scores[name], plan.granularity)

@@ -46,6 +46,28 @@ def apply_masks(model: nn.Module, masks: MaskSet) -> None:
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
 
 
+def update_masks(model: nn.Module, masks: MaskSet) -> None:
+    """Replace the masks of already-masked layers (an iterative pruning step), in place."""
+    current = _mask_modules(model)
+    for name, layer in masks.layers.items():
+        holder = current[name]
+        holder.mask.copy_(layer.mask.to(holder.mask.device))
+        plist: Any = model.get_submodule(name).parametrizations
+        original = plist["weight"].original
+        with torch.no_grad():
+            original.mul_(holder.mask)
+
+
+def _mask_modules(model: nn.Module) -> dict[str, WeightMask]:
+    out: dict[str, WeightMask] = {}
+    for name, module in model.named_modules():
+        plist = getattr(module, "parametrizations", {})
+        for p in plist["weight"] if "weight" in plist else []:  # noqa: SIM401 (a ModuleDict)
+            if isinstance(p, WeightMask):
+                out[name] = p
+    return out
+
+
 def register_placeholder_masks(model: nn.Module, layers: list[str]) -> None:
     """All-ones masks on ``layers``, to be filled by ``load_state_dict`` (graphprune.load)."""
     modules = dict(model.named_modules())
@@ -60,13 +82,7 @@ def register_placeholder_masks(model: nn.Module, layers: list[str]) -> None:
 
 def masked_layers(model: nn.Module) -> dict[str, Tensor]:
     """FQN -> mask (True = kept) of every layer masked by graphprune."""
-    out: dict[str, Tensor] = {}
-    for name, module in model.named_modules():
-        plist = getattr(module, "parametrizations", {})
-        for p in plist["weight"] if "weight" in plist else []:  # noqa: SIM401 (a ModuleDict)
-            if isinstance(p, WeightMask):
-                out[name] = p.mask
-    return out
+    return {name: holder.mask for name, holder in _mask_modules(model).items()}
 
 
 def finalize(model: nn.Module) -> nn.Module:

@@ -1,0 +1,210 @@
+"""``graphprune.Pruner``: prune to a target in steps, fine-tuning in between.
+
+Each step prunes the current model a little further (:func:`graphprune.compile` for channels,
+heads, layers; an in-place mask update for unstructured and block sparsity) so that after step
+k the fraction removed -- of the *original* model -- is the schedule's k-th value. With a local
+channel or head plan every group ends at exactly the kept count a one-shot compile would give.
+Between steps the user's ``finetune(model, step)`` (or their own loop, iterating the pruner)
+trains the model; a structured step returns a new, smaller module, so build the optimizer in
+the loop. The model is a plain ``nn.Module`` throughout (DistributedDataParallel works on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from graphprune.analysis import analyze
+from graphprune.capture import ExampleInputs, LabelledBatch, capture
+from graphprune.compile import compile
+from graphprune.importance import LossFn
+from graphprune.macs import count_macs, count_params
+from graphprune.passes.drop_layers import residual_blocks
+from graphprune.pipeline.progress import track
+from graphprune.pipeline.schedule import schedule_ratios
+from graphprune.plan import Plan, PlanError, keep_count
+from graphprune.resolve import eligible_groups, producers
+from graphprune.sparsity.masks import compute_masks
+from graphprune.sparsity.parametrize import masked_layers, update_masks
+
+FineTune = Callable[[nn.Module, int], dict[str, float] | None]
+
+
+@dataclass
+class StepRecord:
+    """What one step did: the schedule value, what remained, and the user's metrics."""
+
+    step: int
+    ratio: float  # fraction removed from the original (channels, heads, blocks or weights)
+    params: int
+    macs: int
+    weight_sparsity: float  # zeros among masked weights (sparse plans)
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Pruner:
+    """Prune ``model`` as ``plan`` says in ``steps`` steps following ``schedule``.
+
+    ``calibration``: batches for data-driven importance (taylor, fisher) and layer
+    contributions -- the first ``calibration_batches`` are used at each step. With a
+    ``loss_fn`` that takes ``(output, target)``, ``(inputs, target)`` pairs (a DataLoader's
+    batches) are used as labelled batches (``labelled=None`` detects them; True/False forces).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        example_inputs: ExampleInputs,
+        *,
+        steps: int = 1,
+        schedule: str = "cubic",
+        calibration: Iterable[Any] | None = None,
+        calibration_batches: int = 8,
+        loss_fn: LossFn | None = None,
+        labelled: bool | None = None,
+        progress: bool = True,
+    ) -> None:
+        if plan.sparsity is not None:
+            raise PlanError(
+                "a Pruner schedules one kind of pruning: run one for the structured plan, "
+                "then one for its sparsity plan"
+            )
+        if plan.granularity == "n:m" and steps > 1:
+            raise PlanError("an n:m pattern is applied in one step: use steps=1")
+        self.plan, self.example_inputs = plan, example_inputs
+        self.loss_fn, self.progress = loss_fn, progress
+        self.model = model
+        self.history: list[StepRecord] = []
+        self._batches = _calibration(calibration, calibration_batches, loss_fn, labelled, progress)
+        self._macs0 = count_macs(model, example_inputs)
+        target = plan.ratio if plan.target_macs is None else 1.0 - plan.target_macs
+        self.ratios = schedule_ratios(target or 0.0, steps, schedule)
+        self._sizes0 = self._group_sizes(model) if self._exact_groups else {}
+        self._blocks0 = (
+            len(residual_blocks_of(model, example_inputs)) if plan.granularity == "layers" else 0
+        )
+
+    # -- iteration ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[StepRecord]:
+        """Prune step by step; after each, ``self.model`` is the current model to train."""
+        for step, ratio in enumerate(track(self.ratios, "pruning steps", self.progress)):
+            start = time.perf_counter()
+            self.model = self._prune_to(step, ratio)
+            record = StepRecord(
+                step,
+                ratio,
+                count_params(self.model),
+                count_macs(self.model, self.example_inputs),
+                _weight_sparsity(self.model),
+                time.perf_counter() - start,
+            )
+            self.history.append(record)
+            yield record
+
+    def run(self, finetune: FineTune | None = None) -> nn.Module:
+        """All steps, calling ``finetune(model, step)`` after each (its returned metrics are
+        kept in ``history``). Returns the final model."""
+        for record in self:
+            if finetune is not None:
+                record.metrics.update(finetune(self.model, record.step) or {})
+        return self.model
+
+    # -- one step ---------------------------------------------------------------------------
+    @property
+    def _exact_groups(self) -> bool:
+        p = self.plan
+        return p.granularity in ("channels", "heads") and p.scope == "local" and p.ratio is not None
+
+    def _compile(self, plan: Plan) -> nn.Module:
+        return compile(
+            self.model,
+            plan,
+            self.example_inputs,
+            calibration=self._batches or None,
+            loss_fn=self.loss_fn,
+        )
+
+    def _prune_to(self, step: int, ratio: float) -> nn.Module:
+        plan = self.plan
+        if plan.is_sparse:
+            return self._mask_to(step, ratio)
+        if plan.target_macs is not None:
+            keep = (1.0 - ratio) * self._macs0 / max(count_macs(self.model, self.example_inputs), 1)
+            return self._compile(dataclasses.replace(plan, target_macs=min(1.0, keep)))
+        if plan.granularity == "layers":
+            left = len(residual_blocks_of(self.model, self.example_inputs))
+            drop = int(ratio * self._blocks0 + 1e-9) - (self._blocks0 - left)
+            return self._compile(dataclasses.replace(plan, ratio=drop / max(left, 1)))
+        if not self._exact_groups:  # global scope: the same fraction of what is left
+            done = self.ratios[step - 1] if step else 0.0
+            relative = 1.0 - (1.0 - ratio) / (1.0 - done)
+            return self._compile(dataclasses.replace(plan, ratio=max(relative, 0.0)))
+        # local: each group keeps exactly keep_count(original size, its ratio at this step)
+        progress = ratio / plan.ratio if plan.ratio else 0.0
+        overrides: dict[str, float] = {}
+        for names, size in self._group_sizes(self.model).items():
+            size0 = self._sizes0.get(names, size)
+            group_ratio = plan.ratio_for(names) * progress
+            keep = keep_count(size0, group_ratio, plan.channel_multiple, plan.min_channels)
+            relative = max(0.0, (size - keep) / size)
+            overrides.update({name: relative for name in names})
+        return self._compile(dataclasses.replace(plan, ratio=0.0, overrides=overrides))
+
+    def _mask_to(self, step: int, ratio: float) -> nn.Module:
+        plan = dataclasses.replace(self.plan, ratio=ratio)
+        if step == 0 or not masked_layers(self.model):
+            return self._compile(plan)
+        masks = compute_masks(
+            self.model,
+            plan,
+            batches=self._batches,
+            loss_fn=self.loss_fn,
+            previous=masked_layers(self.model),
+        )
+        update_masks(self.model, masks)
+        return self.model
+
+    def _group_sizes(self, model: nn.Module) -> dict[tuple[str, ...], int]:
+        """Producing modules of each eligible group -> its size (stable across steps)."""
+        dg = analyze(model, self.example_inputs)
+        modules = dict(model.named_modules())
+        base = dataclasses.replace(self.plan, ratio=0.0, overrides={})
+        return {
+            tuple(producers(g, modules)): g.size
+            for g in eligible_groups(dg, base, modules)
+            if producers(g, modules)
+        }
+
+
+def residual_blocks_of(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
+    return residual_blocks(capture(model, example_inputs))
+
+
+def _calibration(
+    batches: Iterable[Any] | None,
+    limit: int,
+    loss_fn: LossFn | None,
+    labelled: bool | None,
+    progress: bool,
+) -> list[Any]:
+    if batches is None:
+        return []
+    taken = list(track(itertools.islice(batches, limit), "calibration batches", progress, limit))
+    pairs = all(isinstance(b, Sequence) and len(b) == 2 for b in taken)
+    if labelled or (labelled is None and loss_fn is not None and pairs and taken):
+        return [LabelledBatch(b[0], b[1]) for b in taken]
+    return taken
+
+
+def _weight_sparsity(model: nn.Module) -> float:
+    masks = masked_layers(model)
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0
