@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -12,7 +13,7 @@ def track(
     items: Iterable[T], description: str, enabled: bool = True, total: int | None = None
 ) -> Iterator[T]:
     """``items``, with a progress bar on stderr while they are consumed (when ``enabled``)."""
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # logs and CI: no bar redrawn line by line
         yield from items
         return
     from rich.console import Console
