@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from graphprune.errors import CaptureError, InputError
+from graphprune.hf import no_cache
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
@@ -123,7 +124,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        program = torch.export.export(model, args, kwargs, strict=False)
+        with no_cache(model):  # HF: a KV cache output cannot be flattened
+            program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
         raise CaptureError(reason, source_line=_user_frame(exc), hint=_hint_for(str(exc))) from exc

@@ -15,6 +15,7 @@ from torch import nn
 from graphprune.analysis import DependencyGraph, analyze_captured
 from graphprune.capture import Captured, ExampleInputs, capture
 from graphprune.errors import InputError
+from graphprune.hf import layer_paths, no_cache, sync_config
 from graphprune.importance import LossFn, score_groups
 from graphprune.macs import count_macs, count_params
 from graphprune.passes.base import Pass, PassContext, PassManager
@@ -84,6 +85,20 @@ def compile(
         raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
     watch = Stopwatch()
     target = model if inplace else copy.deepcopy(model)
+    with no_cache(target):  # HF models: a KV cache output cannot be captured
+        _compile_into(target, model, plan, example_inputs, calibration, loss_fn, watch)
+    return target
+
+
+def _compile_into(
+    target: nn.Module,
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: ExampleInputs,
+    calibration: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+    watch: Stopwatch,
+) -> None:
     batches = list(calibration) if calibration is not None else [example_inputs]
     params_before = count_params(target)
     macs_before = count_macs(target, example_inputs)
@@ -118,6 +133,11 @@ def compile(
         ]
         watch.lap("masks")
 
+    synced = sync_config(
+        target, getattr(model, "config", None)
+    )  # HF: attention counts and config follow the weights
+    if synced is not None:
+        changes += [f"config.{k} = {v}" for k, v in synced.changes.items()]
     report = CompileReport(
         plan=_plan_data(plan),
         params_before=params_before,
@@ -130,6 +150,7 @@ def compile(
         seconds=watch.seconds,
         resolution=resolution.to_dict(),
         sparsity=masked,
+        config=synced.to_dict() if synced is not None else {},
     )
     record = {
         "format": 1,
@@ -145,7 +166,6 @@ def compile(
     }
     object.__setattr__(target, RECORD, record)
     object.__setattr__(target, REPORT, report)
-    return target
 
 
 @dataclasses.dataclass
@@ -181,7 +201,8 @@ def _prune_structure(
     )
 
     if plan.granularity == "layers":
-        blocks = [b for b in residual_blocks(captured) if not plan.ignores([b])]
+        candidates = layer_paths(target) or residual_blocks(captured)  # HF: the layer list
+        blocks = [b for b in candidates if not plan.ignores([b])]
         if not blocks:
             raise PlanError(
                 "granularity='layers' found no residual block (y = x + f(x)) to "

@@ -43,6 +43,7 @@ class CompileReport:
     seconds: dict[str, float] = field(default_factory=dict)
     resolution: dict[str, Any] = field(default_factory=dict)  # Resolution.to_dict(): kept indices
     sparsity: list[LayerSparsity] = field(default_factory=list)  # masks of a sparse plan
+    config: dict[str, Any] = field(default_factory=dict)  # HF models: graphprune.hf.ConfigSync
 
     @property
     def weight_sparsity(self) -> float:
@@ -103,6 +104,14 @@ class CompileReport:
         for s in self.sparsity[:max_groups]:
             detail = s.skipped or f"{s.pattern:<12} {s.sparsity:>6.1%} of {tuple(s.shape)}"
             lines.append(f"  {s.module:<32} {detail}")
+        if self.config:
+            updates = ", ".join(f"{k}={v}" for k, v in self.config["changes"].items()) or "none"
+            lines.append(f"config ({self.config['family']}): {updates}")
+            lines.append(
+                "  save_pretrained/from_pretrained rebuilds it"
+                if self.config["expressible"]
+                else f"  config cannot express it: {self.config['reason']}"
+            )
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         lines.append(f"stages: {stages}")
         return "\n".join(lines)

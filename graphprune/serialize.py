@@ -20,6 +20,7 @@ from torch import nn
 from graphprune.analysis import analyze_captured
 from graphprune.capture import ExampleInputs, capture
 from graphprune.errors import InputError
+from graphprune.hf import no_cache, sync_config
 from graphprune.io import write_atomic
 from graphprune.kernels.sparse_modules import SPARSE_MODULES
 from graphprune.passes.base import PassContext, PassManager
@@ -69,9 +70,11 @@ def load(model: nn.Module, path: str | Path, example_inputs: ExampleInputs) -> n
 def apply_record(model: nn.Module, record: dict[str, Any], example_inputs: ExampleInputs) -> None:
     """Replay the passes of a compile record (and of the compiles before it) on an unpruned
     model."""
-    for earlier in record.get("previous", []):
-        _apply_one(model, earlier, example_inputs)
-    _apply_one(model, record, example_inputs)
+    with no_cache(model):
+        for earlier in record.get("previous", []):
+            _apply_one(model, earlier, example_inputs)
+        _apply_one(model, record, example_inputs)
+    sync_config(model)  # HF models: attention counts and config, as compile left them
     object.__setattr__(model, RECORD, copy.deepcopy(record))
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from graphprune.capture import Captured, normalize_inputs
+from graphprune.hf import remove_layers
 from graphprune.modules import SkipBlock
 from graphprune.passes.base import PassContext, PassResult
 
@@ -83,8 +84,8 @@ def block_contributions(
     handles = []
 
     def hook(name: str) -> Any:
-        def record(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            x = args[0]
+        def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]  # HF layers may take it by name
             y = out[0] if isinstance(out, tuple) else out
             totals[name] += float((y - x).norm() / x.norm().clamp_min(1e-12))
             counts[name] += 1
@@ -92,7 +93,7 @@ def block_contributions(
         return record
 
     for b in blocks:
-        handles.append(model.get_submodule(b).register_forward_hook(hook(b)))
+        handles.append(model.get_submodule(b).register_forward_hook(hook(b), with_kwargs=True))
     try:
         with torch.no_grad():
             for batch in batches:
@@ -110,6 +111,10 @@ class DropLayers:
     name: str = "drop_layers"
 
     def __call__(self, ctx: PassContext) -> PassResult:
+        if remove_layers(ctx.model, self.blocks):  # an HF layer list: delete, renumber
+            ctx.dropped.extend(self.blocks)
+            ctx.changes.extend(f"{path}: removed from the layer list" for path in self.blocks)
+            return PassResult(True, {"dropped": list(self.blocks)})
         for path in self.blocks:
             parent, _, child = path.rpartition(".")
             owner = ctx.model.get_submodule(parent) if parent else ctx.model

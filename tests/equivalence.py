@@ -7,6 +7,7 @@ norms compute their statistics over the live channels only.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import graphprune as gp
+from graphprune.compile import RECORD
 from graphprune.models.transformers import RMSNorm
 from graphprune.passes.tensors import get_tensor
-from graphprune.resolve import is_output_dim
+from graphprune.resolve import Resolution, is_output_dim
 
 EXACT_KINDS = {"channels", "heads", "kv_heads", "heads_per_kv"}
 
@@ -66,17 +68,17 @@ class MaskedLayerNorm(nn.Module):
         if isinstance(self.norm, nn.LayerNorm):
             b = self.norm.bias[self.live] if self.norm.bias is not None else None
             out[..., self.live] = F.layer_norm(xs, (xs.shape[-1],), w, b, self.norm.eps)
-        else:
-            out[..., self.live] = (
-                xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.norm.eps) * w
-            )
+        else:  # RMSNorm (ours: eps; Hugging Face's: variance_epsilon)
+            eps = getattr(self.norm, "eps", None) or self.norm.variance_epsilon
+            out[..., self.live] = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps) * w
         return out
 
 
 def masked_reference(model: nn.Module, dg: gp.DependencyGraph, kept: dict[int, list[int]]) -> None:
     """Swap every LayerNorm/RMSNorm whose channels are pruned for a masked one (in place)."""
     for path, module in list(model.named_modules()):
-        if not isinstance(module, nn.LayerNorm | RMSNorm):
+        is_rms = isinstance(module, RMSNorm) or type(module).__name__.endswith("RMSNorm")
+        if not (isinstance(module, nn.LayerNorm) or is_rms):
             continue
         fqn = f"{path}.weight"
         live = dg.kept_positions(fqn, 0, kept)
@@ -102,5 +104,32 @@ def dead_first(dead: dict[int, list[int]]) -> Any:
 
 
 def outputs(model: nn.Module, inputs: Any) -> Tensor:
+    """The model's output tensor (keyword inputs and HF ``ModelOutput.logits`` too)."""
     with torch.no_grad():
-        return model(*inputs)
+        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def check_dead_channels(
+    model: nn.Module, x: Any, kinds: set[str], granularity: str, seed: int = 0
+) -> gp.CompileReport:
+    """Make half of some groups' channels dead, prune with them ranked first, and compare with
+    the masked unpruned model (the equivalence oracle). Mutates ``model`` (makes channels dead)."""
+    dg = gp.analyze(model, x)
+    dead = choose_dead(dg, kinds, 0.5, np.random.default_rng(seed))
+    assert dead, f"{type(model).__name__} has no prunable {kinds} group"
+    make_dead(model, dg, dead)
+    pruned = gp.compile(
+        model, gp.Plan(ratio=0.5, importance=dead_first(dead), granularity=granularity), x
+    )
+    kept = Resolution.from_dict(getattr(pruned, RECORD)["resolution"]).kept
+    for gid, channels in dead.items():  # every dead channel is gone unless a part needed one
+        assert len(set(channels) & set(kept[gid])) <= 1 + len(channels) // 4
+    reference = copy.deepcopy(model)
+    masked_reference(reference, dg, kept)
+    expected = outputs(reference, x)
+    assert expected.std() > 1e-3  # the oracle is not trivial: live channels still carry signal
+    torch.testing.assert_close(outputs(pruned, x), expected, atol=1e-5, rtol=1e-4)
+    report = gp.report(pruned)
+    assert report.params_after < report.params_before
+    return report

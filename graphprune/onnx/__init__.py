@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from graphprune.capture import ExampleInputs
+from graphprune.hf import without_cache
 from graphprune.macs import count_macs, count_params
 from graphprune.onnx.bench import BenchReport, benchmark
 from graphprune.onnx.export import ExportedModel, ExportError, export
@@ -131,6 +132,7 @@ def calibration_feeds(
     return out
 
 
+@without_cache  # HF models: exported (and verified) without their KV cache
 def export_onnx(
     model: nn.Module,
     example_inputs: ExampleInputs,
