@@ -198,3 +198,32 @@ def test_per_layer_sizes_need_graphprune_save(tmp_path: Path) -> None:
     loaded = gp.load(_build("llama")[0], tmp_path / "m.pt", x)
     assert loaded.model.layers[0].mlp.gate_proj.out_features == 64
     torch.testing.assert_close(outputs(loaded, x), outputs(pruned, x))
+
+
+def test_ffn_only_plan_round_trips_through_from_pretrained(tmp_path: Path) -> None:
+    model, x = _build("bert")
+    plan = gp.Plan(ratio=0.0, overrides={"*.intermediate.dense": 0.5})  # FFN neurons only
+    pruned = gp.compile(model, plan, x)
+    report = gp.report(pruned)
+    assert report.config["changes"] == {"intermediate_size": 64}
+    assert report.config["expressible"]
+    pruned.save_pretrained(tmp_path)
+    rebuilt = type(model).from_pretrained(tmp_path).eval()
+    assert rebuilt.bert.encoder.layer[1].intermediate.dense.out_features == 64
+    torch.testing.assert_close(outputs(rebuilt, x), outputs(pruned, x))
+
+
+def test_base_model_and_tied_embeddings() -> None:
+    model, x = _build("bert")
+    base = model.bert  # a BertModel on its own
+    pruned = gp.compile(base, gp.Plan(ratio=0.5), x)
+    # its hidden states *are* the output, so the hidden size is frozen; the FFN is not
+    assert pruned(**x).last_hidden_state.shape == (2, 16, 64)
+    assert gp.report(pruned).config["changes"] == {"intermediate_size": 64}
+    assert pruned.config.hidden_size == 64 and pruned.config.intermediate_size == 64
+
+    gpt2, x = _build("gpt2")
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    pruned = gp.compile(gpt2, gp.Plan(ratio=0.5), x)
+    assert pruned.lm_head.weight is pruned.transformer.wte.weight  # still one tensor
+    assert pruned.lm_head.weight.shape == (100, 32)
