@@ -228,3 +228,19 @@ def test_sparse_plan_keeps_dense_macs_and_says_so() -> None:
     assert report.macs_after == report.macs_before and report.params_after == report.params_before
     assert np.isclose(report.weight_sparsity, 0.9, atol=1e-3)
     assert "dense MACs unchanged" in report.table()
+
+
+def test_channel_pruning_a_masked_model_slices_the_masks_too(tmp_path: Path) -> None:
+    spec = MODELS["resnet18"]
+    x = spec.example_inputs()
+    masked = gp.compile(spec.build(), gp.Plan(granularity="unstructured", ratio=0.5), x)
+    pruned = gp.compile(masked, gp.Plan(ratio=0.5), x)  # masks are buffers the analyzer slices
+    baked_first = gp.compile(gp.finalize(copy.deepcopy(masked)), gp.Plan(ratio=0.5), x)
+    torch.testing.assert_close(outputs(pruned, x), outputs(baked_first, x), atol=1e-6, rtol=0)
+    masks = gp.masked_layers(pruned)
+    assert len(masks) == len(gp.masked_layers(masked))
+    for name, mask in masks.items():
+        assert mask.shape == pruned.get_submodule(name).weight.shape
+    gp.save(pruned, tmp_path / "m.pt")  # the record chain: masks, then channels
+    loaded = gp.load(spec.build(seed=4), tmp_path / "m.pt", x)
+    assert torch.equal(outputs(loaded, x), outputs(pruned, x))
