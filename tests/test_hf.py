@@ -168,7 +168,7 @@ def test_dead_channels_and_heads_prune_exactly(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_onnx_export_verifies(name: str, tmp_path: Path) -> None:
     model, x = _build(name)
-    for granularity in ("channels", "heads"):
+    for granularity in ("channels", "heads", "layers"):
         pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
         report = gp.export_onnx(pruned, x, tmp_path / f"{granularity}.onnx")
         assert report.verification is not None and report.verification.ok
