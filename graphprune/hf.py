@@ -126,7 +126,10 @@ def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         return None
     base_name = next(n for n, m in model.named_modules() if m is model.base_model)
     path = f"{base_name}.{family.layers}" if base_name else family.layers
-    layers = model.get_submodule(path)
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:  # another transformers version's layout: not synced, not guessed
+        return None
     return (path, layers) if isinstance(layers, nn.ModuleList) else None
 
 
@@ -197,11 +200,18 @@ def sync_config(model: nn.Module, original: Any = None) -> ConfigSync | None:
     """Update the attention modules' counts and the config of a pruned HF model in place.
     ``changes`` are relative to ``original`` (the unpruned model's config) when given."""
     family = family_of(model)
-    found = layer_list(model)
-    if family is None or found is None:
+    if family is None:
         return None
     config: Any = model.config
     sync = ConfigSync(str(config.model_type))
+    found = layer_list(model)
+    if found is None:  # say so rather than guess
+        sync.expressible = False
+        sync.reason = (
+            f"no layer list at {family.layers!r}: this transformers version lays "
+            f"{type(model).__name__} out differently; config not synced (use graphprune.save)"
+        )
+        return sync
     _, layers = found
     sync.layers = [_sizes(layer, family) for layer in layers]
     for layer, sizes in zip(layers, sync.layers, strict=True):

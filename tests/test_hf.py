@@ -227,3 +227,18 @@ def test_base_model_and_tied_embeddings() -> None:
     pruned = gp.compile(gpt2, gp.Plan(ratio=0.5), x)
     assert pruned.lm_head.weight is pruned.transformer.wte.weight  # still one tensor
     assert pruned.lm_head.weight.shape == (100, 32)
+
+
+def test_an_unknown_layout_is_reported_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from graphprune import hf
+
+    moved = dataclasses.replace(hf.FAMILIES["llama"], layers="decoder.blocks")
+    monkeypatch.setitem(hf.FAMILIES, "llama", moved)  # as another transformers version might
+    model, x = _build("llama")
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    config = gp.report(pruned).config
+    assert not config["expressible"] and "config not synced" in config["reason"]
+    assert pruned.config.num_attention_heads == 4  # untouched rather than guessed
+    assert outputs(pruned, x).shape == outputs(model, x).shape  # the pruned model still runs
