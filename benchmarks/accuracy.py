@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import graphprune as gp
+from graphprune.io import write_text_atomic
 from graphprune.models.cnn import BasicBlock, ResNet
 from graphprune.models.transformers import ViT
 from graphprune.pipeline.plots import plot_accuracy_vs_speedup, plot_kept_channels
@@ -262,7 +263,7 @@ def main() -> None:
         "\n>= 2x measured speed-up (batch 1) with <= 1 point accuracy loss after fine-tuning: "
         + (", ".join(f"{r['model']} {r['plan']}" for r in wins) or "none")
     )
-    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    write_text_atomic(out / "results.json", json.dumps(rows, indent=1, default=str))
     print(f"wrote {out / 'accuracy.png'}, kept_channels_*.png and results.json")
 
 

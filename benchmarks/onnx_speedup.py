@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import graphprune as gp
+from graphprune.io import write_text_atomic
 from graphprune.models import MODELS
 from graphprune.onnx import benchmark, export_onnx, make_feeds
 
@@ -145,7 +146,7 @@ def main() -> None:
                 f"{statistics.median(r['efficiency'][bn] for r in chosen):.2f}"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

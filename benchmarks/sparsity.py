@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import graphprune as gp
+from graphprune.io import write_text_atomic
 from graphprune.models.transformers import GPT
 from graphprune.sparsity.report import measure_sparsity
 
@@ -88,8 +90,7 @@ def main() -> None:
         "torch = dense model vs graphprune.sparsify (layers on CSR/BSR where measured faster)"
     )
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1, default=str)
+        write_text_atomic(Path(args.json), json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
+from graphprune.io import write_text_atomic
 
 
 def _import_transformers() -> Any:
@@ -149,7 +150,7 @@ def main() -> None:
                 flush=True,
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
