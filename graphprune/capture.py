@@ -67,6 +67,18 @@ def normalize_inputs(example_inputs: ExampleInputs | LabelledBatch) -> tuple[Arg
     )
 
 
+def output_tensors(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tensor]:
+    """The tensors ``model`` returns on ``example_inputs`` (no grad): the output itself, or the
+    tensors of a tuple/list or of a dict (``ModelOutput``), in order."""
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = list(out.values()) if isinstance(out, Mapping) else list(out)
+    return [t for t in values if isinstance(t, torch.Tensor)]
+
+
 def owning_module(node: fx.Node) -> str:
     """FQN of the innermost module whose forward produced ``node`` ('' for the root)."""
     stack = node.meta.get("nn_module_stack")

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from graphprune.capture import ExampleInputs
+from graphprune.capture import ExampleInputs, output_tensors
 from graphprune.hf import without_cache
 from graphprune.macs import count_macs, count_params
 from graphprune.onnx.bench import BenchReport, benchmark
@@ -259,7 +259,7 @@ def verify_int8(
         rtol=0.0,
         raise_on_error=False,
     )
-    scale = _output_scale(model, example_inputs)
+    scale = max(float(t.abs().max()) for t in output_tensors(model, example_inputs))
     report.atol, report.rtol = INT8_TOLERANCE * scale, 0.0
     for e in report.errors:
         e.ok = e.max_abs <= report.atol
@@ -270,20 +270,6 @@ def verify_int8(
             f"output scale {scale:.3e}\n{report.table()}"
         )
     return report
-
-
-def _output_scale(model: nn.Module, example_inputs: ExampleInputs) -> float:
-    from graphprune.capture import normalize_inputs
-
-    args, kwargs = normalize_inputs(example_inputs)
-    with torch.no_grad():
-        out = model(*args, **kwargs)
-    tensors = (
-        [out]
-        if isinstance(out, torch.Tensor)
-        else (list(out.values()) if isinstance(out, dict) else list(out))
-    )
-    return max(float(t.abs().max()) for t in tensors if isinstance(t, torch.Tensor))
 
 
 __all__ = [

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.capture import ExampleInputs, normalize_inputs
+from graphprune.capture import ExampleInputs, normalize_inputs, output_tensors
 from graphprune.errors import GraphPruneError
 from graphprune.onnx.runtime import feeds, session
 
@@ -104,13 +104,8 @@ def input_sets(
 def _torch_outputs(
     model: nn.Module, names: list[str], tensors: list[torch.Tensor], keyword: bool
 ) -> list[np.ndarray]:
-    with torch.no_grad():
-        out = model(**dict(zip(names, tensors, strict=True))) if keyword else model(*tensors)
-    if isinstance(out, torch.Tensor):
-        out = [out]
-    elif isinstance(out, dict):
-        out = list(out.values())
-    return [o.detach().float().cpu().numpy() for o in out if isinstance(o, torch.Tensor)]
+    inputs = dict(zip(names, tensors, strict=True)) if keyword else tuple(tensors)
+    return [o.detach().float().cpu().numpy() for o in output_tensors(model, inputs)]
 
 
 def verify(

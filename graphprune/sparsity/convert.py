@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from graphprune.capture import ExampleInputs, normalize_inputs
+from graphprune.capture import ExampleInputs, normalize_inputs, output_tensors
 from graphprune.errors import InputError
 from graphprune.passes.base import PassContext, PassManager, PruneError
 from graphprune.passes.sparsify import Sparsify, SparsifyReport, matrix_of
@@ -94,8 +94,7 @@ def sparsify(
         for name in force:
             if name not in names or matrix_of(names[name]) is None:
                 raise InputError(f"force: {name!r} is not a Linear or 1x1 conv of the model")
-    with torch.no_grad():
-        reference = _outputs(target, example_inputs)
+    reference = output_tensors(target, example_inputs)
     sparsify_pass = Sparsify(
         layer_rows(target, example_inputs, sizes),
         min_speedup=min_speedup,
@@ -106,8 +105,7 @@ def sparsify(
     ctx = PassContext(target, example_inputs, None, None)  # no graph: the pass swaps modules
 
     def verify(ctx: PassContext) -> None:
-        with torch.no_grad():
-            got = _outputs(ctx.model, example_inputs)
+        got = output_tensors(ctx.model, example_inputs)
         err = max(float((a - b).abs().max()) for a, b in zip(got, reference, strict=True))
         scale = max(float(r.abs().max()) for r in reference)
         sparsify_pass.report.max_abs_error = err
@@ -128,12 +126,3 @@ def sparsify_report(model: nn.Module) -> SparsifyReport:
     if not isinstance(found, SparsifyReport):
         raise InputError("this model was not produced by graphprune.sparsify (no report)")
     return found
-
-
-def _outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[Tensor]:
-    args, kwargs = normalize_inputs(example_inputs)
-    out = model(*args, **kwargs)
-    if isinstance(out, Tensor):
-        return [out]
-    values = out.values() if isinstance(out, dict) else out
-    return [t for t in values if isinstance(t, Tensor)]
