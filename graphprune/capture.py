@@ -113,7 +113,8 @@ def _hint_for(reason: str) -> str:
     )
 
 
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
+def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """FQN -> every FQN of the same parameter or buffer (tied weights share one tensor)."""
     by_tensor: dict[int, list[str]] = {}
     named = [
         *model.named_parameters(remove_duplicate=False),
@@ -154,6 +155,6 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
         program=program,
         state_fqn=state_fqn,
         parameters=set(signature.inputs_to_parameters.values()),
-        aliases=_aliases(model),
+        aliases=tensor_aliases(model),
         user_inputs=list(signature.user_inputs),
     )

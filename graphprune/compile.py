@@ -104,8 +104,6 @@ def _compile_into(
     macs_before = count_macs(target, example_inputs)
     names = [n for n, _ in target.named_modules() if n] + [n for n, _ in target.named_parameters()]
     plan.check_patterns(names)
-    if plan.sparsity is not None:
-        plan.sparsity.check_patterns(names)
     changes: list[str] = []
     dropped: list[str] = []
     outcomes: list[GroupOutcome] = []

@@ -177,8 +177,11 @@ class Plan:
         return simd_block() if self.round_to == "auto" else int(self.round_to)
 
     def check_patterns(self, modules: Iterable[str]) -> None:
-        """Every ``ignore``/``overrides``/``include`` glob must match a module (catches typos)."""
+        """Every ``ignore``/``overrides``/``include`` glob, the nested sparsity plan's too, must
+        match a module (catches typos)."""
         names = list(modules)
+        if self.sparsity is not None:
+            self.sparsity.check_patterns(names)
         for pattern in [*self.ignore, *self.overrides, *self.include]:
             if not any(fnmatchcase(n, pattern) for n in names):
                 close = [

@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
+from graphprune.capture import tensor_aliases
 from graphprune.importance import LossFn, gradients
 from graphprune.plan import Plan
 
@@ -65,7 +67,7 @@ def maskable_layers(
     """Linear/Conv modules the sparse ``plan`` masks, and the ones it leaves dense (with why).
     Layers in ``previous`` (masked already) may be masked again."""
     previous = previous or {}
-    tied = _tied_weights(model)
+    aliases = tensor_aliases(model)
     chosen: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -75,12 +77,13 @@ def maskable_layers(
             continue
         if any(fnmatchcase(name, p) for p in plan.ignore):
             skipped[name] = "ignored by the plan"
-        elif f"{name}.weight" in tied:
+        elif len(shared := aliases.get(f"{name}.weight", [])) > 1:
+            other = next(n for n in shared if n != f"{name}.weight")
             skipped[name] = (
-                f"weight tied with {tied[f'{name}.weight']}: a mask on one user of a shared "
+                f"weight tied with {other}: a mask on one user of a shared "
                 "weight would untie it; left dense"
             )
-        elif _is_parametrized(module) and name not in previous:
+        elif parametrize.is_parametrized(module) and name not in previous:
             skipped[name] = "weight already parametrized (masked?): finalize() it first"
         else:
             chosen[name] = module
@@ -243,20 +246,3 @@ def weight_of(module: nn.Module) -> Tensor:
     weight = module.weight
     assert isinstance(weight, Tensor), type(weight)
     return weight
-
-
-def _tied_weights(model: nn.Module) -> dict[str, str]:
-    """FQN -> another FQN of the same parameter, for every parameter reachable twice."""
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied[name] = seen[id(p)]
-            tied.setdefault(seen[id(p)], name)
-        else:
-            seen[id(p)] = name
-    return tied
-
-
-def _is_parametrized(module: nn.Module) -> bool:
-    return bool(getattr(module, "parametrizations", None))
