@@ -15,11 +15,11 @@ from torch import nn
 from graphprune.analysis import DependencyGraph, analyze_captured
 from graphprune.capture import Captured, ExampleInputs, capture
 from graphprune.errors import InputError
-from graphprune.hf import layer_paths, no_cache, sync_config
+from graphprune.hf import no_cache, sync_config
 from graphprune.importance import LossFn, score_groups
 from graphprune.macs import count_macs, count_params
 from graphprune.passes.base import Pass, PassContext, PassManager
-from graphprune.passes.drop_layers import DropLayers, block_contributions, residual_blocks
+from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
 from graphprune.passes.provenance import trace_int_uses
 from graphprune.passes.prune_heads import PruneHeads
 from graphprune.passes.slice_channels import SliceChannels
@@ -199,8 +199,7 @@ def _prune_structure(
     )
 
     if plan.granularity == "layers":
-        candidates = layer_paths(target) or residual_blocks(captured)  # HF: the layer list
-        blocks = [b for b in candidates if not plan.ignores([b])]
+        blocks = [b for b in droppable_blocks(target, captured) if not plan.ignores([b])]
         if not blocks:
             raise PlanError(
                 "granularity='layers' found no residual block (y = x + f(x)) to "

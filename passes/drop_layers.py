@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from graphprune.capture import Captured, normalize_inputs
-from graphprune.hf import remove_layers
+from graphprune.hf import layer_paths, remove_layers
 from graphprune.modules import SkipBlock
 from graphprune.passes.base import PassContext, PassResult
 
@@ -51,6 +51,11 @@ def residual_blocks(captured: Captured) -> list[str]:
         if any(_same_shape(x, y) and _trunk(y, x, members) for x in dict.fromkeys(inputs)):
             found.append(path)
     return [p for p in found if not any(q != p and q.startswith(p + ".") for q in found)]
+
+
+def droppable_blocks(model: nn.Module, captured: Captured) -> list[str]:
+    """The candidates of granularity='layers': an HF model's layer list, else residual blocks."""
+    return layer_paths(model) or residual_blocks(captured)
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:

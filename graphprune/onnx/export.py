@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import io
 import logging
@@ -23,9 +22,9 @@ from torch import nn
 
 from graphprune.capture import ExampleInputs, normalize_inputs
 from graphprune.errors import GraphPruneError
-from graphprune.kernels.sparse_modules import SPARSE_MODULES, densify
+from graphprune.kernels.sparse_modules import SPARSE_MODULES
 from graphprune.onnx.sparse_storage import PackingReport, pack_sparse_weights
-from graphprune.sparsity.parametrize import finalize, is_masked
+from graphprune.sparsity.parametrize import dense_copy, is_masked
 
 PROTOBUF_LIMIT = 2 * 1024**3  # a single .onnx file cannot exceed 2 GB
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages
@@ -116,7 +115,7 @@ def export(
     """
     path = Path(path)
     if is_masked(model) or any(isinstance(m, SPARSE_MODULES) for m in model.modules()):
-        model = densify(finalize(copy.deepcopy(model)))  # the exporter would trace w * mask
+        model = dense_copy(model)  # the exporter would trace w * mask
     args, kwargs = normalize_inputs(example_inputs)
     if dynamic_batch:  # torch.export specialises a dim of size 1: trace with a batch of 2
         args = tuple(_batch_of_two(a) for a in args)

@@ -25,7 +25,7 @@ from graphprune.capture import ExampleInputs, LabelledBatch, capture
 from graphprune.compile import compile
 from graphprune.importance import LossFn
 from graphprune.macs import count_macs, count_params
-from graphprune.passes.drop_layers import residual_blocks
+from graphprune.passes.drop_layers import droppable_blocks
 from graphprune.pipeline.progress import track
 from graphprune.pipeline.schedule import schedule_ratios
 from graphprune.plan import Plan, PlanError, keep_count
@@ -185,7 +185,8 @@ class Pruner:
 
 
 def residual_blocks_of(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
-    return residual_blocks(capture(model, example_inputs))
+    """The blocks compile's granularity='layers' chooses from (the same function)."""
+    return droppable_blocks(model, capture(model, example_inputs))
 
 
 def _calibration(

@@ -10,6 +10,7 @@ keys of a layer are ``parametrizations.weight.original`` and ``parametrizations.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from graphprune.errors import InputError
+from graphprune.kernels.sparse_modules import densify
 from graphprune.report import RECORD
 from graphprune.sparsity.masks import MaskSet, weight_of
 
@@ -117,6 +119,12 @@ def _own_class(module: nn.Module) -> None:
     cls = module.__class__
     body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with masks baked in and sparse-kernel layers dense again: what the
+    exporter and the dense side of a measurement need (the original is not touched)."""
+    return densify(finalize(copy.deepcopy(model)))
 
 
 def is_masked(model: nn.Module) -> bool:

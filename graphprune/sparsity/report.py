@@ -9,7 +9,6 @@ dense model vs the sparse-kernel model in torch (the only place sparsity buys sp
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.capture import ExampleInputs, normalize_inputs
-from graphprune.kernels.sparse_modules import SPARSE_MODULES, densify
+from graphprune.kernels.sparse_modules import SPARSE_MODULES
 from graphprune.onnx import make_feeds
 from graphprune.onnx.bench import BatchResult, BenchReport, benchmark, interleaved
 from graphprune.onnx.export import export
@@ -28,7 +27,7 @@ from graphprune.onnx.sparse_storage import storage_choice
 from graphprune.onnx.verify import verify
 from graphprune.passes.sparsify import LayerDecision, matrix_of
 from graphprune.sparsity.convert import sparsify, sparsify_report, with_batch
-from graphprune.sparsity.parametrize import finalize
+from graphprune.sparsity.parametrize import dense_copy
 
 
 @dataclass
@@ -177,7 +176,7 @@ def measure_sparsity(
     ``batch_sizes``; torch and onnxruntime run with ``threads`` threads, ``runs`` interleaved
     runs per batch size.
     """
-    dense = densify(finalize(copy.deepcopy(model))).eval()
+    dense = dense_copy(model).eval()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
