@@ -31,7 +31,7 @@ from graphprune.pipeline.schedule import schedule_ratios
 from graphprune.plan import Plan, PlanError, keep_count
 from graphprune.resolve import eligible_groups, producers
 from graphprune.sparsity.masks import compute_masks
-from graphprune.sparsity.parametrize import masked_layers, update_masks
+from graphprune.sparsity.parametrize import masked_fraction, masked_layers, update_masks
 
 FineTune = Callable[[nn.Module, int], dict[str, float] | None]
 
@@ -103,7 +103,7 @@ class Pruner:
                 ratio,
                 count_params(self.model),
                 count_macs(self.model, self.example_inputs),
-                _weight_sparsity(self.model),
+                masked_fraction(self.model),
                 time.perf_counter() - start,
             )
             self.history.append(record)
@@ -203,9 +203,3 @@ def _calibration(
     if labelled or (labelled is None and loss_fn is not None and pairs and taken):
         return [LabelledBatch(b[0], b[1]) for b in taken]
     return taken
-
-
-def _weight_sparsity(model: nn.Module) -> float:
-    masks = masked_layers(model)
-    total = sum(m.numel() for m in masks.values())
-    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0

@@ -53,13 +53,6 @@ class MaskSet:
     layers: dict[str, LayerMask] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # module FQN -> why it stays dense
 
-    @property
-    def sparsity(self) -> float:
-        """Zeroed fraction of all masked weights."""
-        total = sum(m.mask.numel() for m in self.layers.values())
-        kept = sum(int(m.mask.sum()) for m in self.layers.values())
-        return 1.0 - kept / max(total, 1)
-
 
 def maskable_layers(
     model: nn.Module, plan: Plan, previous: dict[str, Tensor] | None = None

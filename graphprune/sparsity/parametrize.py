@@ -87,6 +87,13 @@ def masked_layers(model: nn.Module) -> dict[str, Tensor]:
     return {name: holder.mask for name, holder in _mask_modules(model).items()}
 
 
+def masked_fraction(model: nn.Module) -> float:
+    """Zeroed fraction of all masked weights of ``model`` (0 when nothing is masked)."""
+    masks = masked_layers(model).values()
+    total = sum(m.numel() for m in masks)
+    return 1.0 - sum(int(m.sum()) for m in masks) / total if total else 0.0
+
+
 def finalize(model: nn.Module) -> nn.Module:
     """Bake the masks in: plain ``weight`` parameters with exact zeros, no parametrization.
 
