@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from graphprune.kernels.sparse_modules import sparse_matmul, to_sparse
+from graphprune.timing import interleaved_samples
 
 
 @dataclass
@@ -62,17 +62,7 @@ def time_layouts(
     for layout in layouts:
         sparse = to_sparse(weight, layout, blocksize)
         kernels[layout] = functools.partial(sparse_matmul, sparse, x, layout)
-    samples: dict[str, list[float]] = {k: [] for k in kernels}
-    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
-    with torch.no_grad():
-        for f in kernels.values():  # warm-up: MKL handles, page faults
-            f()
-            f()
-        for _ in range(repeats):
-            for name, f in kernels.items():
-                sync()
-                start = time.perf_counter()
-                f()
-                sync()
-                samples[name].append(time.perf_counter() - start)
+    sync = torch.cuda.synchronize if weight.is_cuda else None
+    with torch.no_grad():  # 2 warm-up rounds: MKL handles, page faults
+        samples = interleaved_samples(kernels, warmup=2, repeats=repeats, sync=sync)
     return KernelTimes(rows, {k: statistics.median(v) * 1e6 for k, v in samples.items()})

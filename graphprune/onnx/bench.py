@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from graphprune.onnx.runtime import session
+from graphprune.timing import interleaved_samples
 
 Feeds = dict[str, np.ndarray]
 
@@ -113,17 +113,8 @@ def interleaved(
     run_a: Callable[[], object], run_b: Callable[[], object], *, warmup: int, runs: int
 ) -> tuple[Latency, Latency]:
     """Median/p90 of ``run_a`` and ``run_b`` timed A B, B A, ... after ``warmup`` pairs."""
-    for _ in range(warmup):
-        run_a()
-        run_b()
-    samples: tuple[list[float], list[float]] = ([], [])
-    for i in range(runs):
-        order = ((1, run_b), (0, run_a)) if i % 2 else ((0, run_a), (1, run_b))
-        for which, run in order:
-            start = time.perf_counter()
-            run()
-            samples[which].append(time.perf_counter() - start)
-    return Latency.of(samples[0]), Latency.of(samples[1])
+    samples = interleaved_samples({"a": run_a, "b": run_b}, warmup=warmup, repeats=runs)
+    return Latency.of(samples["a"]), Latency.of(samples["b"])
 
 
 def benchmark(
