@@ -41,26 +41,34 @@ def sparse_matmul(weight: Tensor, rows: Tensor, layout: str) -> Tensor:
     return (weight @ rows.T).T  # (out, in) @ (in, R) -> (out, R) -> (R, out)
 
 
-class SparseLinear(nn.Module):
-    """``nn.Linear`` with its weight in a sparse layout: (..., in) -> (..., out)."""
+class _SparseProduct(nn.Module):
+    """A sparse (out, in) weight and optional bias: ``rows (R, in) -> (R, out)``."""
 
     weight: Tensor
     bias: Tensor | None
 
-    def __init__(self, linear: nn.Linear, layout: str, blocksize: int | None = None) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, layout: str, blocksize: int | None
+    ) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.layout, self.blocksize = layout, blocksize
-        weight = linear.weight.detach()
-        self.register_buffer("weight", to_sparse(weight, layout, blocksize))
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
+        self.register_buffer("weight", to_sparse(weight.detach(), layout, blocksize))
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+
+    def product(self, rows: Tensor) -> Tensor:
+        y = sparse_matmul(self.weight, rows, self.layout)  # (R, out)
+        return y + self.bias if self.bias is not None else y
+
+
+class SparseLinear(_SparseProduct):
+    """``nn.Linear`` with its weight in a sparse layout: (..., in) -> (..., out)."""
+
+    def __init__(self, linear: nn.Linear, layout: str, blocksize: int | None = None) -> None:
+        super().__init__(linear.weight, linear.bias, layout, blocksize)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)  # (R, in)
-        y = sparse_matmul(self.weight, rows, self.layout)  # (R, out)
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.product(x.reshape(-1, self.in_features))  # (R, in) -> (R, out)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense(self) -> nn.Linear:
@@ -71,29 +79,19 @@ class SparseLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, layout={self.layout}"
 
 
-class SparseConv1x1(nn.Module):
+class SparseConv1x1(_SparseProduct):
     """A 1x1, stride-1, ungrouped ``nn.Conv2d`` as sparse W @ X: (N, in, H, W) -> (N, out, H, W)."""
 
-    weight: Tensor
-    bias: Tensor | None
-
     def __init__(self, conv: nn.Conv2d, layout: str, blocksize: int | None = None) -> None:
-        super().__init__()
         if not is_pointwise(conv):
             raise ValueError("SparseConv1x1 takes a 1x1 conv with stride 1, no padding, groups 1")
+        weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
+        super().__init__(weight, conv.bias, layout, blocksize)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.layout, self.blocksize = layout, blocksize
-        weight = conv.weight.detach().reshape(self.out_channels, self.in_channels)
-        self.register_buffer("weight", to_sparse(weight, layout, blocksize))
-        bias = conv.bias.detach().clone() if conv.bias is not None else None
-        self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)  # (N*H*W, in)
-        y = sparse_matmul(self.weight, rows, self.layout)  # (N*H*W, out)
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.product(x.permute(0, 2, 3, 1).reshape(-1, self.in_channels))  # (N*H*W, out)
         return y.reshape(n, h, w, self.out_channels).permute(0, 3, 1, 2)
 
     def to_dense(self) -> nn.Conv2d:
