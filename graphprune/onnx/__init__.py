@@ -183,10 +183,11 @@ def export_onnx(
     )
     if optimized_path is not None:  # onnxruntime writes its optimised graph at session start
         session(path, threads, optimized_path)
-    if verify:
-        report.verification = verify_onnx(
-            model,
-            path,
+
+    def check(exported_model: nn.Module, onnx_path: Path) -> Verification:
+        return verify_onnx(
+            exported_model,
+            onnx_path,
             example_inputs,
             names_in,
             names_out,
@@ -194,6 +195,9 @@ def export_onnx(
             atol=atol,
             rtol=rtol,
         )
+
+    if verify:
+        report.verification = check(model, path)
     if quantize is not None:
         int8 = path.with_name(f"{path.stem}.int8.onnx")
         quantize_onnx(
@@ -210,16 +214,7 @@ def export_onnx(
             base_path = Path(tmp) / "baseline.onnx"
             export(baseline, example_inputs, base_path, dynamic_batch=dynamic_batch, opset=opset)
             if verify:
-                report.baseline_verification = verify_onnx(
-                    baseline,
-                    base_path,
-                    example_inputs,
-                    names_in,
-                    names_out,
-                    dynamic_batch=dynamic_batch,
-                    atol=atol,
-                    rtol=rtol,
-                )
+                report.baseline_verification = check(baseline, base_path)
             if bench_runs > 0:
                 example_batch = next(
                     iter(
