@@ -81,6 +81,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         "importance": args.importance,
         "granularity": args.granularity,
         "round_to": args.round_to,
+        "min_channels": args.min_channels,
         "nm": args.nm,
         "block": args.block,
     }
@@ -249,8 +250,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--round-to",
         type=lambda v: v if v == "auto" else int(v),
-        help="kept channels a multiple of N, or 'auto' (this CPU's SIMD block)",
+        help="each layer's kept width a multiple of N; 'auto' (default): this CPU's SIMD "
+        "block; 1: exact counts",
     )
+    p.add_argument("--min-channels", type=int, help="never keep fewer channels in a layer")
     p.add_argument("--ignore", action="append", metavar="GLOB", help="module glob to keep")
 
 

@@ -25,10 +25,20 @@ from graphprune.passes.prune_heads import PruneHeads
 from graphprune.passes.slice_channels import SliceChannels
 from graphprune.passes.verify import make_verifier, output_shapes
 from graphprune.plan import Plan, PlanError
-from graphprune.report import RECORD, REPORT, CompileReport, GroupOutcome, LayerSparsity
-from graphprune.resolve import Resolution, eligible_groups, resolve
+from graphprune.report import (
+    RECORD,
+    REPORT,
+    CompileReport,
+    GroupOutcome,
+    LayerSparsity,
+    UnitReport,
+)
+from graphprune.resolve import Resolution, candidate_groups, resolve
 from graphprune.sparsity.masks import compute_masks
 from graphprune.sparsity.parametrize import apply_masks
+from graphprune.units import pruning_units
+
+RECORD_FORMAT = 2  # 2: resolutions carry per-unit outcomes (1: groups only; still loadable)
 
 
 class Stopwatch:
@@ -143,6 +153,7 @@ def _compile_into(
         macs_before=macs_before,
         macs_after=count_macs(target, example_inputs),  # masks keep the dense MACs
         groups=outcomes,
+        units=[UnitReport(**vars(u)) for u in resolution.units],
         changes=changes,
         dropped=dropped,
         seconds=watch.seconds,
@@ -151,7 +162,7 @@ def _compile_into(
         config=synced.to_dict() if synced is not None else {},
     )
     record = {
-        "format": 1,
+        "format": RECORD_FORMAT,
         "plan": report.plan,
         "dropped": dropped,
         "resolution": resolution.to_dict(),
@@ -215,19 +226,23 @@ def _prune_structure(
         outcomes: list[GroupOutcome] = []
         resolution = Resolution()
     else:
-        groups = eligible_groups(dg, plan, modules)
+        groups = candidate_groups(dg, plan)
+        units = pruning_units(dg, groups, modules, plan.ratio or 0.5, plan.channel_multiple)
         scores = score_groups(
             target, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
         )
         lap("score")
         make = PruneHeads if plan.granularity == "heads" else SliceChannels
+        resolutions: dict[float, Resolution] = {}
 
         def channel_trial(ratio: float) -> tuple[list[Pass], dict[int, list[int]]]:
             trial_plan = dataclasses.replace(plan, ratio=ratio, target_macs=None)
-            return [make()], resolve(trial_plan, dg, groups, scores, modules).kept
+            found = resolve(trial_plan, dg, groups, scores, modules, units=units)
+            resolutions[ratio] = found
+            return [make()], found.kept
 
         passes, kept = _choose(plan, channel_trial, target, example_inputs, setup)
-        resolution = Resolution(kept, {g.id: g.size for g in groups})
+        resolution = next(r for r in resolutions.values() if r.kept is kept)
         outcomes = [GroupOutcome(g.id, g.name, g.kind, len(kept[g.id]), g.size) for g in groups]
     lap("resolve")
 

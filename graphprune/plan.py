@@ -46,11 +46,12 @@ class Plan:
         ``Plan(ratio=0.5, sparsity=Plan(granularity="n:m", include=["*.mlp.*"]))``.
     include: FQN globs of the layers a sparse plan masks (default: every Linear/Conv).
     ignore: FQN globs of modules whose output channels are kept (sparse plans: not masked).
-    overrides: FQN glob -> ratio for the groups those modules produce.
-    round_to: kept channels are a multiple of this unless the group is smaller; "auto" = this
-        CPU's SIMD block (16 with AVX-512, 8 with AVX2), which keeps every conv in
-        onnxruntime's blocked NCHWc layout (see README, "Measured speed-up").
-    min_channels: never keep fewer channels than this in a group.
+    overrides: FQN glob -> ratio for the layers (pruning units) those modules produce.
+    round_to: each layer's kept width is a multiple of this; a layer narrower than it is left
+        whole. "auto" (the default) = this CPU's SIMD block (16 with AVX-512, 8 with AVX2),
+        which keeps every conv in onnxruntime's blocked NCHWc layout (see README, "Measured
+        speed-up"); 1 = exact counts. Head counts are never rounded.
+    min_channels: never keep fewer channels than this in a layer.
     """
 
     ratio: float | None = None
@@ -60,7 +61,7 @@ class Plan:
     granularity: str = "channels"
     ignore: list[str] = field(default_factory=list)
     overrides: dict[str, float] = field(default_factory=dict)
-    round_to: int | str = 1
+    round_to: int | str = "auto"
     min_channels: int = 1
     max_ratio: float = 0.9
     seed: int = 0
@@ -183,6 +184,8 @@ class Plan:
         if self.sparsity is not None:
             self.sparsity.check_patterns(names)
         for pattern in [*self.ignore, *self.overrides, *self.include]:
+            if ", " in pattern and all(part in names for part in pattern.split(", ")):
+                continue  # a unit's exact name (several layers), as Pruner steps write them
             if not any(fnmatchcase(n, pattern) for n in names):
                 close = [
                     n
@@ -193,20 +196,24 @@ class Plan:
                 hint = f"; modules nearby: {', '.join(close)}" if close else ""
                 raise PlanError(f"pattern {pattern!r} matches no module of the model{hint}")
 
-    def check_heads(self, heads: int, where: str) -> None:
+    def check_heads(self, heads: int, where: str, ratio: float | None = None) -> None:
         """A heads ratio must remove a whole number of heads."""
-        if self.ratio is None:
+        ratio = self.ratio if ratio is None else ratio
+        if ratio is None:
             return
-        removed = self.ratio * heads
+        removed = ratio * heads
         if abs(removed - round(removed)) > 1e-6:
             valid = ", ".join(f"{k / heads:g}" for k in range(heads))
             raise PlanError(
-                f"ratio={self.ratio} removes {removed:g} of the {heads} heads of "
+                f"ratio={ratio} removes {removed:g} of the {heads} heads of "
                 f"{where}; use a ratio that removes whole heads: {valid}"
             )
 
-    def ratio_for(self, modules: Iterable[str]) -> float:
-        """The ratio for a group whose producing modules are ``modules`` (overrides first)."""
+    def ratio_for(self, modules: Iterable[str], unit: str | None = None) -> float:
+        """The ratio for a unit whose layers are ``modules`` (overrides first; an override
+        keyed by the unit's exact name, as :class:`graphprune.Pruner` writes them, wins)."""
+        if unit is not None and unit in self.overrides:
+            return self.overrides[unit]
         names = list(modules)
         for pattern, value in self.overrides.items():
             if any(fnmatchcase(n, pattern) for n in names):
@@ -275,13 +282,16 @@ def simd_block() -> int:
     return 16 if "AVX512" in capability else 8 if "AVX2" in capability else 4
 
 
-def keep_count(size: int, ratio: float, round_to: int, min_channels: int) -> int:
-    """Channels kept in a group of ``size`` when removing ``ratio`` of them.
+def keep_count(size: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
+    """Channels kept of ``size`` when removing ``ratio`` of them.
 
-    The kept count is rounded *up* to a multiple of ``round_to`` (never above ``size``) and is
-    at least ``min_channels``.
+    The kept count is rounded *up* to a multiple of ``round_to`` (never above ``size``; a size
+    smaller than ``round_to`` is kept whole rather than rounded to nothing) and is at least
+    ``min_channels``.
     """
+    if ratio <= 0.0 or (round_to > 1 and size < round_to):
+        return size
     keep = size - math.floor(ratio * size + 1e-9)
-    if round_to > 1 and size >= round_to:
+    if round_to > 1:
         keep = min(size, math.ceil(keep / round_to) * round_to)
     return max(min(size, min_channels), keep)

@@ -20,6 +20,18 @@ class GroupOutcome:
 
 
 @dataclass
+class UnitReport:
+    """One pruning unit (a layer's output channels, or one concat slice): kept of total."""
+
+    name: str
+    group: int
+    kind: str
+    kept: int
+    total: int
+    multiplier: int = 1  # output channels per unit channel (conv groups held whole)
+
+
+@dataclass
 class LayerSparsity:
     """A layer a sparse plan masked (pattern "unstructured"/"n:m"/"block") or left dense."""
 
@@ -38,6 +50,7 @@ class CompileReport:
     macs_before: int
     macs_after: int
     groups: list[GroupOutcome] = field(default_factory=list)
+    units: list[UnitReport] = field(default_factory=list)  # per layer: kept / total channels
     changes: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -85,14 +98,25 @@ class CompileReport:
             for r in rows
         ]
         changed = [g for g in self.groups if g.kept < g.total]
+        pruned_units = [u for u in self.units if u.kept < u.total]
         lines.append(
             f"groups pruned: {len(changed)} of {len(self.groups)} eligible"
+            + (f"; layers pruned: {len(pruned_units)} of {len(self.units)}" if self.units else "")
             + (f"; blocks dropped: {len(self.dropped)}" if self.dropped else "")
         )
-        for g in changed[:max_groups]:
-            lines.append(f"  group {g.id:<3} {g.kind:<9} {g.kept:>5}/{g.total:<5} {g.name}")
-        if len(changed) > max_groups:
-            lines.append(f"  … {len(changed) - max_groups} more")
+        if self.units:
+            lines.append(f"  {'kept/total':>11}  {'group':>5}  layer (unit)")
+            for u in self.units[:max_groups]:
+                kept, total = u.kept * u.multiplier, u.total * u.multiplier
+                unit = "heads" if u.kind != "channels" else "ch"
+                lines.append(f"  {kept:>5}/{total:<5} {u.group:>5}  {u.name} ({unit})")
+            if len(self.units) > max_groups:
+                lines.append(f"  … {len(self.units) - max_groups} more layers")
+        else:
+            for g in changed[:max_groups]:
+                lines.append(f"  group {g.id:<3} {g.kind:<9} {g.kept:>5}/{g.total:<5} {g.name}")
+            if len(changed) > max_groups:
+                lines.append(f"  … {len(changed) - max_groups} more")
         for path in self.dropped:
             lines.append(f"  dropped {path}")
         masked = [s for s in self.sparsity if s.shape]

@@ -1,4 +1,19 @@
-"""Resolve a Plan and importance scores into concrete kept channel indices per group."""
+"""Resolve a Plan and importance scores into concrete kept channel indices per group.
+
+1. **Units.** Each eligible group is split into pruning units (:mod:`graphprune.units`): the
+   channels one layer (or one set of layers) produces. Outer factors of composite outputs
+   (conv groups, norm groups) are held whole so that a ratio is never compounded.
+2. **Local scope.** Every unit keeps ``keep_count(size, ratio)`` of its best-scoring channels:
+   rounded *up* so that the layer width is a multiple of ``round_to`` (a unit narrower than
+   ``round_to`` is left whole), never below ``min_channels``. ``overrides``/``ignore`` name the
+   unit's layers.
+3. **Global scope.** Channels are ranked across units by their score normalised by the group's
+   mean; at most ``max_ratio`` of any unit is removed; the budget counts layer width.
+4. **Scores** are per group channel and sum over *every* member of the group, so the layers a
+   group couples agree on what to keep.
+5. **Safety.** No member loses all its channels (a concat part must not vanish) and no tensor
+   dimension empties.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +24,51 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from graphprune.analysis import DependencyGraph, Group, Member
+from graphprune.analysis import DependencyGraph, Group
 from graphprune.plan import Plan, keep_count
+from graphprune.units import Unit, Units, is_output_dim, producers, pruning_units
 
 KINDS_FOR = {"channels": {"channels"}, "heads": {"heads", "kv_heads"}}
+
+__all__ = [
+    "KINDS_FOR",
+    "Resolution",
+    "UnitOutcome",
+    "candidate_groups",
+    "eligible_groups",
+    "is_output_dim",
+    "producers",
+    "resolve",
+    "unit_keep",
+]
+
+
+@dataclass
+class UnitOutcome:
+    """How many channels one unit (layer) kept."""
+
+    name: str
+    group: int
+    kind: str
+    kept: int
+    total: int
+    multiplier: int = 1
+
+    @property
+    def width(self) -> tuple[int, int]:
+        """Kept and total output channels of the layer."""
+        return self.kept * self.multiplier, self.total * self.multiplier
 
 
 @dataclass
 class Resolution:
-    """Kept channel indices for every group a plan touches (plain data, JSON-able)."""
+    """Kept channel indices for every group a plan touches (plain data, JSON-able), and how
+    many channels each unit kept."""
 
     kept: dict[int, list[int]] = field(default_factory=dict)
     sizes: dict[int, int] = field(default_factory=dict)
+    units: list[UnitOutcome] = field(default_factory=list)
+    held: dict[int, str] = field(default_factory=dict)  # group id -> why it was kept whole
 
     @property
     def changed(self) -> dict[int, list[int]]:
@@ -30,6 +78,8 @@ class Resolution:
         return {
             "kept": {str(g): k for g, k in self.kept.items()},
             "sizes": {str(g): s for g, s in self.sizes.items()},
+            "units": [vars(u) for u in self.units],
+            "held": {str(g): why for g, why in self.held.items()},
         }
 
     @classmethod
@@ -37,47 +87,131 @@ class Resolution:
         return cls(
             {int(g): [int(c) for c in k] for g, k in data["kept"].items()},
             {int(g): int(s) for g, s in data["sizes"].items()},
+            [UnitOutcome(**u) for u in data.get("units", [])],
+            {int(g): str(why) for g, why in data.get("held", {}).items()},
         )
 
 
-def is_output_dim(module: nn.Module | None, member: Member) -> bool:
-    """Does this member hold the channels ``module`` *produces* (vs. the ones it reads)?"""
-    name = member.fqn.rpartition(".")[2]
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return name == "bias" or member.dim == 1
-    if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-        return name == "bias" or member.dim == 0
-    if isinstance(module, nn.Embedding):
-        return member.dim == 1
-    if isinstance(module, nn.MultiheadAttention):
-        return name.startswith("in_proj") and member.dim == 0
-    return True  # norms, PReLU, standalone parameters: per-channel of what flows through
-
-
-def producers(group: Group, modules: dict[str, nn.Module]) -> list[str]:
-    """Modules (or standalone parameters) whose output channels are this group."""
-    names = []
-    for m in group.members:
-        if is_output_dim(modules.get(m.module), m):
-            names.append(m.module if m.module in modules and m.module else m.fqn)
-    return sorted(set(names))
+def candidate_groups(dg: DependencyGraph, plan: Plan) -> list[Group]:
+    """Prunable groups of the kinds the plan's granularity prunes."""
+    kinds = KINDS_FOR.get(plan.granularity, set())
+    return [g for g in dg.groups if g.prunable and g.kind in kinds]
 
 
 def eligible_groups(dg: DependencyGraph, plan: Plan, modules: dict[str, nn.Module]) -> list[Group]:
-    kinds = KINDS_FOR.get(plan.granularity, set())
-    out = []
-    for g in dg.groups:
-        if not g.prunable or g.kind not in kinds or plan.ignores(producers(g, modules)):
-            continue
-        if plan.granularity == "heads":
-            plan.check_heads(g.size, ", ".join(producers(g, modules)) or g.name)
-        out.append(g)
-    return out
+    """Candidate groups none of whose producing modules the plan ignores."""
+    return [g for g in candidate_groups(dg, plan) if not plan.ignores(producers(g, modules))]
 
 
-def _top(scores: np.ndarray, keep: int) -> list[int]:
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+def unit_keep(unit: Unit, ratio: float, plan: Plan) -> int:
+    """Channels ``unit`` keeps when it loses ``ratio`` of them (rule 2 of the docstring)."""
+    if unit.kind != "channels":  # heads: whole heads, no SIMD rounding
+        return keep_count(unit.size, ratio, 1, 1)
+    block = plan.channel_multiple
+    if ratio <= 0.0 or unit.width < block:
+        return unit.size
+    floor = max(1, math.ceil(plan.min_channels / unit.multiplier))
+    return keep_count(unit.size, ratio, unit.rounding(block), floor)
+
+
+def _top(scores: np.ndarray, channels: list[int], keep: int) -> list[int]:
+    order = sorted(channels, key=lambda c: (-scores[c], c))
     return sorted(order[:keep])
+
+
+def resolve(
+    plan: Plan,
+    dg: DependencyGraph,
+    groups: list[Group],
+    scores: dict[int, np.ndarray],
+    modules: dict[str, nn.Module],
+    *,
+    units: Units | None = None,
+) -> Resolution:
+    """Kept indices per group: the same ratio in every unit (local) or ranked across units
+    (global). ``groups`` are the candidates (:func:`candidate_groups`)."""
+    if units is None:
+        units = pruning_units(dg, groups, modules, plan.ratio or 0.0, plan.channel_multiple)
+    resolution = Resolution(sizes={g.id: g.size for g in groups}, held=dict(units.held))
+    ratio = plan.ratio or 0.0
+    unit_kept: dict[int, list[int]] = {}
+    pooled: list[Unit] = []
+    for u in units.units:
+        if plan.ignores(u.names):
+            unit_kept[u.id] = list(u.channels)
+            continue
+        unit_ratio = plan.ratio_for(u.names, u.name)
+        if plan.granularity == "heads":
+            plan.check_heads(u.size, u.name, unit_ratio)
+        if plan.scope == "global" and unit_ratio == ratio:
+            pooled.append(u)
+            continue
+        unit_kept[u.id] = _top(scores[u.group], u.channels, unit_keep(u, unit_ratio, plan))
+    if pooled:
+        unit_kept.update(_global(plan, pooled, scores, ratio))
+    by_group: dict[int, list[int]] = {g.id: [] for g in groups}
+    for u in units.units:
+        by_group[u.group].extend(unit_kept[u.id])
+    for g in groups:
+        if g.id in units.held:
+            by_group[g.id] = list(range(g.size))
+        resolution.kept[g.id] = _no_empty_members(g, sorted(by_group[g.id]), scores[g.id])
+    _no_empty_dims(dg, resolution.kept, scores)
+    kept_sets = {g: set(k) for g, k in resolution.kept.items()}
+    resolution.units = [
+        UnitOutcome(
+            u.name,
+            u.group,
+            u.kind,
+            len(kept_sets[u.group].intersection(u.channels)),
+            u.size,
+            u.multiplier,
+        )
+        for u in units.units
+    ]
+    return resolution
+
+
+def _global(
+    plan: Plan, units: list[Unit], scores: dict[int, np.ndarray], ratio: float
+) -> dict[int, list[int]]:
+    """Remove the globally least important channels, scores normalised per group; the budget
+    counts layer width, at most ``max_ratio`` of a unit goes, units narrower than
+    ``round_to`` stay whole."""
+    block = plan.channel_multiple
+    kept: dict[int, list[int]] = {}
+    ranked_units = []
+    for u in units:
+        if u.kind == "channels" and u.width < block:
+            kept[u.id] = list(u.channels)
+        else:
+            ranked_units.append(u)
+    total = sum(u.width for u in ranked_units)
+    budget = math.floor(ratio * total + 1e-9)
+    ranked: list[tuple[float, int, int]] = []
+    by_id = {u.id: u for u in ranked_units}
+    for u in ranked_units:
+        s = scores[u.group]
+        mean = float(s.mean()) if s.size else 0.0
+        normalised = s / mean if mean > 0 else s
+        ranked.extend((float(normalised[c]), u.id, c) for c in u.channels)
+    ranked.sort()
+    limit = {
+        u.id: min(math.floor(plan.max_ratio * u.size), u.size - unit_keep(u, plan.max_ratio, plan))
+        for u in ranked_units
+    }
+    removed = {u.id: 0 for u in ranked_units}
+    count = 0
+    for _, uid, _c in ranked:
+        if count >= budget:
+            break
+        if removed[uid] < limit[uid]:
+            removed[uid] += 1
+            count += by_id[uid].multiplier
+    for u in ranked_units:
+        keep = unit_keep(u, removed[u.id] / u.size, plan)
+        kept[u.id] = _top(scores[u.group], u.channels, keep)
+    return kept
 
 
 def _no_empty_members(group: Group, kept: list[int], scores: np.ndarray) -> list[int]:
@@ -88,65 +222,6 @@ def _no_empty_members(group: Group, kept: list[int], scores: np.ndarray) -> list
         if used and not used & chosen:
             chosen.add(max(used, key=lambda c: (scores[c], -c)))
     return sorted(chosen)
-
-
-def resolve(
-    plan: Plan,
-    dg: DependencyGraph,
-    groups: list[Group],
-    scores: dict[int, np.ndarray],
-    modules: dict[str, nn.Module],
-) -> Resolution:
-    """Kept indices per group: same ratio per group (local) or ranked across groups (global)."""
-    resolution = Resolution(sizes={g.id: g.size for g in groups})
-    ratio = plan.ratio or 0.0
-    pooled: list[Group] = []
-    for g in groups:
-        group_ratio = plan.ratio_for(producers(g, modules))
-        if plan.scope == "global" and group_ratio == ratio:
-            pooled.append(g)
-            continue
-        keep = keep_count(g.size, group_ratio, plan.channel_multiple, plan.min_channels)
-        resolution.kept[g.id] = _top(scores[g.id], keep)
-    if pooled:
-        resolution.kept.update(_global(plan, pooled, scores, ratio))
-    for g in groups:
-        resolution.kept[g.id] = _no_empty_members(g, resolution.kept[g.id], scores[g.id])
-    _no_empty_dims(dg, resolution.kept, scores)
-    return resolution
-
-
-def _global(
-    plan: Plan, groups: list[Group], scores: dict[int, np.ndarray], ratio: float
-) -> dict[int, list[int]]:
-    """Remove the globally least important channels, scores normalised per group."""
-    total = sum(g.size for g in groups)
-    budget = math.floor(ratio * total + 1e-9)
-    ranked: list[tuple[float, int, int]] = []
-    for g in groups:
-        s = scores[g.id]
-        normalised = s / s.mean() if s.mean() > 0 else s
-        ranked.extend((float(v), g.id, c) for c, v in enumerate(normalised))
-    ranked.sort()
-    limit = {
-        g.id: min(math.floor(plan.max_ratio * g.size), g.size - min(g.size, plan.min_channels))
-        for g in groups
-    }
-    removed: dict[int, set[int]] = {g.id: set() for g in groups}
-    count = 0
-    for _, gid, c in ranked:
-        if count >= budget:
-            break
-        if len(removed[gid]) < limit[gid]:
-            removed[gid].add(c)
-            count += 1
-    kept: dict[int, list[int]] = {}
-    for g in groups:
-        keep = keep_count(
-            g.size, len(removed[g.id]) / g.size, plan.channel_multiple, plan.min_channels
-        )
-        kept[g.id] = _top(scores[g.id], keep)
-    return kept
 
 
 def _no_empty_dims(

@@ -58,13 +58,51 @@ def load(model: nn.Module, path: str | Path, example_inputs: ExampleInputs) -> n
 
     ``model`` is rewritten in place (it is yours, built for this) and returned.
     """
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "graphprune" not in payload:
-        raise InputError(f"{path} is not a file written by graphprune.save")
-    record = json.loads(payload["graphprune"])
+    record, state = read_file(Path(path))
     apply_record(model, record, example_inputs)
-    model.load_state_dict(payload["state_dict"], strict=True)
+    model.load_state_dict(state, strict=True)
     return model
+
+
+SUPPORTED_FORMATS = (1, 2)  # 1: before pruning units (groups only); 2: with per-unit outcomes
+
+
+def read_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The record and state_dict of a file written by :func:`save`; a clear InputError for a
+    missing, corrupt or foreign file, or a record from a newer graphprune."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (write it with graphprune.save)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, zip/EOF errors, weights_only refusals
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{path} is not a readable graphprune file ({type(exc).__name__}: {reason[:200]}); "
+            "it may be truncated or written by something else: save it again with "
+            "graphprune.save"
+        ) from None
+    if not isinstance(payload, dict) or "graphprune" not in payload or "state_dict" not in payload:
+        raise InputError(
+            f"{path} is not a file written by graphprune.save (a plain state_dict or model "
+            "checkpoint loads with torch.load / model.load_state_dict)"
+        )
+    try:
+        record = json.loads(payload["graphprune"])
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: its pruning record is not valid JSON ({exc})") from None
+    check_format(record, str(path))
+    return record, payload["state_dict"]
+
+
+def check_format(record: dict[str, Any], where: str) -> None:
+    """Refuse records this version cannot replay, saying which version wrote them."""
+    for step in [*record.get("previous", []), record]:
+        version = step.get("format", 1)
+        if version not in SUPPORTED_FORMATS:
+            raise InputError(
+                f"{where}: pruning record format {version} is newer than this graphprune "
+                f"reads ({', '.join(map(str, SUPPORTED_FORMATS))}); upgrade graphprune"
+            )
 
 
 def apply_record(model: nn.Module, record: dict[str, Any], example_inputs: ExampleInputs) -> None:

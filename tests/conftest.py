@@ -8,6 +8,9 @@ from hypothesis import settings
 
 import graphprune as gp
 from graphprune.models import MODELS
+from tests.real_models import declare_torchvision_ops
+
+declare_torchvision_ops()  # before anything imports torchvision (transformers does)
 
 # CI replays a fixed sequence of examples (a red build must be reproducible); locally every
 # run draws new ones, which is how the property tests keep finding new cases

@@ -20,19 +20,29 @@ from graphprune.compile import RECORD
 from graphprune.models.transformers import RMSNorm
 from graphprune.passes.tensors import get_tensor
 from graphprune.resolve import Resolution, is_output_dim
+from graphprune.units import pruning_units
 
 EXACT_KINDS = {"channels", "heads", "kv_heads", "heads_per_kv"}
 
 
 def choose_dead(
-    dg: gp.DependencyGraph, kinds: set[str], ratio: float, rng: np.random.Generator
+    model: nn.Module,
+    dg: gp.DependencyGraph,
+    kinds: set[str],
+    ratio: float,
+    rng: np.random.Generator,
 ) -> dict[int, list[int]]:
-    """For every prunable group of these kinds: floor(ratio * size) random channels."""
-    dead = {}
-    for g in dg.groups:
-        if g.prunable and g.kind in kinds and g.size > 1:
-            n = int(np.floor(ratio * g.size + 1e-9))
-            dead[g.id] = sorted(rng.choice(g.size, size=n, replace=False).tolist())
+    """For every pruning unit (layer) of the prunable groups of these kinds: floor(ratio *
+    size) random channels -- what a local plan with ``round_to=1`` removes from each unit.
+    Groups held whole (conv groups of a grouped conv) get none."""
+    groups = [g for g in dg.groups if g.prunable and g.kind in kinds and g.size > 1]
+    units = pruning_units(dg, groups, dict(model.named_modules()), ratio, 1)
+    dead: dict[int, list[int]] = {}
+    for u in units.units:
+        n = int(np.floor(ratio * u.size + 1e-9))
+        if n:
+            chosen = rng.choice(u.channels, size=n, replace=False).tolist()
+            dead[u.group] = sorted(dead.get(u.group, []) + chosen)
     return dead
 
 
@@ -116,12 +126,11 @@ def check_dead_channels(
     """Make half of some groups' channels dead, prune with them ranked first, and compare with
     the masked unpruned model (the equivalence oracle). Mutates ``model`` (makes channels dead)."""
     dg = gp.analyze(model, x)
-    dead = choose_dead(dg, kinds, 0.5, np.random.default_rng(seed))
+    dead = choose_dead(model, dg, kinds, 0.5, np.random.default_rng(seed))
     assert dead, f"{type(model).__name__} has no prunable {kinds} group"
     make_dead(model, dg, dead)
-    pruned = gp.compile(
-        model, gp.Plan(ratio=0.5, importance=dead_first(dead), granularity=granularity), x
-    )
+    plan = gp.Plan(ratio=0.5, importance=dead_first(dead), granularity=granularity, round_to=1)
+    pruned = gp.compile(model, plan, x)
     kept = Resolution.from_dict(getattr(pruned, RECORD)["resolution"]).kept
     for gid, channels in dead.items():  # every dead channel is gone unless a part needed one
         assert len(set(channels) & set(kept[gid])) <= 1 + len(channels) // 4

@@ -22,21 +22,26 @@ def test_every_zoo_model_compiles_at_three_ratios(name: str, importance: str) ->
     model, x = spec.build(), spec.example_inputs()
     shape = outputs(model, x).shape
     previous = None
-    for ratio in (0.3, 0.5, 0.7):
-        pruned = gp.compile(model, gp.Plan(ratio=ratio, importance=importance), x)
+    for ratio in (0.3, 0.5, 0.7):  # exact counts: every step removes more
+        pruned = gp.compile(model, gp.Plan(ratio=ratio, importance=importance, round_to=1), x)
         assert outputs(pruned, x).shape == shape
         report = gp.report(pruned)
         assert report.params_after < report.params_before
         if previous is not None:
             assert report.macs_after < previous  # more pruning, fewer MACs
         previous = report.macs_after
+    # the default (widths rounded to the SIMD block) never removes more than asked, per layer
+    pruned = gp.compile(model, gp.Plan(ratio=0.7, importance=importance), x)
+    assert outputs(pruned, x).shape == shape
+    assert all(u.kept >= u.total - int(0.7 * u.total) for u in gp.report(pruned).units)
+    assert gp.report(pruned).macs_after >= previous
 
 
 def test_original_untouched_and_mode_kept() -> None:
     spec = MODELS["resnet18"]
     model, x = spec.build().train(), spec.example_inputs()
     before = copy.deepcopy(model.state_dict())
-    pruned = gp.compile(model, gp.Plan(ratio=0.5), x)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, round_to=1), x)
     assert pruned.training and all(m.training for m in pruned.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.layer1[0].conv1.out_channels == 16
@@ -52,18 +57,21 @@ def test_original_untouched_and_mode_kept() -> None:
 def test_inplace_mutates_the_given_model() -> None:
     spec = MODELS["vgg"]
     model, x = spec.build(), spec.example_inputs()
-    pruned = gp.compile(model, gp.Plan(ratio=0.5), x, inplace=True)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, round_to=1), x, inplace=True)
     assert pruned is model and model.features[0].out_channels == 8
 
 
 def test_report_table_and_changes() -> None:
     spec = MODELS["resnext"]
-    pruned = gp.compile(spec.build(), gp.Plan(ratio=0.5), spec.example_inputs())
+    pruned = gp.compile(spec.build(), gp.Plan(ratio=0.5, round_to=1), spec.example_inputs())
     report = gp.report(pruned)
     text = report.table()
     assert "params" in text and "MACs" in text and "groups pruned" in text
-    assert "layer1.0.conv2.groups: 4 -> 2" in report.changes
-    assert pruned.layer1[0].conv2.groups == 2
+    assert "layers pruned" in text and "layer1.0.conv2" in text
+    # the grouped conv keeps its 4 groups and loses half the channels inside each
+    assert "layer1.0.conv2.out_channels: 16 -> 8" in report.changes
+    assert pruned.layer1[0].conv2.groups == 4
+    assert all(u.kept / u.total == 0.5 for u in report.units)
     assert report.to_dict()["macs_ratio"] == pytest.approx(report.macs_ratio)
     kept = gp.Resolution.from_dict(json.loads(json.dumps(report.resolution))).kept
     assert all(len(kept[g.id]) == g.kept for g in report.groups)  # indices are plain data
@@ -82,7 +90,9 @@ def test_round_to_and_min_channels() -> None:
 
 def test_ignore_keeps_output_channels_and_overrides() -> None:
     spec = MODELS["resnet18"]
-    plan = gp.Plan(ratio=0.5, ignore=["layer4.*"], overrides={"layer1.0.conv1": 0.25})
+    plan = gp.Plan(
+        ratio=0.5, ignore=["layer4.*"], overrides={"layer1.0.conv1": 0.25}, round_to=1
+    )
     pruned = gp.compile(spec.build(), plan, spec.example_inputs())
     assert pruned.layer4[0].conv1.out_channels == 128 and pruned.fc.in_features == 128
     assert pruned.layer1[0].conv1.out_channels == 12  # 16 - floor(0.25 * 16)
@@ -96,7 +106,7 @@ def test_global_scope_varies_per_group_and_respects_max_ratio() -> None:
         model.features[0].weight[:14].mul_(1e-3)
         model.features[1].weight[:14].mul_(1e-3)
         model.features[4].weight[:, :14].mul_(1e-3)
-    pruned = gp.compile(model, gp.Plan(ratio=0.4, scope="global", max_ratio=0.75), x)
+    pruned = gp.compile(model, gp.Plan(ratio=0.4, scope="global", max_ratio=0.75, round_to=1), x)
     report = gp.report(pruned)
     kept = {g.name: (g.kept, g.total) for g in report.groups}
     assert kept["features.0.weight[0]"] == (4, 16)  # capped at 75 % removed

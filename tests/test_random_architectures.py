@@ -161,10 +161,11 @@ def test_random_architectures(net: Net, ratio: float, scope: str, seed: int) -> 
         assert outputs(pruned, x).shape == (2, 5)
         assert gp.report(pruned).params_after <= gp.report(pruned).params_before
         return
-    dead = choose_dead(dg, {"channels"}, ratio, np.random.default_rng(seed))
+    dead = choose_dead(net, dg, {"channels"}, ratio, np.random.default_rng(seed))
     model = copy.deepcopy(net)
     make_dead(model, dg, dead)
-    pruned = gp.compile(model, gp.Plan(ratio=ratio, importance=dead_first(dead)), x)
+    plan = gp.Plan(ratio=ratio, importance=dead_first(dead), round_to=1)
+    pruned = gp.compile(model, plan, x)
     torch.testing.assert_close(outputs(pruned, x), outputs(model, x), atol=1e-5, rtol=1e-4)
 
 

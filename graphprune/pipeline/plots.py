@@ -28,19 +28,22 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 
 def plot_kept_channels(report: CompileReport, path: str | Path, title: str = "") -> Path:
-    """Per group: channels (or heads) kept vs total, as horizontal bars."""
+    """Per layer (pruning unit): output channels (or heads) kept vs total, as horizontal bars;
+    per group for reports without units."""
     plt = _pyplot()
-    groups = report.groups
-    if not groups:
-        raise ValueError("the report has no pruned groups to plot")
-    fig, ax = plt.subplots(figsize=(7, 0.28 * len(groups) + 1.2))
-    names = [g.name.replace(".weight", "") for g in groups]
-    ax.barh(names, [g.total for g in groups], color="#dddddd", label="original")
-    ax.barh(names, [g.kept for g in groups], color="#3b75af", label="kept")
+    rows = [(u.name, u.kept * u.multiplier, u.total * u.multiplier) for u in report.units] or [
+        (g.name.replace(".weight", ""), g.kept, g.total) for g in report.groups
+    ]
+    if not rows:
+        raise ValueError("the report has no pruned layers or groups to plot")
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1.2))
+    names = [name if len(name) <= 48 else name[:45] + "..." for name, _, _ in rows]
+    ax.barh(names, [total for _, _, total in rows], color="#dddddd", label="original")
+    ax.barh(names, [kept for _, kept, _ in rows], color="#3b75af", label="kept")
     ax.invert_yaxis()
-    ax.set_xlabel("channels")
+    ax.set_xlabel("output channels")
     ax.legend(loc="lower right")
-    ax.set_title(title or f"kept channels per group (MACs kept {report.macs_ratio:.2f})")
+    ax.set_title(title or f"kept channels per layer (MACs kept {report.macs_ratio:.2f})")
     return _save(fig, path)
 
 

@@ -28,10 +28,11 @@ from graphprune.macs import count_macs, count_params
 from graphprune.passes.drop_layers import droppable_blocks
 from graphprune.pipeline.progress import track
 from graphprune.pipeline.schedule import schedule_ratios
-from graphprune.plan import Plan, PlanError, keep_count
-from graphprune.resolve import eligible_groups, producers
+from graphprune.plan import Plan, PlanError
+from graphprune.resolve import candidate_groups, unit_keep
 from graphprune.sparsity.masks import compute_masks
 from graphprune.sparsity.parametrize import masked_fraction, masked_layers, update_masks
+from graphprune.units import Unit, pruning_units
 
 FineTune = Callable[[nn.Module, int], dict[str, float] | None]
 
@@ -87,7 +88,7 @@ class Pruner:
         self._macs0 = count_macs(model, example_inputs)
         target = plan.ratio if plan.target_macs is None else 1.0 - plan.target_macs
         self.ratios = schedule_ratios(target or 0.0, steps, schedule)
-        self._sizes0 = self._group_sizes(model) if self._exact_groups else {}
+        self._units0 = self._units(model) if self._exact_groups else {}
         self._blocks0 = (
             len(residual_blocks_of(model, example_inputs)) if plan.granularity == "layers" else 0
         )
@@ -147,15 +148,15 @@ class Pruner:
             done = self.ratios[step - 1] if step else 0.0
             relative = 1.0 - (1.0 - ratio) / (1.0 - done)
             return self._compile(dataclasses.replace(plan, ratio=max(relative, 0.0)))
-        # local: each group keeps exactly keep_count(original size, its ratio at this step)
+        # local: each unit (layer) keeps exactly what a one-shot compile at this ratio keeps
         progress = ratio / plan.ratio if plan.ratio else 0.0
         overrides: dict[str, float] = {}
-        for names, size in self._group_sizes(self.model).items():
-            size0 = self._sizes0.get(names, size)
-            group_ratio = plan.ratio_for(names) * progress
-            keep = keep_count(size0, group_ratio, plan.channel_multiple, plan.min_channels)
-            relative = max(0.0, (size - keep) / size)
-            overrides.update({name: relative for name in names})
+        for name, unit in self._units(self.model).items():
+            first = self._units0.get(name, unit)
+            if plan.ignores(first.names):
+                continue
+            keep = unit_keep(first, plan.ratio_for(first.names, first.name) * progress, plan)
+            overrides[name] = max(0.0, (unit.size - keep) / unit.size)
         return self._compile(dataclasses.replace(plan, ratio=0.0, overrides=overrides))
 
     def _mask_to(self, step: int, ratio: float) -> nn.Module:
@@ -172,16 +173,14 @@ class Pruner:
         update_masks(self.model, masks)
         return self.model
 
-    def _group_sizes(self, model: nn.Module) -> dict[tuple[str, ...], int]:
-        """Producing modules of each eligible group -> its size (stable across steps)."""
+    def _units(self, model: nn.Module) -> dict[str, Unit]:
+        """The pruning units of the plan's groups by name (stable across steps)."""
         dg = analyze(model, self.example_inputs)
         modules = dict(model.named_modules())
-        base = dataclasses.replace(self.plan, ratio=0.0, overrides={})
-        return {
-            tuple(producers(g, modules)): g.size
-            for g in eligible_groups(dg, base, modules)
-            if producers(g, modules)
-        }
+        plan = self.plan
+        groups = candidate_groups(dg, plan)
+        units = pruning_units(dg, groups, modules, plan.ratio or 0.5, plan.channel_multiple)
+        return {u.name: u for u in units.units}
 
 
 def residual_blocks_of(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:

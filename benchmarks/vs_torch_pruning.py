@@ -1,0 +1,165 @@
+"""graphprune vs Torch-Pruning: the same plan on the same torchvision models, measured in one
+onnxruntime harness.
+
+For each model (random init, batch 1, default input size): prune 50 % of the channels with
+graphprune (``Plan(ratio=0.5, round_to=R)``, l2, local) and with Torch-Pruning 1.6
+(``MagnitudePruner``, p=2, ``pruning_ratio=0.5``, ``round_to=R``, the classifier ignored);
+export the original and both pruned models to ONNX, verify each against torch in
+onnxruntime, then time the three sessions interleaved in one process (2 threads, spinning
+off, denormals flushed). Prints MACs kept, measured speed-up over the original and efficiency
+(measured / MACs-ideal) for both libraries side by side.
+
+Torch-Pruning is a benchmark-only dependency: ``pip install torch-pruning torchvision``.
+
+    .venv/bin/python benchmarks/vs_torch_pruning.py [--models densenet121,googlenet] [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import graphprune as gp
+from graphprune.io import write_text_atomic
+from graphprune.macs import count_macs
+from graphprune.onnx import make_feeds
+from graphprune.onnx.runtime import session
+from graphprune.plan import simd_block
+from graphprune.timing import interleaved_samples
+from tests.real_models import declare_torchvision_ops
+
+CONCAT = ["densenet121", "densenet169", "densenet201", "squeezenet1_0", "squeezenet1_1"]
+CONCAT += ["googlenet", "inception_v3"]
+GROUPED = ["resnext50_32x4d", "regnet_x_400mf", "regnet_y_400mf"]
+PLAIN = ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "efficientnet_b0"]
+MODELS = CONCAT + GROUPED + PLAIN
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    import torchvision
+
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs = {"aux_logits": False, "init_weights": True}
+    model = getattr(torchvision.models, name)(**kwargs).eval()
+    side = 299 if name == "inception_v3" else 224
+    return model, torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The last Linear (or final conv of SqueezeNet): its outputs are the classes."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else layers[-1]
+
+
+def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float, round_to: int) -> nn.Module:
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model)
+    pruner = tp.pruner.MagnitudePruner(
+        pruned,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=[classifier(pruned)],
+        round_to=round_to,
+    )
+    pruner.step()
+    return pruned.eval()
+
+
+def measure(name: str, ratio: float, round_to: int, runs: int, threads: int) -> dict[str, Any]:
+    model, x = build(name)
+    start = time.perf_counter()
+    ours = gp.compile(model, gp.Plan(ratio=ratio, round_to=round_to), x)
+    gp_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs = torch_pruning(model, x, ratio, round_to)
+    tp_seconds = time.perf_counter() - start
+    macs = {k: count_macs(m, x) for k, m in [("base", model), ("gp", ours), ("tp", theirs)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        reports = {
+            key: gp.export_onnx(m, x, Path(tmp) / f"{key}.onnx", verify=True)
+            for key, m in [("base", model), ("gp", ours), ("tp", theirs)]
+        }
+        sessions = {key: session(r.exported.path, threads) for key, r in reports.items()}
+        runners = {}
+        for key, sess in sessions.items():
+            feeds = make_feeds(x, reports[key].exported.input_names)(sess, 1)
+            runners[key] = lambda s=sess, f=feeds: s.run(None, f)
+        samples = interleaved_samples(runners, warmup=5, repeats=runs)
+    ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
+    row: dict[str, Any] = {"model": name, "ms_base": ms["base"]}
+    for key in ("gp", "tp"):
+        ideal = macs["base"] / macs[key]
+        speedup = ms["base"] / ms[key]
+        row[key] = {
+            "macs_kept": macs[key] / macs["base"],
+            "ideal": ideal,
+            "speedup": speedup,
+            "efficiency": speedup / ideal,
+            "ms": ms[key],
+            "max_abs_error": reports[key].verification.max_abs,  # type: ignore[union-attr]
+        }
+    row["gp"]["compile_s"], row["tp"]["compile_s"] = gp_seconds, tp_seconds
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--round-to", type=int, default=simd_block())
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the rows as JSON here")
+    args = parser.parse_args()
+    declare_torchvision_ops()
+    torch.set_flush_denormal(True)
+    print(
+        f"{args.ratio:.0%} of channels, l2, local, round_to={args.round_to}; onnxruntime CPU, "
+        f"{args.threads} threads, batch 1, {args.runs} interleaved runs of original / "
+        "graphprune / Torch-Pruning; speed-up = original ms / pruned ms"
+    )
+    print(
+        f"{'model':<16} {'ms':>7} | {'gp MACs':>7} {'gp x':>6} {'eff':>5} | "
+        f"{'tp MACs':>7} {'tp x':>6} {'eff':>5} | gp >= tp"
+    )
+    rows = []
+    for name in args.models.split(","):
+        r = measure(name, args.ratio, args.round_to, args.runs, args.threads)
+        rows.append(r)
+        g, t = r["gp"], r["tp"]
+        print(
+            f"{name:<16} {r['ms_base']:>7.2f} | {g['macs_kept']:>7.3f} {g['speedup']:>5.2f}x "
+            f"{g['efficiency']:>5.2f} | {t['macs_kept']:>7.3f} {t['speedup']:>5.2f}x "
+            f"{t['efficiency']:>5.2f} | {'yes' if g['speedup'] >= t['speedup'] else 'NO'}",
+            flush=True,
+        )
+    cnn = [r for r in rows]
+    for key, label in (("gp", "graphprune"), ("tp", "Torch-Pruning")):
+        print(
+            f"median efficiency, {label}: "
+            f"{statistics.median(r[key]['efficiency'] for r in cnn):.2f}; median speed-up "
+            f"{statistics.median(r[key]['speedup'] for r in cnn):.2f}x"
+        )
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
