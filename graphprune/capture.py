@@ -7,8 +7,10 @@ module types. Capture never mutates the model: train/eval flags are restored aft
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,24 @@ def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
     return {name: names for names in by_tensor.values() for name in names}
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch logs a traceback at ERROR level for every op that fails while tracing; the
+    failure reaches the caller as a CaptureError, so the log is only noise."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+_NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.export", "torch._export")
+
+
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     """Export ``model`` in eval mode with ``torch.export.export(strict=False)``.
 
@@ -137,7 +157,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with no_cache(model):  # HF: a KV cache output cannot be flattened
+        with no_cache(model), _quiet_torch_logs():  # HF: a KV cache cannot be flattened
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"

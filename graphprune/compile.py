@@ -4,41 +4,35 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 from torch import nn
 
-from graphprune.analysis import DependencyGraph, analyze_captured
-from graphprune.capture import Captured, ExampleInputs, capture
+from graphprune import structured
+from graphprune.capture import ExampleInputs
+from graphprune.checks import check_model
 from graphprune.errors import InputError
 from graphprune.hf import no_cache, sync_config
-from graphprune.importance import LossFn, score_groups
+from graphprune.importance import LossFn
 from graphprune.macs import count_macs, count_params
-from graphprune.passes.base import Pass, PassContext, PassManager
-from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
-from graphprune.passes.provenance import trace_int_uses
-from graphprune.passes.prune_heads import PruneHeads
-from graphprune.passes.slice_channels import SliceChannels
-from graphprune.passes.verify import make_verifier, output_shapes
-from graphprune.plan import Plan, PlanError
+from graphprune.plan import Plan
 from graphprune.report import (
     RECORD,
     REPORT,
     CompileReport,
+    FrozenGroup,
     GroupOutcome,
     LayerSparsity,
     UnitReport,
 )
-from graphprune.resolve import Resolution, candidate_groups, resolve
+from graphprune.resolve import Resolution
 from graphprune.sparsity.masks import compute_masks
 from graphprune.sparsity.parametrize import apply_masks
-from graphprune.units import pruning_units
 
-RECORD_FORMAT = 2  # 2: resolutions carry per-unit outcomes (1: groups only; still loadable)
+# 2: resolutions carry per-unit outcomes and attribute values (1: groups only; still loadable)
+RECORD_FORMAT = 2
 
 
 class Stopwatch:
@@ -57,17 +51,6 @@ class Stopwatch:
         self._clock = now
 
 
-@dataclasses.dataclass
-class _Setup:
-    """Everything computed once per compile, shared by every trial of a MACs search."""
-
-    captured: Captured
-    dg: DependencyGraph
-    int_uses: list[Any]
-    reference_shapes: Any
-    macs_before: int
-
-
 def compile(
     model: nn.Module,
     plan: Plan,
@@ -76,6 +59,7 @@ def compile(
     calibration: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
     inplace: bool = False,
+    strict: bool = False,
 ) -> nn.Module:
     """Prune ``model`` as ``plan`` says; return a module of the same class.
 
@@ -90,14 +74,21 @@ def compile(
     (taylor, fisher) and the layer contributions; ``loss_fn(output)`` defaults to the mean
     squared output (``loss_fn(output, target)`` for :class:`graphprune.LabelledBatch` batches).
     :func:`graphprune.report` returns what was done.
+
+    What cannot be pruned safely -- a size the forward computes in a way that cannot follow
+    the kept channels, a rewrite that does not run -- is frozen with its reason (in the
+    report) and the rest is pruned; compile raises only when nothing is left to prune.
+    ``strict=True`` raises on the first such failure instead (for debugging).
     """
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
+    check_model(model, example_inputs)
     watch = Stopwatch()
     target = model if inplace else copy.deepcopy(model)
-    with no_cache(target):  # HF models: a KV cache output cannot be captured
-        _compile_into(target, model, plan, example_inputs, calibration, loss_fn, watch)
-    return target
+    with no_cache(target), no_cache(model):  # HF models: a KV cache output cannot be captured
+        return _compile_into(
+            target, model, plan, example_inputs, calibration, loss_fn, watch, inplace, strict
+        )
 
 
 def _compile_into(
@@ -108,7 +99,9 @@ def _compile_into(
     calibration: Iterable[Any] | None,
     loss_fn: LossFn | None,
     watch: Stopwatch,
-) -> None:
+    inplace: bool,
+    strict: bool,
+) -> nn.Module:
     batches = list(calibration) if calibration is not None else [example_inputs]
     params_before = count_params(target)
     macs_before = count_macs(target, example_inputs)
@@ -119,13 +112,33 @@ def _compile_into(
     outcomes: list[GroupOutcome] = []
     resolution = Resolution()
     group_sizes: list[int] = []
+    frozen: list[FrozenGroup] = []
+    notes: list[str] = []
     if not plan.is_sparse:
-        structure = _prune_structure(
-            target, plan, example_inputs, batches, loss_fn, macs_before, watch
-        )
-        changes, dropped = structure.ctx.changes, structure.ctx.dropped
-        outcomes, resolution = structure.outcomes, structure.resolution
-        group_sizes = [g.size for g in structure.ctx.dg.groups]
+        watch.restart()
+        # the user's model is only read (trials rewrite copies; inplace replays at the end)
+        setup = structured.setup(model, example_inputs, macs_before, watch.lap)
+        if plan.granularity == "layers":
+            outcome = structured.prune_layers(target, plan, setup, batches, watch.lap)
+        else:
+            outcome = structured.prune_channels(
+                target, plan, setup, batches, loss_fn, watch.lap, inplace=inplace, strict=strict
+            )
+        target = outcome.model
+        changes, dropped = outcome.ctx.changes, outcome.ctx.dropped
+        resolution = outcome.resolution
+        outcomes = [
+            GroupOutcome(
+                g.id, g.name, g.kind, len(resolution.kept.get(g.id, range(g.size))), g.size
+            )
+            for g in outcome.groups
+        ]
+        group_sizes = [g.size for g in setup.dg.groups]
+        notes = setup.notes() + outcome.notes
+        frozen = [
+            FrozenGroup(g, setup.dg.group(g).name, setup.dg.group(g).size, why)
+            for g, why in sorted(resolution.frozen.items())
+        ]
     masked: list[LayerSparsity] = []
     sparse = plan.sparse_plan
     if sparse is not None:
@@ -154,6 +167,8 @@ def _compile_into(
         macs_after=count_macs(target, example_inputs),  # masks keep the dense MACs
         groups=outcomes,
         units=[UnitReport(**vars(u)) for u in resolution.units],
+        frozen=frozen,
+        notes=notes,
         changes=changes,
         dropped=dropped,
         seconds=watch.seconds,
@@ -175,82 +190,7 @@ def _compile_into(
     }
     object.__setattr__(target, RECORD, record)
     object.__setattr__(target, REPORT, report)
-
-
-@dataclasses.dataclass
-class _Structure:
-    ctx: PassContext
-    outcomes: list[GroupOutcome]
-    resolution: Resolution
-
-
-def _prune_structure(
-    target: nn.Module,
-    plan: Plan,
-    example_inputs: ExampleInputs,
-    batches: list[Any],
-    loss_fn: LossFn | None,
-    macs_before: int,
-    watch: Stopwatch,
-) -> _Structure:
-    """Channels, heads or layers: analyze, score, resolve, run the passes (in place)."""
-    watch.restart()
-    lap = watch.lap
-    captured = capture(target, example_inputs)
-    lap("capture")
-    dg = analyze_captured(captured)
-    lap("analyze")
-    modules = dict(target.named_modules())
-    setup = _Setup(
-        captured,
-        dg,
-        trace_int_uses(target, example_inputs),
-        output_shapes(target, example_inputs),
-        macs_before,
-    )
-
-    if plan.granularity == "layers":
-        blocks = [b for b in droppable_blocks(target, captured) if not plan.ignores([b])]
-        if not blocks:
-            raise PlanError(
-                "granularity='layers' found no residual block (y = x + f(x)) to "
-                "drop in this model; use granularity='channels'"
-            )
-        order = _rank_blocks(target, blocks, plan, batches)
-        lap("score")
-
-        def layer_trial(ratio: float) -> tuple[list[Pass], dict[int, list[int]]]:
-            return [DropLayers(order[: math.floor(ratio * len(order) + 1e-9)])], {}
-
-        passes, kept = _choose(plan, layer_trial, target, example_inputs, setup)
-        outcomes: list[GroupOutcome] = []
-        resolution = Resolution()
-    else:
-        groups = candidate_groups(dg, plan)
-        units = pruning_units(dg, groups, modules, plan.ratio or 0.5, plan.channel_multiple)
-        scores = score_groups(
-            target, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
-        )
-        lap("score")
-        make = PruneHeads if plan.granularity == "heads" else SliceChannels
-        resolutions: dict[float, Resolution] = {}
-
-        def channel_trial(ratio: float) -> tuple[list[Pass], dict[int, list[int]]]:
-            trial_plan = dataclasses.replace(plan, ratio=ratio, target_macs=None)
-            found = resolve(trial_plan, dg, groups, scores, modules, units=units)
-            resolutions[ratio] = found
-            return [make()], found.kept
-
-        passes, kept = _choose(plan, channel_trial, target, example_inputs, setup)
-        resolution = next(r for r in resolutions.values() if r.kept is kept)
-        outcomes = [GroupOutcome(g.id, g.name, g.kind, len(kept[g.id]), g.size) for g in groups]
-    lap("resolve")
-
-    ctx = PassContext(target, example_inputs, captured, dg, kept, setup.int_uses)
-    manager = PassManager(passes, verify=make_verifier(setup.reference_shapes))
-    manager(ctx)
-    watch.seconds.update({f"pass:{k}": v for k, v in manager.timings.items()})
-    return _Structure(ctx, outcomes, resolution)
+    return target
 
 
 def earlier_records(model: nn.Module) -> list[dict[str, Any]]:
@@ -276,44 +216,3 @@ def _plan_data(plan: Plan) -> dict[str, Any]:
         data["importance"] = getattr(plan.importance, "__name__", "callable")
         return data
     return plan.to_dict()
-
-
-def _rank_blocks(model: nn.Module, blocks: list[str], plan: Plan, batches: list[Any]) -> list[str]:
-    """Blocks in the order they should be dropped: least contribution (or random) first."""
-    if plan.importance == "random":
-        order = np.random.default_rng(plan.seed).permutation(len(blocks))
-        return [blocks[i] for i in order]
-    contributions = block_contributions(model, blocks, batches)
-    return sorted(blocks, key=lambda b: (contributions[b], blocks.index(b)))
-
-
-Trial = Callable[[float], tuple[list[Pass], dict[int, list[int]]]]
-
-
-def _choose(
-    plan: Plan, trial: Trial, model: nn.Module, example_inputs: Any, setup: _Setup
-) -> tuple[list[Pass], dict[int, list[int]]]:
-    """The passes for ``plan.ratio``, or the smallest ratio that meets ``plan.target_macs``."""
-    if plan.target_macs is None:
-        return trial(plan.ratio or 0.0)
-
-    def macs_ratio(ratio: float) -> float:
-        passes, kept = trial(ratio)
-        copy_ = copy.deepcopy(model)
-        ctx = PassContext(copy_, example_inputs, setup.captured, setup.dg, kept, setup.int_uses)
-        PassManager(passes)(ctx)
-        return count_macs(copy_, example_inputs) / max(setup.macs_before, 1)
-
-    lo, hi = 0.0, 0.95
-    if macs_ratio(hi) > plan.target_macs:
-        raise PlanError(
-            f"target_macs={plan.target_macs} is out of reach: removing 95% of "
-            f"what the plan may prune keeps {macs_ratio(hi):.3f} of the MACs"
-        )
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        if macs_ratio(mid) <= plan.target_macs:
-            hi = mid
-        else:
-            lo = mid
-    return trial(hi)

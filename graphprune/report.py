@@ -32,6 +32,16 @@ class UnitReport:
 
 
 @dataclass
+class FrozenGroup:
+    """A group the plan would prune that compile kept whole, and why."""
+
+    id: int
+    name: str
+    channels: int
+    reason: str
+
+
+@dataclass
 class LayerSparsity:
     """A layer a sparse plan masked (pattern "unstructured"/"n:m"/"block") or left dense."""
 
@@ -51,6 +61,8 @@ class CompileReport:
     macs_after: int
     groups: list[GroupOutcome] = field(default_factory=list)
     units: list[UnitReport] = field(default_factory=list)  # per layer: kept / total channels
+    frozen: list[FrozenGroup] = field(default_factory=list)  # kept whole by relations/retries
+    notes: list[str] = field(default_factory=list)  # what the user should know (not errors)
     changes: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -119,6 +131,10 @@ class CompileReport:
                 lines.append(f"  … {len(changed) - max_groups} more")
         for path in self.dropped:
             lines.append(f"  dropped {path}")
+        if self.frozen:
+            lines.append(f"frozen (not pruned, with why): {len(self.frozen)} groups")
+            for f in self.frozen[:max_groups]:
+                lines.append(f"  group {f.id} ({f.channels} ch, {f.name}): {f.reason}")
         masked = [s for s in self.sparsity if s.shape]
         if self.sparsity:
             lines.append(
@@ -136,6 +152,7 @@ class CompileReport:
                 if self.config["expressible"]
                 else f"  config cannot express it: {self.config['reason']}"
             )
+        lines += [f"note: {n}" for n in self.notes]
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         lines.append(f"stages: {stages}")
         return "\n".join(lines)

@@ -69,10 +69,21 @@ class Resolution:
     sizes: dict[int, int] = field(default_factory=dict)
     units: list[UnitOutcome] = field(default_factory=list)
     held: dict[int, str] = field(default_factory=dict)  # group id -> why it was kept whole
+    # module attributes behind shape constants: (module path, name, index or -1) -> value
+    attributes: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    frozen: dict[int, str] = field(default_factory=dict)  # group id -> why it is not pruned
+    driven: dict[int, str] = field(default_factory=dict)  # group id -> relation that sized it
+    unit_channels: list[list[int]] = field(default_factory=list, repr=False)
 
     @property
     def changed(self) -> dict[int, list[int]]:
         return {g: k for g, k in self.kept.items() if len(k) < self.sizes[g]}
+
+    def refresh_units(self) -> None:
+        """Recount each unit's kept channels (after the relation solver moved groups)."""
+        sets = {g: set(k) for g, k in self.kept.items()}
+        for u, channels in zip(self.units, self.unit_channels, strict=True):
+            u.kept = len(sets.get(u.group, set(channels)).intersection(channels))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +91,9 @@ class Resolution:
             "sizes": {str(g): s for g, s in self.sizes.items()},
             "units": [vars(u) for u in self.units],
             "held": {str(g): why for g, why in self.held.items()},
+            "attributes": [[p, n, i, v] for (p, n, i), v in sorted(self.attributes.items())],
+            "frozen": {str(g): why for g, why in self.frozen.items()},
+            "driven": {str(g): why for g, why in self.driven.items()},
         }
 
     @classmethod
@@ -89,6 +103,9 @@ class Resolution:
             {int(g): int(s) for g, s in data["sizes"].items()},
             [UnitOutcome(**u) for u in data.get("units", [])],
             {int(g): str(why) for g, why in data.get("held", {}).items()},
+            {(str(p), str(n), int(i)): int(v) for p, n, i, v in data.get("attributes", [])},
+            {int(g): str(why) for g, why in data.get("frozen", {}).items()},
+            {int(g): str(why) for g, why in data.get("driven", {}).items()},
         )
 
 
@@ -157,18 +174,11 @@ def resolve(
             by_group[g.id] = list(range(g.size))
         resolution.kept[g.id] = _no_empty_members(g, sorted(by_group[g.id]), scores[g.id])
     _no_empty_dims(dg, resolution.kept, scores)
-    kept_sets = {g: set(k) for g, k in resolution.kept.items()}
     resolution.units = [
-        UnitOutcome(
-            u.name,
-            u.group,
-            u.kind,
-            len(kept_sets[u.group].intersection(u.channels)),
-            u.size,
-            u.multiplier,
-        )
-        for u in units.units
+        UnitOutcome(u.name, u.group, u.kind, 0, u.size, u.multiplier) for u in units.units
     ]
+    resolution.unit_channels = [list(u.channels) for u in units.units]
+    resolution.refresh_units()
     return resolution
 
 

@@ -25,12 +25,12 @@ from graphprune.io import write_atomic
 from graphprune.kernels.sparse_modules import SPARSE_MODULES
 from graphprune.passes.base import PassContext, PassManager
 from graphprune.passes.drop_layers import DropLayers
-from graphprune.passes.provenance import trace_int_uses
 from graphprune.passes.slice_channels import SliceChannels
 from graphprune.passes.verify import make_verifier, output_shapes
 from graphprune.report import RECORD
 from graphprune.resolve import Resolution
 from graphprune.sparsity.parametrize import register_placeholder_masks
+from graphprune.structured import attributes_for
 
 
 def save(model: nn.Module, path: str | Path) -> None:
@@ -132,14 +132,10 @@ def _apply_one(model: nn.Module, record: dict[str, Any], example_inputs: Example
                 f"(its channel groups {sizes[:8]}… differ from the saved "
                 f"{record['group_sizes'][:8]}…); build it with the same factory"
             )
-        ctx = PassContext(
-            model,
-            example_inputs,
-            captured,
-            dg,
-            resolution.kept,
-            trace_int_uses(model, example_inputs),
-        )
+        attributes = resolution.attributes
+        if record.get("format", 1) < 2:  # saved before attribute values were recorded
+            attributes = attributes_for(model, example_inputs, captured, dg, resolution.kept)
+        ctx = PassContext(model, example_inputs, captured, dg, resolution.kept, attributes)
         PassManager([SliceChannels()], verify=make_verifier(reference))(ctx)
     sparsity = record.get("sparsity") or {}
     if sparsity.get("layers") and not sparsity.get("baked"):

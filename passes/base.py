@@ -22,6 +22,16 @@ class PruneError(GraphPruneError):
     """A rewrite that cannot be applied safely; says where and what to change."""
 
 
+class RewriteFailure(PruneError):
+    """A rewritten model that does not run or does not match its analysis, with what is known
+    about the cause: the source line that failed and/or the groups whose channels reach it."""
+
+    def __init__(self, message: str, *, line: str = "", groups: set[int] | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+        self.groups = set(groups or ())
+
+
 @dataclass
 class PassContext:
     """What passes share: the model being rewritten and the analysis of its original form."""
@@ -31,7 +41,7 @@ class PassContext:
     captured: Captured
     dg: DependencyGraph
     kept: dict[int, list[int]] = field(default_factory=dict)  # group id -> kept channels
-    int_uses: list[Any] = field(default_factory=list)  # provenance of module int attributes
+    attributes: dict[Any, int] = field(default_factory=dict)  # (module, attr, index) -> value
     changes: list[str] = field(default_factory=list)  # human-readable log of rewrites
     dropped: list[str] = field(default_factory=list)  # module paths replaced by a skip
 
@@ -68,9 +78,10 @@ class PassManager:
                     self.verify(ctx)
             except PruneError as exc:
                 ran = ", ".join(done) or "none"
-                raise PruneError(
-                    f"pass '{p.name}' failed (passes that ran before: {ran}): {exc}"
-                ) from exc
+                message = f"pass '{p.name}' failed (passes that ran before: {ran}): {exc}"
+                if isinstance(exc, RewriteFailure):
+                    raise RewriteFailure(message, line=exc.line, groups=exc.groups) from exc
+                raise PruneError(message) from exc
             self.timings[p.name] = time.perf_counter() - start
             results.append(result)
             done.append(p.name)

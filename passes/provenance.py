@@ -1,88 +1,221 @@
-"""Which module int attributes produce which integer arguments of which ops.
+"""Where the integers of a forward come from: module attributes and tensor shapes.
 
-torch.export turns ``x.view(B, T, self.n_head, self.head_dim)`` into a node with plain ints, so
-the link to ``self.n_head`` is lost. We recover it with one eager forward in which every int
-attribute of every submodule is a :class:`TracedInt` (an ``int`` that remembers where it came
-from through arithmetic) and a TorchFunctionMode records the traced ints each torch call gets,
-keyed by the source line of the call — the same line the export node's stack trace names.
+torch.export bakes every size into the graph as a plain int: ``x.view(B, N, self.num_heads,
+C // self.num_heads)`` becomes ``view(x, [2, 50, 4, 16])``. After pruning, the eager forward
+computes those ints again -- from the pruned tensors' shapes and from module attributes -- and
+they must equal what the kept channels need. This module recovers *how* each int is computed,
+with one eager forward in which
+
+1. every int attribute of every module (the root included; ints inside tuples, lists and
+   ``torch.Size`` too) is a :class:`TracedInt` whose expression is that attribute,
+2. every shape read (``x.shape``, ``x.size()``, ``x.size(d)``) returns TracedInts whose
+   expression is "dimension ``d`` of read tensor ``k``", and
+3. arithmetic on TracedInts (``+ - * // %``, ``max``/``min`` pick one) builds the expression,
+
+while a :class:`~torch.overrides.TorchFunctionMode` records the ints every torch call gets,
+keyed by the calling source line, the function and its occurrence at that line -- the same
+line, op and order the export graph's nodes have. Each read tensor is identified afterwards by
+its value among the export graph's node outputs (:func:`link_read_tensors`), so a dimension
+symbol becomes "dimension ``d`` of node ``n``", whose size after pruning the analysis knows.
 """
 
 from __future__ import annotations
 
+import operator
 import sys
-from dataclasses import dataclass
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
-from graphprune.capture import normalize_inputs
+from graphprune.capture import Captured, normalize_inputs
 
-Source = frozenset[tuple[str, str]]  # {(module path, attribute name)}
+AttrKey = tuple[str, str, int]  # (module path, attribute name, index in a tuple/list or -1)
+DimKey = tuple[int, int]  # (read tensor number, dimension)
+
+
+# -- expressions --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Expr:
+    """An integer expression over attribute and tensor-dimension symbols."""
+
+    op: str  # "attr", "dim", "const", or a binary operator: "+", "-", "*", "//", "%"
+    args: tuple[Any, ...]
+
+    def evaluate(self, attr: Callable[[AttrKey], int], dim: Callable[[DimKey], int]) -> int:
+        if self.op == "const":
+            return int(self.args[0])
+        if self.op == "attr":
+            return attr(self.args[0])
+        if self.op == "dim":
+            return dim(self.args[0])
+        a, b = (x.evaluate(attr, dim) for x in self.args)
+        return int(_OPS[self.op](a, b))
+
+    def attrs(self) -> set[AttrKey]:
+        if self.op == "attr":
+            return {self.args[0]}
+        if self.op in ("const", "dim"):
+            return set()
+        return set().union(*(x.attrs() for x in self.args))
+
+    def dims(self) -> set[DimKey]:
+        if self.op == "dim":
+            return {self.args[0]}
+        if self.op in ("const", "attr"):
+            return set()
+        return set().union(*(x.dims() for x in self.args))
+
+    def describe(self, tensor: Callable[[int], str] = lambda k: f"<tensor {k}>") -> str:
+        """Readable form; ``tensor(k)`` names read tensor ``k``."""
+        if self.op == "const":
+            return str(self.args[0])
+        if self.op == "attr":
+            path, name, index = self.args[0]
+            owner = f"{path}." if path else "self."
+            return f"{owner}{name}" + (f"[{index}]" if index >= 0 else "")
+        if self.op == "dim":
+            return f"{tensor(self.args[0][0])}.shape[{self.args[0][1]}]"
+        a, b = self.args
+        return f"({a.describe(tensor)} {self.op} {b.describe(tensor)})"
+
+
+_OPS: dict[str, Callable[[int, int], int]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "//": lambda a, b: a // b if b else 0,
+    "%": lambda a, b: a % b if b else 0,
+}
+
+
+def const(value: int) -> Expr:
+    return Expr("const", (int(value),))
+
+
+def expr_of(value: Any) -> Expr:
+    return value.expr if isinstance(value, TracedInt) else const(int(value))
 
 
 class TracedInt(int):
-    """An int that carries the module attributes it was computed from."""
+    """An int that carries the expression it was computed by."""
 
-    src: Source
-    origin: int | None  # the attribute's own value when this *is* the attribute (not derived)
+    expr: Expr
 
-    def __new__(cls, value: int, src: Source, origin: int | None = None) -> TracedInt:
+    def __new__(cls, value: int, expr: Expr) -> TracedInt:
         obj = int.__new__(cls, value)
-        obj.src = src
-        obj.origin = origin
+        obj.expr = expr
         return obj
 
-    def _derive(self, other: Any, result: Any) -> Any:
-        if isinstance(result, bool) or not isinstance(result, int):
-            return result
-        return TracedInt(result, self.src | getattr(other, "src", frozenset()))
+    def _binary(self, op: str, other: Any, swap: bool = False) -> Any:
+        if isinstance(other, bool) or not isinstance(other, int):
+            fn = _OPS[op]
+            return fn(other, int(self)) if swap else fn(int(self), other)  # floats: untraced
+        a, b = (expr_of(other), self.expr) if swap else (self.expr, expr_of(other))
+        x, y = (int(other), int(self)) if swap else (int(self), int(other))
+        if op in ("//", "%") and y == 0:
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return TracedInt(_OPS[op](x, y), Expr(op, (a, b)))
 
     def __add__(self, o: Any) -> Any:
-        return self._derive(o, int(self) + o)
+        return self._binary("+", o)
 
     def __radd__(self, o: Any) -> Any:
-        return self._derive(o, o + int(self))
+        return self._binary("+", o, swap=True)
 
     def __sub__(self, o: Any) -> Any:
-        return self._derive(o, int(self) - o)
+        return self._binary("-", o)
 
     def __rsub__(self, o: Any) -> Any:
-        return self._derive(o, o - int(self))
+        return self._binary("-", o, swap=True)
 
     def __mul__(self, o: Any) -> Any:
-        return self._derive(o, int(self) * o)
+        return self._binary("*", o)
 
     def __rmul__(self, o: Any) -> Any:
-        return self._derive(o, o * int(self))
+        return self._binary("*", o, swap=True)
 
     def __floordiv__(self, o: Any) -> Any:
-        return self._derive(o, int(self) // o)
+        return self._binary("//", o)
 
     def __rfloordiv__(self, o: Any) -> Any:
-        return self._derive(o, o // int(self))
+        return self._binary("//", o, swap=True)
 
     def __mod__(self, o: Any) -> Any:
-        return self._derive(o, int(self) % o)
+        return self._binary("%", o)
+
+    def __rmod__(self, o: Any) -> Any:
+        return self._binary("%", o, swap=True)
 
     def __neg__(self) -> Any:
-        return self._derive(None, -int(self))
+        return TracedInt(-int(self), Expr("-", (const(0), self.expr)))
+
+    def __pos__(self) -> Any:
+        return self
+
+    def __abs__(self) -> Any:
+        return self if self >= 0 else -self
+
+    def __repr__(self) -> str:
+        return f"{int(self)}"
 
 
+# -- the recorded forward ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class IntUse:
-    """A traced int passed to a torch call at ``line`` (``file:lineno``)."""
+    """The ints one torch call received at ``line`` (``file:lineno``)."""
 
     line: str
-    func: str  # name of the torch function called ("view", "expand", ...)
-    index: int  # position among the call's integer arguments (flattened)
-    value: int
-    src: Source
-    is_attribute: bool  # the value is the attribute itself, not derived from it
+    module: str  # path of the innermost module whose forward made the call ("" = root)
+    func: str  # the torch function's name ("view", "split", "__getitem__", ...)
+    occurrence: int  # how many calls of ``func`` at ``line`` came before this one
+    values: tuple[int, ...]  # every int argument, flattened in call order
+    exprs: tuple[Expr, ...]  # how each was computed (``const`` for a literal)
+
+    @property
+    def traced(self) -> bool:
+        return any(e.op != "const" for e in self.exprs)
 
 
-_DISPATCH_FILES = ("torch/overrides.py", "torch/_tensor.py", "torch/utils/_device.py")
+@dataclass
+class ReadTensor:
+    """A tensor whose shape the forward read, identified by its value."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fingerprint: tuple[float, float]
+    line: str  # where it was made (the call that returned it), or ""
+    fqn: str = ""  # a parameter/buffer of the model (identified by identity)
+    user_input: int = -1  # position among the model's flattened inputs
+
+
+@dataclass
+class ShapeTrace:
+    """What one traced forward saw (see the module docstring)."""
+
+    uses: list[IntUse] = field(default_factory=list)
+    attributes: dict[AttrKey, int] = field(default_factory=dict)  # original values
+    tensors: list[ReadTensor] = field(default_factory=list)
+    error: str = ""  # why the forward could not be traced (then nothing is known)
+
+    def uses_at(self, line: str) -> list[IntUse]:
+        return [u for u in self.uses if u.line == line]
+
+
+# frames between a user's call and the mode: torch's dispatch, and the Python wrappers of
+# torch.nn.functional / torch.functional (export's stack traces name their caller too)
+_DISPATCH_FILES = (
+    "torch/overrides.py",
+    "torch/_tensor.py",
+    "torch/utils/_device.py",
+    "torch/nn/functional.py",
+    "torch/functional.py",
+)
 
 
 def _caller_line() -> str:
@@ -93,55 +226,247 @@ def _caller_line() -> str:
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
-class _Recorder(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.uses: list[IntUse] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        line = _caller_line()
-        name = getattr(func, "__name__", str(func))
-        for index, value in enumerate(_ints((args, kwargs or {}))):
-            if isinstance(value, TracedInt):
-                is_attr = value.origin is not None and int(value) == value.origin
-                self.uses.append(IntUse(line, name, index, int(value), value.src, is_attr))
-        return func(*args, **(kwargs or {}))
-
-
 def _ints(value: Any) -> list[int]:
-    """Every int argument in call order (bools excluded), traced or not."""
+    """Every int argument in call order (bools excluded), traced or not; slices included."""
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
-    if isinstance(value, torch.Size):
-        return list(value)
-    if isinstance(value, list | tuple):
+    if isinstance(value, slice):
+        return _ints([value.start, value.stop, value.step])
+    if isinstance(value, list | tuple):  # torch.Size too
         return [x for v in value for x in _ints(v)]
     if isinstance(value, dict):
         return [x for v in value.values() for x in _ints(v)]
     return []
 
 
-def int_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
-    """(module path, module, attribute, value) for every plain int attribute."""
-    found = []
+def fingerprint(t: torch.Tensor) -> tuple[float, float]:
+    """A cheap value signature: sum and sum of |x| in float64."""
+    with torch.no_grad():
+        flat = t.detach().reshape(-1).double()
+        if not flat.is_floating_point() or flat.numel() == 0:
+            return (float(flat.numel()), 0.0)
+        return (float(flat.nan_to_num().sum()), float(flat.nan_to_num().abs().sum()))
+
+
+_SHAPE_GETTER = torch.Tensor.shape.__get__  # type: ignore[attr-defined]
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, known: dict[int, tuple[str, int]], modules: list[str]) -> None:
+        super().__init__()
+        self.trace = ShapeTrace()
+        self._modules = modules  # the module stack, innermost last (kept by forward hooks)
+        self._known = known  # id(tensor) -> (fqn, user input position) of parameters/inputs
+        self._made: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}  # id -> where made
+        self._read: dict[int, int] = {}  # id(tensor) -> read tensor number (kept alive below)
+        self._alive: list[torch.Tensor] = []
+        self._count: dict[tuple[str, str, str], int] = defaultdict(int)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        line = _caller_line()
+        out = func(*args, **kwargs)
+        if func == _SHAPE_GETTER or getattr(func, "__name__", "") == "size":
+            return self._shape(args[0], out, args[1:] + tuple(kwargs.values()))
+        name = getattr(func, "__name__", str(func))
+        ints = _ints((args, kwargs))
+        if ints:
+            module = self._modules[-1] if self._modules else ""
+            key = (line, module, name)
+            values = tuple(int(v) for v in ints)
+            exprs = tuple(expr_of(v) for v in ints)
+            self.trace.uses.append(IntUse(line, module, name, self._count[key], values, exprs))
+            self._count[key] += 1
+        for t in _tensors(out):
+            if self._made_at(t) is None:
+                self._made[id(t)] = (weakref.ref(t), line)
+        return out
+
+    def _made_at(self, t: torch.Tensor) -> str | None:
+        found = self._made.get(id(t))
+        return found[1] if found is not None and found[0]() is t else None
+
+    def _shape(self, tensor: torch.Tensor, out: Any, dims: tuple[Any, ...]) -> Any:
+        number = self._read.get(id(tensor))
+        if number is None:
+            number = len(self.trace.tensors)
+            fqn, position = self._known.get(id(tensor), ("", -1))
+            self.trace.tensors.append(
+                ReadTensor(
+                    tuple(tensor.shape),
+                    tensor.dtype,
+                    fingerprint(tensor),
+                    self._made_at(tensor) or "",
+                    fqn,
+                    position,
+                )
+            )
+            self._read[id(tensor)] = number
+            self._alive.append(tensor)
+        if isinstance(out, torch.Size):
+            return torch.Size(
+                [TracedInt(s, Expr("dim", ((number, d),))) for d, s in enumerate(out)]
+            )
+        if isinstance(out, int) and dims:
+            d = int(dims[0]) % max(tensor.ndim, 1)
+            return TracedInt(out, Expr("dim", ((number, d),)))
+        return out
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _traceable(value: Any) -> bool:
+    return type(value) is int and value > 1
+
+
+def int_attributes(model: nn.Module) -> dict[AttrKey, int]:
+    """Every int attribute > 1 of every module, and ints > 1 inside tuple/list/Size ones."""
+    found: dict[AttrKey, int] = {}
     for path, module in model.named_modules():
         for name, value in vars(module).items():
-            if type(value) is int and not name.startswith("_"):
-                found.append((path, module, name, value))
+            if name.startswith("_"):
+                continue
+            if _traceable(value):
+                found[(path, name, -1)] = value
+            elif (
+                isinstance(value, tuple | list)
+                and any(_traceable(v) for v in value)
+                and all(type(v) is int for v in value)
+            ):
+                found.update({(path, name, i): v for i, v in enumerate(value) if v > 1})
     return found
 
 
-def trace_int_uses(model: nn.Module, example_inputs: Any) -> list[IntUse]:
-    """Run ``model`` once with traced int attributes; return every use the torch calls saw."""
-    attrs = int_attributes(model)
+def _swap_attributes(model: nn.Module, keys: dict[AttrKey, int]) -> list[Any]:
+    """Put TracedInts in place of the attributes ``keys``, returning the originals."""
+    originals = []
+    modules = dict(model.named_modules())
+    names = sorted({(p, n) for p, n, _ in keys})
+    for path, name in names:
+        module = modules[path]
+        value = vars(module)[name]
+        originals.append((module, name, value))
+        if isinstance(value, int):
+            new: Any = TracedInt(value, Expr("attr", ((path, name, -1),)))
+        else:
+            items = [
+                TracedInt(v, Expr("attr", ((path, name, i),))) if (path, name, i) in keys else v
+                for i, v in enumerate(value)
+            ]
+            new = type(value)(items) if not isinstance(value, list) else items
+        module.__dict__[name] = new
+    return originals
+
+
+def trace_shapes(model: nn.Module, example_inputs: Any) -> ShapeTrace:
+    """Run ``model`` once (eval, no grad) with traced attributes and shape reads; see the
+    module docstring. The model is left exactly as it was. A forward that cannot run with
+    traced ints (code that insists on ``type(x) is int``) gives a trace with ``error`` set."""
+    attributes = int_attributes(model)
     args, kwargs = normalize_inputs(example_inputs)
-    for path, module, name, value in attrs:
-        setattr(module, name, TracedInt(value, frozenset({(path, name)}), value))
-    recorder = _Recorder()
+    known: dict[int, tuple[str, int]] = {}
+    for fqn, t in [*model.named_parameters(), *model.named_buffers()]:
+        known[id(t)] = (fqn, -1)
+    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    for position, t in enumerate(flat):
+        if isinstance(t, torch.Tensor):
+            known[id(t)] = ("", position)
+    paths = {id(m): p for p, m in model.named_modules()}
+    stack: list[str] = []
+    recorder = _Recorder(known, stack)
+
+    def enter(module: nn.Module, _args: Any) -> None:
+        stack.append(paths.get(id(module), stack[-1] if stack else ""))
+
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    training = {m: m.training for m in model.modules()}
+    originals = _swap_attributes(model, attributes)
+    model.eval()
+    hooks = [
+        torch.nn.modules.module.register_module_forward_pre_hook(enter),
+        torch.nn.modules.module.register_module_forward_hook(leave),
+    ]
     try:
         with torch.no_grad(), recorder:
             model(*args, **kwargs)
+    except Exception as exc:  # a forward that rejects int subclasses: report, don't guess
+        trace = ShapeTrace(error=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+        trace.attributes = attributes
+        return trace
     finally:
-        for _path, module, name, value in attrs:
-            setattr(module, name, value)
-    return recorder.uses
+        for hook in hooks:
+            hook.remove()
+        for module, name, value in originals:
+            module.__dict__[name] = value
+        for m, mode in training.items():
+            m.train(mode)
+    recorder.trace.attributes = attributes
+    return recorder.trace
+
+
+def _close(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return all(abs(x - y) <= 1e-6 * (abs(x) + abs(y)) + 1e-9 for x, y in zip(a, b, strict=True))
+
+
+def link_read_tensors(
+    trace: ShapeTrace, captured: Captured, model: nn.Module, example_inputs: Any
+) -> dict[int, str]:
+    """Read tensor number -> export graph node holding the same tensor.
+
+    Parameters and model inputs are known by identity; every other read tensor is found by
+    value among the node outputs of one run of the exported graph (same shape and dtype, the
+    same sum and sum of |x|; among equals, the node made at the same source line first).
+    Unmatched tensors are left out: relations through them stay unknown.
+    """
+    from graphprune.analysis.registry import source_line
+
+    found: dict[int, str] = {}
+    placeholders = [n for n in captured.graph.nodes if n.op == "placeholder"]
+    by_fqn = {fqn: name for name, fqn in captured.state_fqn.items()}
+    wanted: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = defaultdict(list)
+    for k, t in enumerate(trace.tensors):
+        if t.fqn and t.fqn in by_fqn:
+            found[k] = by_fqn[t.fqn]
+        elif 0 <= t.user_input < len(captured.user_inputs):
+            found[k] = captured.user_inputs[t.user_input]
+        else:
+            wanted[(t.shape, t.dtype)].append(k)
+    if not wanted:
+        return found
+    args, kwargs = normalize_inputs(example_inputs)
+    flat_inputs, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    state: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    state.update(captured.program.constants)
+    inputs = iter(flat_inputs)
+    values = []
+    for node in placeholders:
+        fqn = captured.state_fqn.get(node.name)
+        values.append(state[fqn] if fqn is not None else next(inputs))
+    candidates: dict[int, list[tuple[str, str]]] = defaultdict(list)
+
+    class _Watcher(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor):
+                for k in wanted.get((tuple(result.shape), result.dtype), []):
+                    if _close(fingerprint(result), trace.tensors[k].fingerprint):
+                        candidates[k].append((n.name, source_line(n)))
+            return result
+
+    with torch.no_grad():
+        _Watcher(captured.program.graph_module).run(*values)
+    for k, found_nodes in candidates.items():
+        line = trace.tensors[k].line
+        same_line = [name for name, src in found_nodes if line and src.startswith(line + ":")]
+        found[k] = (same_line or [found_nodes[0][0]])[0]
+    return found

@@ -3,7 +3,8 @@
 Heads are channels of a ``heads``/``kv_heads`` group: slicing them removes each head's q, k, v
 rows and output-projection columns together, and the module's head count follows (an
 ``nn.MultiheadAttention`` whose width no longer matches its input becomes a
-``PrunedMultiheadAttention``). Only head groups may change in this pass.
+``PrunedMultiheadAttention``). Head groups are what this pass prunes; another group changes
+only when a count relation drives it (the resolution says which and why).
 """
 
 from __future__ import annotations
@@ -25,10 +26,8 @@ class PruneHeads:
         heads_left: dict[str, str] = {}
         for gid, kept in ctx.kept.items():
             group = by_id[gid]
-            if len(kept) == group.size:
+            if len(kept) == group.size or group.kind not in HEAD_KINDS:
                 continue
-            if group.kind not in HEAD_KINDS:
-                raise PruneError(f"group {gid} ({group.name}) is '{group.kind}', not heads")
             if not kept:
                 raise PruneError(f"group {gid} ({group.name}) would lose every head")
             heads_left[group.name] = f"{len(kept)}/{group.size}"

@@ -15,36 +15,64 @@ from graphprune.analysis.graph import ShapeConstantUse
 from graphprune.analysis.registry import source_line
 from graphprune.capture import capture, normalize_inputs
 from graphprune.errors import CaptureError
-from graphprune.passes.base import PassContext, PruneError
-from graphprune.passes.shape_attributes import matching_uses
+from graphprune.passes.base import PassContext, RewriteFailure
+
+
+def _argument_slot(node: fx.Node, argument: str) -> tuple[int, int | None] | None:
+    """(index into node.args, index inside that list or None) of an argument the analyzer
+    named, e.g. "size[2]" of a view -> (1, 2)."""
+    name, _, rest = argument.partition("[")
+    k = int(rest.rstrip("]")) if rest else 0
+    args = list(node.args)
+    if name == "size":
+        found = next((i for i, a in enumerate(args) if isinstance(a, list | tuple)), None)
+        return (found, k) if found is not None else None
+    if name in ("split_sizes", "normalized_shape"):
+        return 1, k
+    if name == "sizes":
+        return 2, k
+    if name in ("split_size", "num_groups"):
+        return 1, None
+    if name == "start":
+        return 2, None
+    if name in ("end", "length"):
+        return 3, None
+    if name == "groups":
+        return (8 if "convolution" in str(node.target) else 6), None
+    if name == "arange":
+        ints = [i for i, a in enumerate(args) if isinstance(a, int)]
+        return (ints[k], None) if k < len(ints) else None
+    return None
 
 
 def argument_value(node: fx.Node, argument: str) -> int | None:
     """The integer at ``argument`` (as the analyzer named it) in ``node``'s arguments."""
-    args: list[Any] = list(node.args)
-    name, _, rest = argument.partition("[")
-    k = int(rest.rstrip("]")) if rest else 0
-    try:
-        if name == "size":
-            sizes = next(a for a in args if isinstance(a, list | tuple))
-            return int(sizes[k])
-        if name in ("split_size", "num_groups"):
-            return int(args[1])
-        if name in ("split_sizes", "normalized_shape"):
-            return int(args[1][k])
-        if name == "sizes":
-            return int(args[2][k])
-        if name == "start":
-            return int(args[2])
-        if name in ("end", "length"):
-            return int(args[3])
-        if name == "groups":
-            index = 8 if "convolution" in str(node.target) else 6
-            return int(args[index])
-        if name == "arange":
-            return int([a for a in args if isinstance(a, int)][k])
-    except (IndexError, StopIteration, TypeError, ValueError):
+    slot = _argument_slot(node, argument)
+    if slot is None:
         return None
+    i, k = slot
+    try:
+        value: Any = node.args[i] if k is None else node.args[i][k]  # type: ignore[index]
+        return int(value)
+    except (IndexError, TypeError, ValueError):
+        return None
+
+
+def argument_position(node: fx.Node, argument: str) -> int | None:
+    """Where ``argument`` stands among the node's int arguments, flattened in order."""
+    slot = _argument_slot(node, argument)
+    if slot is None:
+        return None
+    i, k = slot
+    position = 0
+    for j, a in enumerate(node.args):
+        values = list(a) if isinstance(a, list | tuple) else [a]
+        for m, v in enumerate(values):
+            if not isinstance(v, int) or isinstance(v, bool):
+                continue
+            if j == i and (k is None or m == k):
+                return position
+            position += 1
     return None
 
 
@@ -74,20 +102,21 @@ def _shapes(value: Any) -> Any:
 
 
 def output_shapes(model: torch.nn.Module, example_inputs: Any) -> Any:
+    """Shapes of the model's outputs (eval mode, no grad; the model's modes are restored)."""
     args, kwargs = normalize_inputs(example_inputs)
-    with torch.no_grad():
-        return _shapes(model(*args, **kwargs))
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _shapes(model(*args, **kwargs))
+    finally:
+        for m, mode in training.items():
+            m.train(mode)
 
 
-def _suspects(ctx: PassContext) -> list[ShapeConstantUse]:
-    """Changed constants that no module attribute produces: likely hard-coded."""
-    return [
-        c
-        for c in ctx.dg.shape_constants
-        if c.expected(ctx.kept) != c.value
-        and not matching_uses(c, ctx.int_uses)
-        and c.op.startswith(("aten.view", "aten.reshape", "aten.split", "aten.expand"))
-    ]
+def _changed(ctx: PassContext) -> list[ShapeConstantUse]:
+    """Constants whose value the kept channels change: what a failing forward may hard-code."""
+    return [c for c in ctx.dg.shape_constants if c.expected(ctx.kept) != c.value]
 
 
 def make_verifier(reference_shapes: Any) -> Any:
@@ -96,21 +125,23 @@ def make_verifier(reference_shapes: Any) -> Any:
         try:
             captured = capture(ctx.model, ctx.example_inputs)
         except CaptureError as exc:
+            line = ":".join((exc.source_line or "").split(":")[:2])
+            suspects = [c for c in _changed(ctx) if line and c.source.startswith(line + ":")]
             lines = "; ".join(
                 f"{c.source or c.node} needs {c.argument}={c.expected(ctx.kept)}"
-                for c in _suspects(ctx)[:3]
+                for c in (suspects or _changed(ctx))[:3]
             )
             hint = (
-                (
-                    f" — the forward may hard-code a size: {lines}; compute it from a module "
-                    "attribute or the input shape"
-                )
+                f" — the forward may compute a size graphprune cannot follow: {lines}; compute "
+                "it from a module attribute or the input shape"
                 if lines
                 else ""
             )
             where = f" at {exc.source_line}" if exc.source_line else ""
-            raise PruneError(
-                f"the rewritten model no longer runs{where}: {exc.reason}{hint}"
+            raise RewriteFailure(
+                f"the rewritten model no longer runs{where}: {exc.reason}{hint}",
+                line=line,
+                groups={g for c in suspects for g in c.groups},
             ) from exc
         finally:
             for m, t in training.items():
@@ -123,14 +154,21 @@ def make_verifier(reference_shapes: Any) -> Any:
                 actual = argument_value(node, c.argument) if node is not None else None
                 expected = c.expected(ctx.kept)
                 if actual is not None and actual != expected:
-                    raise PruneError(
+                    raise RewriteFailure(
                         f"{c.op} at {c.source or c.node}: {c.argument} is {actual} after "
                         f"pruning but the kept channels need {expected}; it is hard-coded or "
                         "derived from something graphprune cannot update — compute it from a "
-                        "module attribute (e.g. self.n_head) or the input shape"
+                        "module attribute (e.g. self.n_head) or the input shape",
+                        line=":".join(c.source.split(":")[:2]),
+                        groups=set(c.groups),
                     )
-        shapes = output_shapes(ctx.model, ctx.example_inputs)
+        try:
+            shapes = output_shapes(ctx.model, ctx.example_inputs)
+        except Exception as exc:  # eager forward fails where the export did not
+            raise RewriteFailure(
+                f"the rewritten model no longer runs eagerly: {type(exc).__name__}: {exc}"
+            ) from exc
         if shapes != reference_shapes:
-            raise PruneError(f"output shapes changed: {reference_shapes} -> {shapes}")
+            raise RewriteFailure(f"output shapes changed: {reference_shapes} -> {shapes}")
 
     return verify

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,9 +132,12 @@ class ShapeConstantUse:
     source: str
     positions: list[tuple[tuple[int, int], ...]] = field(repr=False, default_factory=list)
 
-    def expected(self, kept: dict[int, Iterable[int]]) -> int:
+    def expected(self, kept: Mapping[int, Iterable[int]]) -> int:
         """The value this argument must take when each group keeps ``kept[group]``."""
-        sets = {g: {int(c) for c in chans} for g, chans in kept.items()}
+        sets = {
+            g: chans if isinstance(chans, set | frozenset) else {int(c) for c in chans}
+            for g, chans in kept.items()
+        }
         return sum(all(c in sets.get(g, {c}) for g, c in row) for row in self.positions)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +164,9 @@ class DependencyGraph:
         diagnostics: list[Diagnostic],
         aliases: dict[str, list[str]],
         seconds: float = 0.0,
+        node_rows: Any = None,
     ) -> None:
+        self._node_rows = node_rows  # (node name, dim) -> channel rows, for any graph tensor
         self.groups = groups
         self._graph = graph
         self._positions = positions
@@ -193,6 +198,11 @@ class DependencyGraph:
     def position_channels(self, fqn: str, dim: int) -> list[tuple[tuple[int, int], ...]]:
         """For each position of ``fqn``'s dim: the (group id, channel) pairs it depends on."""
         return self._positions[(fqn, dim)]
+
+    def node_channels(self, node: str, dim: int) -> list[tuple[tuple[int, int], ...]] | None:
+        """Like :meth:`position_channels` for any tensor of the captured graph (by fx node
+        name); None for a node or dim the analysis has no layout for."""
+        return self._node_rows(node, dim) if self._node_rows is not None else None
 
     def kept_positions(self, fqn: str, dim: int, kept: dict[int, Iterable[int]]) -> np.ndarray:
         """Positions of ``fqn``'s dim that survive when each group keeps ``kept[group]``."""
@@ -490,7 +500,28 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
                 )
             )
     diagnostics = [Diagnostic(n, op, reason) for n, op, reason in walked.facts.unsupported]
-    return DependencyGraph(groups, graph, positions, constants, diagnostics, aliases, seconds)
+    row_cache: dict[tuple[str, int], list[tuple[tuple[int, int], ...]] | None] = {}
+
+    def node_rows(node: str, dim: int) -> list[tuple[tuple[int, int], ...]] | None:
+        key = (node, dim)
+        if key not in row_cache:
+            layout = walked.values.get(node)
+            rows = None
+            if (
+                isinstance(layout, list)
+                and all(isinstance(a, np.ndarray) for a in layout)
+                and 0 <= dim < len(layout)
+            ):
+                rows = [
+                    tuple(index_of_root[r] for r in table.base_of(a, memo) if r in index_of_root)
+                    for a in layout[dim].tolist()
+                ]
+            row_cache[key] = rows
+        return row_cache[key]
+
+    return DependencyGraph(
+        groups, graph, positions, constants, diagnostics, aliases, seconds, node_rows
+    )
 
 
 def _inspection_graph(

@@ -124,6 +124,25 @@ def flatten(ctx: RuleContext) -> Layout:
     return reshape_layout(ctx, _first(ctx), ctx.out_shape())
 
 
+def _follow(ctx: RuleContext, out: Layout, other: TensorArg | None, why: str) -> Layout:
+    """The output takes its sizes from ``other``: each output dim is coupled with ``other``'s
+    dim (same count after pruning, so the same channels)."""
+    if other is None:
+        return out
+    for d, atoms in enumerate(out):
+        if other.shape[d] > 1:
+            ctx.table.union_arrays(atoms, other.layout[d])
+            ctx.link(other.dim(d), d, why)
+    return out
+
+
+@rule(*ops("view_as", "reshape_as"))
+def view_as(ctx: RuleContext) -> Layout:
+    """``x.view_as(other)``: a reshape whose sizes are ``other``'s, so they follow it."""
+    out = reshape_layout(ctx, _first(ctx), ctx.out_shape())
+    return _follow(ctx, out, ctx.tensor(ctx.arg(1, "other")), "shaped like this tensor")
+
+
 @rule(*ops("unflatten"))
 def unflatten(ctx: RuleContext) -> Layout:
     x = _first(ctx)
@@ -180,7 +199,14 @@ def expand(ctx: RuleContext) -> Layout:
             out.append(x.layout[k])
         else:
             out.append(ctx.fresh(size, f"expand{d}"))
-    if ctx.node.target != aten.expand_as.default:
+    if ctx.node.target == aten.expand_as.default:  # the grown dims take other's sizes
+        other = ctx.tensor(ctx.arg(1, "other"))
+        grown = [d for d in range(len(out_shape)) if d < lead or x.shape[d - lead] != out_shape[d]]
+        if other is not None:
+            for d in grown:
+                ctx.table.union_arrays(out[d], other.layout[d])
+                ctx.link(other.dim(d), d, "expanded to this tensor's size")
+    else:
         sizes = ctx.arg(1, "size")
         if isinstance(sizes, list | tuple):
             for k, s in enumerate(sizes):

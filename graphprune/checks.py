@@ -1,0 +1,84 @@
+"""Checks of the user's model and inputs before anything else touches them, so that bad input
+gets one clear error (what is wrong, where, what to do) instead of a raw traceback from
+whichever step happens to meet it first."""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphprune.capture import ExampleInputs, normalize_inputs
+from graphprune.errors import InputError
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_OWN_DIR = str(Path(__file__).parent)
+
+
+class GraphPruneWarning(UserWarning):
+    """Something graphprune went ahead with but the user should know about."""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "(" + ", ".join(_describe(v) for v in value) + ")"
+    return type(value).__name__
+
+
+def _user_line(exc: BaseException) -> str:
+    found = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if not frame.filename.startswith((_TORCH_DIR, _OWN_DIR, "<")):
+            found = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return found
+
+
+def check_model(model: nn.Module, example_inputs: ExampleInputs) -> None:
+    """Raise :class:`InputError` for a model graphprune cannot work on (not a module, meta
+    tensors, example inputs it does not run on); warn about NaN/inf weights."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    state = [*model.named_parameters(), *model.named_buffers()]
+    on_meta = [name for name, t in state if t.is_meta]
+    if on_meta:
+        raise InputError(
+            f"{len(on_meta)} parameters/buffers are on the meta device (shapes without data), "
+            f"e.g. {on_meta[0]}: graphprune needs real weights to score and slice them; "
+            "materialise the model (model.to_empty(device='cpu'), then load its weights) or "
+            "build it on cpu/cuda"
+        )
+    not_finite = [name for name, t in state if t.is_floating_point() and not t.isfinite().all()]
+    if not_finite:
+        warnings.warn(
+            f"{len(not_finite)} parameters/buffers hold NaN or inf (e.g. {not_finite[0]}): "
+            "importance scores of their channels are NaN, so which channels are kept there "
+            "is arbitrary; fix or re-initialise these weights first",
+            GraphPruneWarning,
+            stacklevel=3,
+        )
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:
+        where = _user_line(exc)
+        raise InputError(
+            f"the model does not run on the example inputs {_describe(example_inputs)}: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            + (f"\n  at {where}" if where else "")
+            + "\n  hint: pass inputs of the shape and dtype the model takes (a tensor, a tuple "
+            "of positional inputs or a dict of keyword inputs), e.g. with a batch dimension"
+        ) from None
+    finally:
+        for m, t in training.items():
+            m.train(t)

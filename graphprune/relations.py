@@ -1,0 +1,374 @@
+"""Count relations: the ints a forward computes must equal what the kept channels need.
+
+Every shape constant of the export graph that follows a group (a view/reshape/expand size, a
+split size, a slice bound, conv groups, ...) is matched to the eager call that produced it
+(same source line, same module instance, same op, in order; see
+:mod:`graphprune.passes.provenance`). The provenance trace says how that call computed it: a
+literal, a module attribute, a tensor's shape, or arithmetic on those. A *relation* is then
+
+    computed(pruned shapes, new attribute values) == needed(kept channels)
+
+where ``needed`` is the number of kept positions (:meth:`ShapeConstantUse.expected`). The
+solver (:func:`satisfy`) makes a resolution satisfy every relation it can evaluate:
+
+1. An attribute used bare (``view(..., self.num_heads, ...)``) takes the value its use needs.
+   An attribute asked for two values ties the groups of those uses to one count.
+2. An attribute used once inside arithmetic (``split(self.expand_chs // 2)``) is solved for.
+3. A group the plan does not prune (head_dim under a channel plan) follows a relation that
+   sets its count: ``kept(head_dim) = kept(residual) // num_heads``; a pruned group may be
+   moved to *more* kept channels to satisfy one, never fewer.
+4. Whatever still fails freezes the pruned groups it involves (kept whole), the source line
+   and the computation as the reason; the rest is solved again.
+
+Relations whose call could not be matched stay unknown: the verification after the rewrite
+(re-capture, every constant compared) and compile's freeze-and-retry cover them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from graphprune.analysis import DependencyGraph
+from graphprune.analysis.graph import ShapeConstantUse
+from graphprune.analysis.registry import flatten_args, source_line
+from graphprune.capture import Captured, owning_module
+from graphprune.passes.provenance import AttrKey, DimKey, Expr, IntUse, ShapeTrace
+
+Rows = list[tuple[tuple[int, int], ...]]
+
+# eager torch function -> aten ops it may appear as in the export graph (besides its own name)
+_ALIASES = {
+    "__getitem__": ("slice", "select", "index", "narrow"),
+    "reshape": ("view", "_unsafe_view"),
+    "view": ("_unsafe_view",),
+    "flatten": ("view", "reshape"),
+    "unflatten": ("view", "reshape"),
+    "chunk": ("split",),
+    "narrow": ("slice",),
+    "view_as": ("view",),
+    "expand_as": ("expand",),
+    "conv1d": ("convolution",),
+    "conv2d": ("convolution",),
+    "conv3d": ("convolution",),
+}
+
+
+def _short(target: Any) -> str:
+    name = str(getattr(target, "__name__", target))
+    return name.removeprefix("aten.").split(".")[0]
+
+
+def compatible(func: str, op: str) -> bool:
+    return op == func or op.startswith(func) or op in _ALIASES.get(func, ())
+
+
+def _line(node: fx.Node) -> str:
+    return ":".join(source_line(node).split(":")[:2])
+
+
+def _node_ints(node: fx.Node) -> list[int]:
+    return [
+        int(v)
+        for v in flatten_args((node.args, node.kwargs))
+        if isinstance(v, int) and not isinstance(v, bool)
+    ]
+
+
+@dataclass
+class Relation:
+    """One shape constant and how the forward computes it."""
+
+    constant: ShapeConstantUse
+    expr: Expr
+    line: str
+    tensors: dict[int, str] = field(default_factory=dict)  # read tensor -> graph node name
+
+    def describe(self, computed: int, needed: int) -> str:
+        c = self.constant
+        where = f"{c.source or c.node}: {c.op.removeprefix('aten.')} {c.argument}"
+        if self.expr.op == "const":
+            return f"{where} is hard-coded as {computed}, but the kept channels need {needed}"
+        how = self.expr.describe(lambda k: self.tensors.get(k, f"<tensor {k}>"))
+        return f"{where} is computed as {how} = {computed}, but the kept channels need {needed}"
+
+
+def match_uses(captured: Captured, trace: ShapeTrace) -> dict[str, IntUse]:
+    """Export node name -> the eager call that made it (for nodes with int arguments).
+
+    Nodes and calls are aligned in order per (source line, module instance); a node takes the
+    next call whose function is compatible with its op (``reshape`` for ``aten.view``, ...).
+    Nodes whose stack trace names another line (torch.export keeps fewer frames for some
+    wrappers, e.g. ``torch.split``) get a second chance per module instance alone.
+    """
+    nodes = [
+        n
+        for n in captured.graph.nodes
+        if n.op == "call_function" and str(n.target).startswith("aten.") and _node_ints(n)
+    ]
+    found: dict[str, IntUse] = {}
+    taken: set[int] = set()
+    for keyed in (lambda line, module: (line, module), lambda _line, module: ("", module)):
+        calls: dict[tuple[str, str], list[tuple[int, IntUse]]] = defaultdict(list)
+        for k, use in enumerate(trace.uses):
+            if k not in taken:
+                calls[keyed(use.line, use.module)].append((k, use))
+        cursor: dict[tuple[str, str], int] = defaultdict(int)
+        for node in nodes:
+            if node.name in found:
+                continue
+            key = keyed(_line(node), owning_module(node))
+            pending = calls.get(key, [])
+            op = _short(node.target)
+            for j in range(cursor[key], len(pending)):
+                k, use = pending[j]
+                if compatible(use.func, op):
+                    found[node.name] = use
+                    taken.add(k)
+                    cursor[key] = j + 1
+                    break
+    return found
+
+
+def _expr_for(c: ShapeConstantUse, node: fx.Node, use: IntUse) -> Expr | None:
+    """Which of the call's ints is this constant: by position when the call's ints are the
+    node's, else the one int of that value (several of that value computed differently:
+    unknown)."""
+    node_ints = _node_ints(node)
+    if list(use.values) == node_ints:
+        from graphprune.passes.verify import argument_position
+
+        position = argument_position(node, c.argument)
+        if position is not None and 0 <= position < len(use.exprs):
+            return use.exprs[position]
+    same = [e for v, e in zip(use.values, use.exprs, strict=True) if v == c.value]
+    if same and all(e == same[0] for e in same):
+        return same[0]
+    return None
+
+
+def build_relations(
+    dg: DependencyGraph, captured: Captured, trace: ShapeTrace, links: dict[int, str]
+) -> tuple[list[Relation], list[ShapeConstantUse]]:
+    """Relations for the shape constants whose eager call was found, and the constants left
+    unknown."""
+    nodes = {n.name: n for n in captured.graph.nodes}
+    uses = match_uses(captured, trace)
+    relations, unknown = [], []
+    for c in dg.shape_constants:
+        node = nodes.get(c.node)
+        use = uses.get(c.node)
+        expr = _expr_for(c, node, use) if node is not None and use is not None else None
+        if expr is None:
+            unknown.append(c)
+        else:
+            relations.append(Relation(c, expr, use.line if use else "", links))
+    return relations, unknown
+
+
+def count_kept(rows: Rows, kept: dict[int, set[int]]) -> int:
+    """Positions whose channels all survive."""
+    return sum(all(c in kept.get(g, {c}) for g, c in row) for row in rows)
+
+
+@dataclass
+class Solution:
+    """A resolution made consistent with the relations."""
+
+    kept: dict[int, list[int]]
+    attributes: dict[AttrKey, int] = field(default_factory=dict)  # only changed ones
+    frozen: dict[int, str] = field(default_factory=dict)  # group -> why it is kept whole
+    driven: dict[int, str] = field(default_factory=dict)  # group -> relation that set it
+
+
+@dataclass
+class _Evaluator:
+    dg: DependencyGraph
+    trace: ShapeTrace
+    links: dict[int, str]  # read tensor number -> node name
+
+    def dim_size(self, key: DimKey, kept: dict[int, set[int]]) -> int:
+        number, d = key
+        node = self.links.get(number)
+        rows = self.dg.node_channels(node, d) if node is not None else None
+        if rows is None:
+            return self.trace.tensors[number].shape[d]
+        return count_kept(rows, kept)
+
+    def value(self, r: Relation, kept: dict[int, set[int]], attrs: dict[AttrKey, int]) -> int:
+        return r.expr.evaluate(
+            lambda a: attrs.get(a, self.trace.attributes.get(a, 0)),
+            lambda d: self.dim_size(d, kept),
+        )
+
+    def groups_of(self, r: Relation) -> set[int]:
+        """Groups the constant follows and groups whose sizes the computation reads."""
+        found = set(r.constant.groups)
+        for number, d in r.expr.dims():
+            node = self.links.get(number)
+            rows = self.dg.node_channels(node, d) if node is not None else None
+            found.update(g for row in rows or [] for g, _ in row)
+        return found
+
+
+def _counted(c: ShapeConstantUse) -> tuple[int, list[int]] | None:
+    """The group and the channels of it whose kept count *is* this constant (one channel per
+    position: a whole group, or one concatenated part of it), or None."""
+    if len(c.groups) != 1 or c.per != "size":
+        return None
+    channels = [row[0][1] for row in c.positions if len(row) == 1]
+    if len(channels) != len(c.positions) or len(set(channels)) != len(channels):
+        return None
+    return c.groups[0], channels
+
+
+def _solve_one(
+    r: Relation,
+    attr: AttrKey,
+    needed: int,
+    value_with: Callable[[int], int],
+    original: int,
+) -> int | None:
+    """An integer value of ``attr`` making the relation hold, nearest to the proportional
+    guess ``original * needed / computed-at-original``."""
+    base = r.constant.value or 1
+    guess = max(1, round(original * needed / base))
+    candidates = sorted(range(1, max(2 * original, guess) + 3), key=lambda v: (abs(v - guess), v))
+    for v in candidates[:4096]:
+        try:
+            if value_with(v) == needed:
+                return v
+        except (ZeroDivisionError, OverflowError):
+            continue
+    return None
+
+
+def satisfy(
+    relations: list[Relation],
+    dg: DependencyGraph,
+    trace: ShapeTrace,
+    links: dict[int, str],
+    kept: dict[int, list[int]],
+    scores: Callable[[int], np.ndarray],
+    targeted: Iterable[int],
+    max_rounds: int = 64,
+) -> Solution:
+    """Adjust ``kept`` and choose attribute values so every relation holds (see the module
+    docstring). ``targeted`` are the groups the plan prunes; other prunable groups may be
+    driven by relations; frozen groups never change."""
+    sizes = {g.id: g.size for g in dg.groups}
+    changeable = {g.id for g in dg.groups if g.prunable}
+    targeted = set(targeted)
+    state = {g: list(k) for g, k in kept.items()}
+    solution = Solution(state)
+    ev = _Evaluator(dg, trace, links)
+
+    def sets() -> dict[int, set[int]]:
+        return {g: set(k) for g, k in state.items()}
+
+    def set_count(g: int, n: int, channels: list[int]) -> None:
+        """Keep the best ``n`` of ``channels`` (the rest of the group as it is)."""
+        order = sorted(channels, key=lambda c: (-scores(g)[c], c))
+        inside = set(channels)
+        others = [c for c in state.get(g, range(sizes[g])) if c not in inside]
+        state[g] = sorted([*others, *order[:n]])
+
+    for _ in range(max_rounds):
+        kept_sets = sets()
+        attrs, problems = _assign_attributes(relations, ev, kept_sets)
+        violations = problems + [
+            (r, ev.value(r, kept_sets, attrs), r.constant.expected(kept_sets))
+            for r in relations
+            if r.expr.op != "attr"
+            and ev.value(r, kept_sets, attrs) != r.constant.expected(kept_sets)
+        ]
+        if not violations:
+            solution.attributes = {a: v for a, v in attrs.items() if trace.attributes.get(a) != v}
+            return solution
+        if _repair(violations, state, sizes, changeable, targeted, set_count, solution):
+            continue
+        r, computed, needed = violations[0]
+        involved = [g for g in sorted(ev.groups_of(r)) if g in state and len(state[g]) < sizes[g]]
+        if not involved:  # holds at full size too: the relation itself is wrong; ignore it
+            relations = [x for x in relations if x is not r]
+            continue
+        for g in involved:
+            state[g] = list(range(sizes[g]))
+            solution.frozen.setdefault(g, r.describe(computed, needed))
+    kept_sets = sets()
+    attrs, _ = _assign_attributes(relations, ev, kept_sets)
+    solution.attributes = {a: v for a, v in attrs.items() if trace.attributes.get(a) != v}
+    return solution
+
+
+Violation = tuple[Relation, int, int]  # relation, computed, needed
+
+
+def _assign_attributes(
+    relations: list[Relation], ev: _Evaluator, kept: dict[int, set[int]]
+) -> tuple[dict[AttrKey, int], list[Violation]]:
+    """Rules 1 and 2 of the module docstring; returns the values and the unmet bare uses."""
+    wanted: dict[AttrKey, list[tuple[Relation, int]]] = defaultdict(list)
+    for r in relations:
+        if r.expr.op == "attr":
+            wanted[r.expr.args[0]].append((r, r.constant.expected(kept)))
+    attrs: dict[AttrKey, int] = {}
+    problems: list[Violation] = []
+    for a, uses in wanted.items():
+        values = {needed for _, needed in uses}
+        attrs[a] = max(values)
+        if len(values) > 1:  # the uses disagree: each that is not met is a violation
+            problems += [(r, attrs[a], needed) for r, needed in uses if needed != attrs[a]]
+    for r in relations:
+        unknown = [a for a in r.expr.attrs() if a not in attrs]
+        if len(unknown) != 1 or r.expr.op == "attr":
+            continue
+        (a,) = unknown
+        needed = r.constant.expected(kept)
+
+        def value_with(v: int, a: AttrKey = a, r: Relation = r) -> int:
+            return ev.value(r, kept, {**attrs, a: v})
+
+        original = ev.trace.attributes.get(a, 1)
+        if value_with(original) == needed:
+            continue
+        solved = _solve_one(r, a, needed, value_with, original)
+        if solved is not None:
+            attrs[a] = solved
+    return attrs, problems
+
+
+def _repair(
+    violations: list[Violation],
+    state: dict[int, list[int]],
+    sizes: dict[int, int],
+    changeable: set[int],
+    targeted: set[int],
+    set_count: Callable[[int, int, list[int]], None],
+    solution: Solution,
+) -> bool:
+    """Rule 3 (and the tie of rule 1): move one group's count to what a relation computes.
+    True if something changed."""
+    for r, computed, needed in violations:
+        # a tie (an attribute two uses need differently): computed is the largest need
+        counted, want = _counted(r.constant), computed
+        if counted is None:
+            continue
+        g, channels = counted
+        if g not in changeable or not 1 <= want <= len(channels):
+            continue
+        current = needed
+        if want == current or (g in targeted and want < current):
+            continue
+        set_count(g, want, channels)
+        if g in targeted and want == len(channels):  # the relation allows no pruning there
+            solution.frozen.setdefault(g, r.describe(computed, needed))
+        else:
+            solution.driven[g] = r.describe(computed, needed) + f"; group kept at {want}"
+        return True
+    return False

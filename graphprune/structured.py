@@ -1,0 +1,451 @@
+"""Structured pruning of one model: resolve, make consistent, rewrite, verify, freeze, retry.
+
+1. **Setup** (once per compile): capture, analysis, and -- when a shape constant follows a
+   prunable group -- the provenance trace and the count relations
+   (:mod:`graphprune.relations`).
+2. **Resolve** the plan into kept channels per unit (:mod:`graphprune.resolve`), then let the
+   relation solver drive, tie or freeze groups and pick attribute values.
+3. **Rewrite and verify** on a copy of the original model: slice, update attributes,
+   re-capture, compare every shape constant and the output shapes.
+4. **Freeze and retry.** A rewrite that fails freezes the groups whose channels reach the
+   failing line (or, when the failure names none, the smallest set found by bisection) with
+   the failure as the reason, and everything is resolved again from the original model -- a
+   bounded number of rounds. Only when nothing is left to prune does compile raise, with
+   every reason. ``strict=True`` raises on the first failure instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from graphprune.analysis import DependencyGraph, Group, analyze_captured
+from graphprune.capture import Captured, ExampleInputs, capture
+from graphprune.importance import LossFn, score_groups
+from graphprune.macs import count_macs
+from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, RewriteFailure
+from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
+from graphprune.passes.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
+from graphprune.passes.prune_heads import PruneHeads
+from graphprune.passes.slice_channels import SliceChannels
+from graphprune.passes.verify import make_verifier, output_shapes
+from graphprune.plan import Plan, PlanError
+from graphprune.relations import Relation, build_relations, satisfy
+from graphprune.resolve import Resolution, candidate_groups, resolve
+from graphprune.units import Units, pruning_units
+
+MAX_ROUNDS = 8  # freeze-and-retry rounds before giving up on what is left
+
+
+@dataclasses.dataclass
+class ShapeModel:
+    """How the forward computes its shape constants (None fields: nothing to follow)."""
+
+    trace: ShapeTrace
+    links: dict[int, str]
+    relations: list[Relation]
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, x: ExampleInputs, captured: Captured, dg: DependencyGraph
+    ) -> ShapeModel | None:
+        """The shape model, or None when no shape constant follows a prunable group."""
+        prunable = {g.id for g in dg.groups if g.prunable}
+        if not any(prunable.intersection(c.groups) for c in dg.shape_constants):
+            return None
+        trace = trace_shapes(model, x)
+        if trace.error:
+            return cls(trace, {}, [])
+        links = link_read_tensors(trace, captured, model, x) if trace.tensors else {}
+        relations, _unknown = build_relations(dg, captured, trace, links)
+        return cls(trace, links, relations)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything computed once per compile, shared by every trial."""
+
+    original: nn.Module  # never rewritten: each trial starts from a copy of it
+    example_inputs: ExampleInputs
+    captured: Captured
+    dg: DependencyGraph
+    reference_shapes: Any
+    macs_before: int
+    shapes: ShapeModel | None
+
+    def notes(self) -> list[str]:
+        if self.shapes is not None and self.shapes.trace.error:
+            return [
+                "the shape trace could not run the forward with traced ints "
+                f"({self.shapes.trace.error}); sizes it computes were checked after the "
+                "rewrite instead"
+            ]
+        return []
+
+    def context(self, model: nn.Module, resolution: Resolution) -> PassContext:
+        return PassContext(
+            model,
+            self.example_inputs,
+            self.captured,
+            self.dg,
+            resolution.kept,
+            dict(resolution.attributes),
+        )
+
+
+@dataclasses.dataclass
+class Outcome:
+    model: nn.Module
+    ctx: PassContext
+    resolution: Resolution
+    groups: list[Group]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def setup(
+    model: nn.Module, example_inputs: ExampleInputs, macs_before: int, lap: Callable[[str], None]
+) -> Setup:
+    captured = capture(model, example_inputs)
+    lap("capture")
+    dg = analyze_captured(captured)
+    lap("analyze")
+    shapes = ShapeModel.of(model, example_inputs, captured, dg)
+    lap("shape relations")
+    return Setup(
+        model,
+        example_inputs,
+        captured,
+        dg,
+        output_shapes(model, example_inputs),
+        macs_before,
+        shapes,
+    )
+
+
+def attributes_for(
+    model: nn.Module, example_inputs: ExampleInputs, captured: Captured, dg: DependencyGraph,
+    kept: dict[int, list[int]],
+) -> dict[AttrKey, int]:  # fmt: skip
+    """The attribute values a resolution needs (records saved before attributes were stored:
+    attributes used bare take the value their use needs)."""
+    shapes = ShapeModel.of(model, example_inputs, captured, dg)
+    if shapes is None:
+        return {}
+    solution = satisfy(
+        shapes.relations, dg, shapes.trace, shapes.links, kept, lambda g: np.zeros(0), ()
+    )
+    return solution.attributes
+
+
+# -- channels and heads -------------------------------------------------------------------------
+class _Resolver:
+    """Plan -> consistent resolution, for a ratio and a set of frozen groups."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        s: Setup,
+        groups: list[Group],
+        units: Units,
+        scores: dict[int, np.ndarray],
+        modules: dict[str, nn.Module],
+        model: nn.Module,
+        batches: list[Any],
+        loss_fn: LossFn | None,
+    ) -> None:
+        self.plan, self.s, self.groups, self.units = plan, s, groups, units
+        self.scores, self.modules, self.model = scores, modules, model
+        self.batches, self.loss_fn = batches, loss_fn
+
+    def group_scores(self, g: int) -> np.ndarray:
+        """Scores of any group (groups outside the plan, driven by a relation, on demand)."""
+        if g not in self.scores:
+            group = self.s.dg.group(g)
+            self.scores.update(
+                score_groups(
+                    self.model,
+                    self.s.dg,
+                    [group],
+                    self.plan.importance,
+                    batches=self.batches,
+                    loss_fn=self.loss_fn,
+                    seed=self.plan.seed,
+                )
+            )
+        return self.scores[g]
+
+    def __call__(
+        self, ratio: float, frozen: dict[int, str], only: set[int] | None = None
+    ) -> Resolution:
+        """Resolution at ``ratio`` with ``frozen`` groups kept whole (and, for bisection, only
+        the groups in ``only`` pruned)."""
+        plan = dataclasses.replace(self.plan, ratio=ratio, target_macs=None)
+        live = [g for g in self.groups if g.id not in frozen]
+        units = Units([u for u in self.units.units if u.group not in frozen], self.units.held)
+        found = resolve(plan, self.s.dg, live, self.scores, self.modules, units=units)
+        if only is not None:
+            found.kept = {
+                g: k if g in only else list(range(found.sizes[g])) for g, k in found.kept.items()
+            }
+        found.frozen.update(frozen)
+        shapes = self.s.shapes
+        if shapes is None or not shapes.relations:
+            return found
+        targeted = set(found.changed)
+        solution = satisfy(
+            shapes.relations,
+            self.s.dg,
+            shapes.trace,
+            shapes.links,
+            found.kept,
+            self.group_scores,
+            targeted,
+        )
+        for g, kept in solution.kept.items():
+            found.kept[g] = kept
+            found.sizes.setdefault(g, self.s.dg.group(g).size)
+        found.attributes = solution.attributes
+        found.frozen.update(solution.frozen)
+        found.driven = solution.driven
+        found.refresh_units()
+        return found
+
+
+def prune_channels(
+    target: nn.Module,
+    plan: Plan,
+    s: Setup,
+    batches: list[Any],
+    loss_fn: LossFn | None,
+    lap: Callable[[str], None],
+    *,
+    inplace: bool,
+    strict: bool,
+) -> Outcome:
+    """Channels or heads (see the module docstring). ``target`` is the user's model when
+    ``inplace`` (then trials run on copies and the result is replayed on it), else a copy
+    the first trial may rewrite."""
+    dg = s.dg
+    modules = dict(s.original.named_modules())
+    groups = candidate_groups(dg, plan)
+    if plan.granularity == "heads" and not groups:
+        raise PlanError(
+            "granularity='heads' found no attention heads in this model: heads are recognised "
+            "where q·k and the attention-weighted v are computed (scaled_dot_product_attention "
+            "or matmul -> softmax -> matmul); use granularity='channels'"
+        )
+    units = pruning_units(dg, groups, modules, plan.ratio or 0.5, plan.channel_multiple)
+    scores = score_groups(
+        s.original, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
+    )
+    lap("score")
+    resolver = _Resolver(plan, s, groups, units, scores, modules, s.original, batches, loss_fn)
+    make: Callable[[], Pass] = PruneHeads if plan.granularity == "heads" else SliceChannels
+    verify = make_verifier(s.reference_shapes)
+    frozen: dict[int, str] = {}
+    first = not inplace
+    for _ in range(MAX_ROUNDS):
+        ratio = _ratio_for_target(plan, resolver, frozen, s, make)
+        resolution = resolver(ratio, frozen)
+        lap("resolve")
+        model = target if first else copy.deepcopy(s.original)
+        first = False
+        if not resolution.changed and resolution.frozen and ratio > 0:
+            break  # the relations froze everything the plan would prune
+        ctx, failure = _attempt(model, resolution, s, make, verify)
+        lap("rewrite and verify")
+        if failure is None:
+            if inplace:  # replay the rewrite that worked on the user's model
+                ctx = s.context(target, resolution)
+                PassManager([make()])(ctx)
+            notes = []
+            if ratio > 0 and not resolution.changed:
+                notes.append(
+                    "nothing was pruned: every layer the plan prunes is narrower than "
+                    f"round_to={plan.channel_multiple} or ignored (round_to=1 prunes exact "
+                    "counts)"
+                )
+            return Outcome(ctx.model, ctx, resolution, groups, notes)
+        if strict:
+            raise failure
+        culprits = _culprits(failure, resolution, s)
+        if not culprits:
+            culprits = _bisect(sorted(resolution.changed), resolver, ratio, frozen, s, make, verify)
+        reason = _first_line(str(failure))
+        frozen.update({g: f"the rewrite failed: {reason}" for g in culprits})
+        if not set(resolution.changed) - set(culprits):
+            resolution = resolver(ratio, frozen)
+            break
+    raise PruneError(_nothing_left(plan, resolution.frozen, dg))
+
+
+def _attempt(
+    model: nn.Module,
+    resolution: Resolution,
+    s: Setup,
+    make: Callable[[], Pass],
+    verify: Callable[[PassContext], None],
+) -> tuple[PassContext, PruneError | None]:
+    """Rewrite ``model`` as ``resolution`` says and verify it; the context and the failure
+    (None when it worked)."""
+    ctx = s.context(model, resolution)
+    try:
+        PassManager([make()], verify=verify)(ctx)
+    except PruneError as exc:
+        return ctx, exc
+    except Exception as exc:  # a pass that met a module it cannot rewrite: same treatment
+        return ctx, RewriteFailure(f"{type(exc).__name__}: {_first_line(str(exc))}")
+    return ctx, None
+
+
+def _culprits(failure: PruneError, resolution: Resolution, s: Setup) -> set[int]:
+    """Changed groups the failure points at: named ones, or those reaching its line."""
+    changed = set(resolution.changed)
+    if not isinstance(failure, RewriteFailure):
+        return set()
+    found = failure.groups & changed
+    if found or not failure.line:
+        return found
+    for node in s.captured.graph.nodes:
+        if not _node_line(node).startswith(failure.line):
+            continue
+        for n in [node, *node.all_input_nodes]:
+            d = 0
+            while (rows := s.dg.node_channels(n.name, d)) is not None:
+                found.update(g for row in rows for g, _ in row if g in changed)
+                d += 1
+    return found
+
+
+def _node_line(node: Any) -> str:
+    from graphprune.analysis.registry import source_line
+
+    return source_line(node)
+
+
+def _bisect(
+    changed: list[int],
+    resolver: _Resolver,
+    ratio: float,
+    frozen: dict[int, str],
+    s: Setup,
+    make: Callable[[], Pass],
+    verify: Callable[[PassContext], None],
+) -> set[int]:
+    """A small set of changed groups whose pruning alone fails (halving: about 2·log2(n)
+    trial rewrites); all of them when only the whole set fails."""
+
+    def fails(subset: list[int]) -> bool:
+        trial = resolver(ratio, frozen, only=set(subset))
+        return _attempt(copy.deepcopy(s.original), trial, s, make, verify)[1] is not None
+
+    candidates = list(changed)
+    while len(candidates) > 1:
+        half = candidates[: len(candidates) // 2]
+        rest = candidates[len(half) :]
+        if fails(half):
+            candidates = half
+        elif fails(rest):
+            candidates = rest
+        else:
+            break  # fails only together
+    return set(candidates)
+
+
+def _ratio_for_target(
+    plan: Plan,
+    resolver: _Resolver,
+    frozen: dict[int, str],
+    s: Setup,
+    make: Callable[[], Pass],
+) -> float:
+    """``plan.ratio``, or the smallest ratio whose rewrite meets ``plan.target_macs``."""
+    if plan.target_macs is None:
+        return plan.ratio or 0.0
+
+    def macs_ratio(ratio: float) -> float:
+        trial = copy.deepcopy(s.original)
+        PassManager([make()])(s.context(trial, resolver(ratio, frozen)))
+        return count_macs(trial, s.example_inputs) / max(s.macs_before, 1)
+
+    return _bisect_ratio(plan, macs_ratio)
+
+
+def _bisect_ratio(plan: Plan, macs_ratio: Callable[[float], float]) -> float:
+    lo, hi = 0.0, 0.95
+    reached = macs_ratio(hi)
+    if reached > (plan.target_macs or 1.0):
+        raise PlanError(
+            f"target_macs={plan.target_macs} is out of reach: removing 95% of "
+            f"what the plan may prune keeps {reached:.3f} of the MACs"
+        )
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if macs_ratio(mid) <= (plan.target_macs or 1.0):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _first_line(text: str, width: int = 400) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _nothing_left(plan: Plan, frozen: dict[int, str], dg: DependencyGraph) -> str:
+    reasons = [f"  group {g} ({dg.group(g).name}): {why}" for g, why in sorted(frozen.items())]
+    return (
+        f"nothing could be pruned with granularity={plan.granularity!r}, ratio={plan.ratio}: "
+        "every group the plan prunes was frozen:\n"
+        + "\n".join(reasons)
+        + "\n  hint: a size the forward computes from a tensor's shape or a literal cannot "
+        "follow the pruned channels; compute it from a module attribute (e.g. self.n_head, "
+        "self.head_dim) that graphprune can update, or exclude these layers with ignore=[...]"
+    )
+
+
+# -- layers -------------------------------------------------------------------------------------
+def prune_layers(
+    target: nn.Module, plan: Plan, s: Setup, batches: list[Any], lap: Callable[[str], None]
+) -> Outcome:
+    blocks = [b for b in droppable_blocks(target, s.captured) if not plan.ignores([b])]
+    if not blocks:
+        raise PlanError(
+            "granularity='layers' found no residual block (y = x + f(x)) to "
+            "drop in this model; use granularity='channels'"
+        )
+    order = _rank_blocks(target, blocks, plan, batches)
+    lap("score")
+
+    def passes(ratio: float) -> list[Pass]:
+        return [DropLayers(order[: math.floor(ratio * len(order) + 1e-9)])]
+
+    ratio = plan.ratio or 0.0
+    if plan.target_macs is not None:
+
+        def macs_ratio(r: float) -> float:
+            trial = copy.deepcopy(s.original)
+            PassManager(passes(r))(s.context(trial, Resolution()))
+            return count_macs(trial, s.example_inputs) / max(s.macs_before, 1)
+
+        ratio = _bisect_ratio(plan, macs_ratio)
+    lap("resolve")
+    ctx = s.context(target, Resolution())
+    PassManager(passes(ratio), verify=make_verifier(s.reference_shapes))(ctx)
+    return Outcome(target, ctx, Resolution(), [])
+
+
+def _rank_blocks(model: nn.Module, blocks: list[str], plan: Plan, batches: list[Any]) -> list[str]:
+    """Blocks in the order they should be dropped: least contribution (or random) first."""
+    if plan.importance == "random":
+        order = np.random.default_rng(plan.seed).permutation(len(blocks))
+        return [blocks[i] for i in order]
+    contributions = block_contributions(model, blocks, batches)
+    return sorted(blocks, key=lambda b: (contributions[b], blocks.index(b)))
