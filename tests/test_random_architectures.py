@@ -2,6 +2,8 @@
 
 A grammar builds networks from residual, concat, split, depthwise, grouped-conv, squeeze-
 excitation and attention blocks on a (B, C, 4, 4) feature map, ending in flatten -> linear.
+Some blocks compute sizes from ``x.shape`` (the split's second part, timm-style attention's
+``C // heads``), so the count relations are drawn too.
 For every drawn network and plan: compile succeeds, output shapes are unchanged, and with a
 local plan pruning dead channels leaves the output unchanged (the equivalence oracle).
 """
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import graphprune as gp
+from graphprune.models.shapes import ShapeAttention
 from tests.equivalence import choose_dead, dead_first, make_dead, outputs
 
 SIDE = 4
@@ -87,6 +90,19 @@ class Attention(nn.Module):
         return x + y.transpose(1, 2).reshape(B, C, H, W)
 
 
+class TokenAttention(nn.Module):
+    """Attention over the H*W tokens whose head_dim is ``C // heads`` from ``x.shape``."""
+
+    def __init__(self, c: int, heads: int) -> None:
+        super().__init__()
+        self.attn = ShapeAttention(c, heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        return x + self.attn(t).transpose(1, 2).reshape(B, C, H, W)
+
+
 class Net(nn.Module):
     def __init__(self, blocks: list[nn.Module], c: int) -> None:
         super().__init__()
@@ -105,7 +121,17 @@ def networks(draw: st.DrawFn) -> Net:
         assert c >= 2  # every block below leaves at least 2 channels
         kind = draw(
             st.sampled_from(
-                ["conv", "residual", "concat", "split", "depthwise", "grouped", "se", "attention"]
+                [
+                    "conv",
+                    "residual",
+                    "concat",
+                    "split",
+                    "depthwise",
+                    "grouped",
+                    "se",
+                    "attention",
+                    "shape_attention",
+                ]
             )
         )
         if kind == "conv":
@@ -132,10 +158,13 @@ def networks(draw: st.DrawFn) -> Net:
             c = out
         elif kind == "se":
             blocks.append(SE(c, draw(st.integers(2, 4))))
-        else:
+        elif kind == "attention":
             blocks.append(
                 Attention(c, draw(st.sampled_from([1, 2])), draw(st.sampled_from([2, 4])))
             )
+        else:  # head_dim = C // heads, at least 2 (a group the residual width can drive)
+            heads = [h for h in (1, 2) if c % h == 0 and c // h >= 2] or [1]
+            blocks.append(TokenAttention(c, draw(st.sampled_from(heads))))
     torch.manual_seed(draw(st.integers(0, 1000)))
     return Net(blocks, c).eval()
 
@@ -161,11 +190,15 @@ def test_random_architectures(net: Net, ratio: float, scope: str, seed: int) -> 
         assert outputs(pruned, x).shape == (2, 5)
         assert gp.report(pruned).params_after <= gp.report(pruned).params_before
         return
-    dead = choose_dead(net, dg, {"channels"}, ratio, np.random.default_rng(seed))
+    dead = choose_dead(net, dg, {"channels", "head_dim"}, ratio, np.random.default_rng(seed))
     model = copy.deepcopy(net)
     make_dead(model, dg, dead)
     plan = gp.Plan(ratio=ratio, importance=dead_first(dead), round_to=1)
-    pruned = gp.compile(model, plan, x)
+    try:
+        pruned = gp.compile(model, plan, x)
+    except gp.PruneError as exc:  # every pruned group frozen by a size relation: said so
+        assert "nothing could be pruned" in str(exc) and "is computed as" in str(exc)
+        return
     torch.testing.assert_close(outputs(pruned, x), outputs(model, x), atol=1e-5, rtol=1e-4)
 
 
