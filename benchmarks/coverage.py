@@ -1,0 +1,253 @@
+"""Coverage: does graphprune compile any model a user can run?
+
+Every torchvision classification model and the smallest model of every timm family
+(``timm.list_modules()``; the variant with the fewest parameters, counted on the meta device;
+families whose smallest model exceeds ``--max-params`` M are skipped with the reason), random
+init, default input size, batch 1:
+
+1. ``gp.compile(model, gp.Plan(ratio=0.5), x)`` (default plan: l2, local, round_to="auto"),
+2. the output shape is kept,
+3. ``gp.export_onnx(pruned, x, verify=True)``: exported and verified in onnxruntime,
+4. MACs kept (< 0.70 counts as "pruned >= 30 %") and the groups frozen by compile's
+   relations and freeze-and-retry.
+
+Each model runs in its own subprocess (a hang, a crash or a leak stays there) with a time
+limit; results are appended to a JSON-lines file, so an interrupted run resumes where it
+stopped. Prints one row per model and a summary per source.
+
+    .venv/bin/python benchmarks/coverage.py [--source torchvision,timm] [--out out/coverage.jsonl]
+    .venv/bin/python benchmarks/coverage.py --only timm:convit_tiny    # one model, printed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.real_models import declare_torchvision_ops  # noqa: E402
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return [f"torchvision:{n}" for n in sorted(torchvision.models.list_models(torchvision.models))]
+
+
+def timm_families(max_params: float) -> tuple[list[str], dict[str, str]]:
+    """The smallest model of each timm family, and the families skipped (with why)."""
+    import timm
+    import torch
+
+    chosen, skipped = [], {}
+    for family in sorted(timm.list_modules()):
+        sizes = []
+        for name in timm.list_models(module=family):
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model = timm.create_model(name)
+                sizes.append((sum(p.numel() for p in model.parameters()), name))
+            except Exception:  # a variant that needs arguments: try the next
+                continue
+        if not sizes:
+            skipped[family] = "no variant builds with default arguments"
+            continue
+        params, name = min(sizes)
+        if params > max_params * 1e6:
+            skipped[family] = f"smallest model {name} has {params / 1e6:.0f} M parameters"
+            continue
+        chosen.append(f"timm:{name}")
+    return chosen, skipped
+
+
+def build(spec: str) -> tuple[Any, Any]:
+    import timm
+    import torch
+    import torchvision
+
+    source, name = spec.split(":", 1)
+    torch.manual_seed(0)
+    if source == "torchvision":
+        kwargs: dict[str, Any] = {}
+        if name in ("googlenet", "inception_v3"):
+            kwargs = {"aux_logits": False, "init_weights": True}
+        model = torchvision.models.get_model(name, **kwargs)
+        side = 299 if name == "inception_v3" else 224
+        shape = (3, side, side)
+    else:
+        model = timm.create_model(name)
+        shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    generator = torch.Generator().manual_seed(0)
+    return model.eval(), torch.randn(1, *shape, generator=generator)
+
+
+def run_one(spec: str) -> dict[str, Any]:
+    """Compile, check, export and verify one model; every step's outcome."""
+    import torch
+
+    import graphprune as gp
+
+    torch.set_flush_denormal(True)
+    row: dict[str, Any] = {"model": spec, "compiled": False, "verified": False}
+    start = time.perf_counter()
+    stage = "build"
+    try:
+        model, x = build(spec)
+        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        stage = "compile"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruned = gp.compile(model, gp.Plan(ratio=0.5), x)
+        report = gp.report(pruned)
+        row.update(
+            compiled=True,
+            compile_s=time.perf_counter() - start,
+            macs_kept=report.macs_ratio,
+            params_kept=report.params_ratio,
+            frozen=len(report.frozen),
+            frozen_reasons=[f.reason[:300] for f in report.frozen[:5]],
+            units=len(report.units),
+        )
+        stage = "run"
+        with torch.no_grad():
+            same_shape = _shape(pruned(x)) == _shape(model(x))
+        row["shape_kept"] = same_shape
+        stage = "export"
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = gp.export_onnx(pruned, x, Path(tmp) / "m.onnx", verify=True)
+        row["verified"] = True
+        row["max_abs_error"] = exported.verification.max_abs if exported.verification else None
+    except Exception as exc:
+        row["failed_at"] = stage
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip()[:800]}"
+        row["where"] = traceback.format_exc().strip().splitlines()[-3:-1]
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def _shape(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _shape(v) for k, v in out.items()}
+    if isinstance(out, list | tuple):
+        return [_shape(v) for v in out]
+    return None
+
+
+def summary(rows: list[dict[str, Any]], label: str) -> list[str]:
+    n = len(rows)
+    if not n:
+        return []
+
+    def pct(k: int) -> str:
+        return f"{k}/{n} ({100 * k / n:.0f} %)"
+
+    compiled = [r for r in rows if r["compiled"]]
+    pruned = [r for r in compiled if r.get("macs_kept", 1.0) < 0.999]
+    good = [r for r in rows if r["verified"] and r.get("shape_kept") and r["macs_kept"] <= 0.70]
+    lines = [
+        f"{label}: {n} models",
+        f"  compiled            {pct(len(compiled))}",
+        f"  something pruned    {pct(len(pruned))}",
+        f"  output shape kept   {pct(sum(1 for r in compiled if r.get('shape_kept')))}",
+        f"  exported + verified {pct(sum(1 for r in rows if r['verified']))}",
+        f"  all of that and >= 30 % of MACs pruned: {pct(len(good))}",
+    ]
+    if compiled:
+        lines.append(
+            f"  median MACs kept {statistics.median(r['macs_kept'] for r in compiled):.3f}; "
+            f"median groups frozen {statistics.median(r['frozen'] for r in compiled):.0f}; "
+            f"median compile {statistics.median(r['compile_s'] for r in compiled):.1f} s"
+        )
+    for r in rows:
+        if not r["compiled"] or not r["verified"] or not r.get("shape_kept"):
+            lines.append(
+                f"  FAILED {r['model']} at {r.get('failed_at')}: {r.get('error', '')[:300]}"
+            )
+        elif r["macs_kept"] > 0.70:
+            why = "; ".join(r.get("frozen_reasons", [])[:1])
+            lines.append(f"  <30 % {r['model']}: MACs kept {r['macs_kept']:.2f} {why[:200]}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="torchvision,timm")
+    parser.add_argument("--out", default="out/coverage.jsonl")
+    parser.add_argument("--max-params", type=float, default=120.0, help="skip above (M)")
+    parser.add_argument("--timeout", type=int, default=1500, help="seconds per model")
+    parser.add_argument("--only", help="run one model (e.g. timm:convit_tiny) and print it")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
+    args = parser.parse_args()
+    declare_torchvision_ops()
+    if args.only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(run_one(args.only)))
+        return
+    specs, skipped = [], {}
+    if "torchvision" in args.source:
+        specs += torchvision_models()
+    if "timm" in args.source:
+        chosen, skipped = timm_families(args.max_params)
+        specs += chosen
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            done[row["model"]] = row
+    for spec in specs:
+        if spec in done:
+            continue
+        command = [sys.executable, __file__, "--only", spec, "--threads", str(args.threads)]
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT
+            )
+            lines = [x for x in result.stdout.splitlines() if x.startswith("{")]
+            row = json.loads(lines[-1]) if lines else {
+                "model": spec, "compiled": False, "verified": False, "failed_at": "process",
+                "error": (result.stderr.strip().splitlines() or ["no output"])[-1][:500],
+            }  # fmt: skip
+        except subprocess.TimeoutExpired:
+            row = {"model": spec, "compiled": False, "verified": False, "failed_at": "timeout",
+                   "error": f"over {args.timeout} s"}  # fmt: skip
+        done[spec] = row
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        status = (
+            f"MACs kept {row['macs_kept']:.3f}, frozen {row['frozen']}, "
+            f"{'verified' if row['verified'] else 'NOT verified: ' + row.get('error', '')[:160]}"
+            if row["compiled"]
+            else f"FAILED at {row.get('failed_at')}: {row.get('error', '')[:200]}"
+        )
+        print(f"{spec:<44} {row.get('seconds', 0):6.1f}s  {status}", flush=True)
+    for source in args.source.split(","):
+        rows = [done[s] for s in specs if s.startswith(source + ":")]
+        print("\n".join(summary(rows, source)))
+    for family, why in sorted(skipped.items()):
+        print(f"  skipped timm family {family}: {why}")
+
+
+if __name__ == "__main__":
+    main()
