@@ -8,8 +8,9 @@ with one eager forward in which
 
 1. every int attribute of every module (the root included; ints inside tuples, lists and
    ``torch.Size`` too) is a :class:`TracedInt` whose expression is that attribute,
-2. every shape read (``x.shape``, ``x.size()``, ``x.size(d)``) returns TracedInts whose
-   expression is "dimension ``d`` of read tensor ``k``", and
+2. every shape read (``x.shape``, ``x.size()``, ``x.size(d)``, ``x.numel()``) returns
+   TracedInts whose expression is "dimension ``d`` of read tensor ``k``" (a product for
+   ``numel``), and
 3. arithmetic on TracedInts (``+ - * // %``, ``max``/``min`` pick one) builds the expression,
 
 while a :class:`~torch.overrides.TorchFunctionMode` records the ints every torch call gets,
@@ -266,10 +267,11 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         line = _caller_line()
         out = func(*args, **kwargs)
-        if func == _SHAPE_GETTER or getattr(func, "__name__", "") == "size":
-            return self._shape(args[0], out, args[1:] + tuple(kwargs.values()))
+        name = getattr(func, "__name__", "")
+        if func == _SHAPE_GETTER or name in ("size", "numel"):
+            return self._shape(args[0], out, args[1:] + tuple(kwargs.values()), name == "numel")
         name = getattr(func, "__name__", str(func))
-        ints = _ints((args, kwargs))
+        ints = _ints((args, kwargs))  # (the shape reads above returned before this)
         if ints:
             module = self._modules[-1] if self._modules else ""
             key = (line, module, name)
@@ -286,7 +288,9 @@ class _Recorder(TorchFunctionMode):
         found = self._made.get(id(t))
         return found[1] if found is not None and found[0]() is t else None
 
-    def _shape(self, tensor: torch.Tensor, out: Any, dims: tuple[Any, ...]) -> Any:
+    def _shape(
+        self, tensor: torch.Tensor, out: Any, dims: tuple[Any, ...], numel: bool = False
+    ) -> Any:
         number = self._read.get(id(tensor))
         if number is None:
             number = len(self.trace.tensors)
@@ -303,6 +307,11 @@ class _Recorder(TorchFunctionMode):
             )
             self._read[id(tensor)] = number
             self._alive.append(tensor)
+        if numel:  # the product of every dimension
+            product = const(1)
+            for d in range(tensor.ndim):
+                product = Expr("*", (product, Expr("dim", ((number, d),))))
+            return TracedInt(int(out), product)
         if isinstance(out, torch.Size):
             return torch.Size(
                 [TracedInt(s, Expr("dim", ((number, d),))) for d, s in enumerate(out)]

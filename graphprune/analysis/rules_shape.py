@@ -25,6 +25,7 @@ import torch
 
 from graphprune.analysis.atoms import Atoms
 from graphprune.analysis.registry import Layout, RuleContext, TensorArg, ops, rule
+from graphprune.analysis.rules_pointwise import broadcast
 
 aten = torch.ops.aten
 
@@ -388,6 +389,30 @@ def index_along(ctx: RuleContext) -> Layout:
     out = list(x.layout)
     out[dim] = ctx.fresh(ctx.out_shape()[dim], "indexed")
     return out
+
+
+@rule(*ops("index.Tensor", "_unsafe_index.Tensor"))
+def advanced_index(ctx: RuleContext) -> Layout:
+    """``x[..., idx, ...]`` with index tensors: the indexed dims are chosen by value (frozen)
+    and replaced by the index's dims (new positions); the other dims keep their channels.
+    Non-adjacent index tensors move the result dims first (numpy rules): all frozen then."""
+    x = _first(ctx)
+    indices = list(ctx.arg(1, "indices"))
+    picked = [d for d, i in enumerate(indices) if i is not None]
+    out_shape = ctx.out_shape()
+    for d in picked:
+        ctx.freeze(x.layout[d], f"{ctx.op} picks positions of this dimension by value")
+    adjacent = picked == list(range(picked[0], picked[-1] + 1)) if picked else True
+    n_new = len(out_shape) - (x.ndim - len(picked))
+    if not picked or not adjacent or n_new < 0:
+        for d in range(x.ndim):
+            ctx.freeze(x.layout[d], f"{ctx.op} with non-adjacent index tensors")
+        return [ctx.fresh(s, f"indexed{d}") for d, s in enumerate(out_shape)]
+    first = picked[0]
+    # the new dims are the index tensors' dims (broadcast): positions of the index values
+    index_tensors = [t for t in (ctx.tensor(indices[d]) for d in picked) if t is not None]
+    new = broadcast(ctx, index_tensors, tuple(out_shape[first : first + n_new]))
+    return [*x.layout[:first], *new, *x.layout[picked[-1] + 1 :]]
 
 
 @rule(*ops("constant_pad_nd", "pad"))
