@@ -29,14 +29,21 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward on ``example_inputs`` (eval mode, no grad)."""
     args, kwargs = normalize_inputs(example_inputs)
     training = {m: m.training for m in model.modules()}
+    # nothing may require grad: the counter's module tracker hooks tensors that do, and a view
+    # of a parameter made under no_grad (timm cait's cls_token.expand) has no grad_fn to hook
+    requires = {p: p.requires_grad for p in model.parameters()}
     fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
+        for p in requires:
+            p.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
             model(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
         for m, t in training.items():
             m.train(t)
     return int(counter.get_total_flops() // 2)

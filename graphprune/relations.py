@@ -216,15 +216,34 @@ class _Evaluator:
         return found
 
 
-def _counted(c: ShapeConstantUse) -> tuple[int, list[int]] | None:
-    """The group and the channels of it whose kept count *is* this constant (one channel per
-    position: a whole group, or one concatenated part of it), or None."""
-    if len(c.groups) != 1 or c.per != "size":
-        return None
-    channels = [row[0][1] for row in c.positions if len(row) == 1]
-    if len(channels) != len(c.positions) or len(set(channels)) != len(channels):
-        return None
-    return c.groups[0], channels
+def drive_options(
+    c: ShapeConstantUse, kept: dict[int, set[int]]
+) -> list[tuple[int, list[int], int]]:
+    """Groups whose kept count alone sets this constant: ``(group, its channels here, the
+    count of the other factors)``, innermost factor first. The positions must be a product
+    (each a combination of one channel of the group with one kept combination of the rest):
+    a whole group, a concatenated part of one, or heads x head_dim."""
+    rows = c.positions
+    if c.per != "size" or not rows or any(not row for row in rows):
+        return []
+    order: list[int] = []
+    for row in rows:
+        for g, _ in row:
+            if g not in order:
+                order.append(g)
+    options = []
+    for g in sorted(
+        order, key=lambda x: -max(i for row in rows for i, (gg, _) in enumerate(row) if gg == x)
+    ):
+        if any(sum(gg == g for gg, _ in row) != 1 for row in rows):
+            continue
+        channels = sorted({ch for row in rows for gg, ch in row if gg == g})
+        others = {tuple(p for p in row if p[0] != g) for row in rows}
+        if len(rows) != len(channels) * len(others):
+            continue
+        rest = sum(all(ch in kept.get(gg, {ch}) for gg, ch in other) for other in others)
+        options.append((g, channels, rest))
+    return options
 
 
 def _solve_one(
@@ -352,23 +371,24 @@ def _repair(
     set_count: Callable[[int, int, list[int]], None],
     solution: Solution,
 ) -> bool:
-    """Rule 3 (and the tie of rule 1): move one group's count to what a relation computes.
-    True if something changed."""
+    """Rule 3 (and the tie of rule 1): move one group's count so that a constant takes the
+    value the forward computes. True if something changed."""
+    kept = {g: set(k) for g, k in state.items()}
     for r, computed, needed in violations:
         # a tie (an attribute two uses need differently): computed is the largest need
-        counted, want = _counted(r.constant), computed
-        if counted is None:
-            continue
-        g, channels = counted
-        if g not in changeable or not 1 <= want <= len(channels):
-            continue
-        current = needed
-        if want == current or (g in targeted and want < current):
-            continue
-        set_count(g, want, channels)
-        if g in targeted and want == len(channels):  # the relation allows no pruning there
-            solution.frozen.setdefault(g, r.describe(computed, needed))
-        else:
-            solution.driven[g] = r.describe(computed, needed) + f"; group kept at {want}"
-        return True
+        for g, channels, rest in drive_options(r.constant, kept):
+            if g not in changeable or rest == 0 or computed % rest:
+                continue
+            want = computed // rest
+            current = len(kept.get(g, set(channels)).intersection(channels))
+            if not 1 <= want <= len(channels) or want == current:
+                continue
+            if g in targeted and want < current:  # never prune what the plan prunes more
+                continue
+            set_count(g, want, channels)
+            if g in targeted and want == len(channels):  # the relation allows no pruning there
+                solution.frozen.setdefault(g, r.describe(computed, needed))
+            else:
+                solution.driven[g] = r.describe(computed, needed) + f"; group kept at {want}"
+            return True
     return False

@@ -240,6 +240,8 @@ def prune_channels(
             "where q·k and the attention-weighted v are computed (scaled_dot_product_attention "
             "or matmul -> softmax -> matmul); use granularity='channels'"
         )
+    if not groups and (plan.ratio or plan.target_macs):
+        raise PruneError(_nothing_prunable(plan, dg))
     units = pruning_units(dg, groups, modules, plan.ratio or 0.5, plan.channel_multiple)
     scores = score_groups(
         s.original, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
@@ -408,6 +410,20 @@ def _nothing_left(plan: Plan, frozen: dict[int, str], dg: DependencyGraph) -> st
         + "\n  hint: a size the forward computes from a tensor's shape or a literal cannot "
         "follow the pruned channels; compute it from a module attribute (e.g. self.n_head, "
         "self.head_dim) that graphprune can update, or exclude these layers with ignore=[...]"
+    )
+
+
+def _nothing_prunable(plan: Plan, dg: DependencyGraph) -> str:
+    """Why no group of the plan's kind is prunable: the analysis's reasons, most common first."""
+    counts: dict[str, int] = {}
+    for g in dg.groups:
+        for reason in g.frozen_reasons[:1]:
+            counts[reason] = counts.get(reason, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+    lines = [f"  {n} group(s): {reason}" for reason, n in top]
+    return (
+        f"nothing can be pruned with granularity={plan.granularity!r}: the analysis froze "
+        f"every group of that kind ({len(dg.groups)} groups):\n" + "\n".join(lines)
     )
 
 

@@ -54,9 +54,18 @@ def ops(*names: str) -> list[Any]:
 
 
 def lookup(target: Any) -> RuleFn | None:
+    """The rule of an op; an in-place op (``aten.leaky_relu_``) without its own rule uses its
+    out-of-place form's (the result is the mutated input: same layout)."""
     found = _RULES.get(target)
     if found is None and isinstance(target, torch._ops.OpOverload):
         found = _RULES.get(target.overloadpacket)
+        name = target.overloadpacket.__name__
+        if found is None and name.endswith("_") and not name.endswith("__"):
+            functional = getattr(torch.ops.aten, name[:-1], None)
+            if functional is not None:
+                found = _RULES.get(getattr(functional, target._overloadname, None)) or _RULES.get(
+                    functional
+                )
     return found
 
 

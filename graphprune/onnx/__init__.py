@@ -52,6 +52,7 @@ class ExportReport:
             "outputs": self.exported.output_names,
             "opset": self.exported.opset,
             "dynamic_batch": self.exported.dynamic_batch,
+            "note": self.exported.note,
             "sparse_storage": (
                 [dataclasses.asdict(w) for w in self.exported.packing.weights]
                 if self.exported.packing
@@ -76,6 +77,8 @@ class ExportReport:
             f"{', '.join(e.input_names)} -> {', '.join(e.output_names)}"
             f"{', dynamic batch' if e.dynamic_batch else ''})"
         ]
+        if e.note:
+            lines.append(f"note: {e.note}")
         for label, ver in [
             ("pruned vs torch", self.verification),
             ("original vs torch", self.baseline_verification),
@@ -191,7 +194,7 @@ def export_onnx(
             example_inputs,
             names_in,
             names_out,
-            dynamic_batch=dynamic_batch,
+            dynamic_batch=exported.dynamic_batch,
             atol=atol,
             rtol=rtol,
         )

@@ -19,6 +19,7 @@ from typing import Any
 import onnx
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graphprune.capture import ExampleInputs, normalize_inputs
 from graphprune.errors import GraphPruneError
@@ -44,6 +45,7 @@ class ExportedModel:
     opset: int
     external_data: bool
     packing: PackingReport | None = None  # sparse weights stored compactly (sparse_storage=)
+    note: str = ""  # e.g. why the batch dimension is not dynamic after all
 
 
 def input_names(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
@@ -117,20 +119,8 @@ def export(
     if is_masked(model) or any(isinstance(m, SPARSE_MODULES) for m in model.modules()):
         model = dense_copy(model)  # the exporter would trace w * mask
     args, kwargs = normalize_inputs(example_inputs)
-    if dynamic_batch:  # torch.export specialises a dim of size 1: trace with a batch of 2
-        args = tuple(_batch_of_two(a) for a in args)
-        kwargs = {k: _batch_of_two(v) for k, v in kwargs.items()}
     names_in = input_names(model, example_inputs)
     names_out = output_names(model, example_inputs)
-    dynamic: Any = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        if kwargs:
-            dynamic = {
-                k: {0: batch} if isinstance(v, torch.Tensor) else None for k, v in kwargs.items()
-            }
-        else:
-            dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
     training = {m: m.training for m in model.modules()}
     model.eval()
     big = sum(p.numel() * p.element_size() for p in model.state_dict().values()) > PROTOBUF_LIMIT
@@ -143,24 +133,26 @@ def export(
     packing = None
     path.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    note = ""
     try:
-        with quiet():
-            program = torch.onnx.export(
-                model,
-                args,
-                kwargs=kwargs or None,
-                dynamo=True,
-                opset_version=opset,
-                input_names=names_in,
-                output_names=names_out,
-                dynamic_shapes=dynamic,
-                external_data=use_external,
-                optimize=True,
-                verbose=False,
+        tmp = workdir / path.name
+        try:
+            _to_onnx(
+                model, args, kwargs, dynamic_batch, opset, names_in, names_out, tmp, use_external
             )
-            assert program is not None
-            tmp = workdir / path.name
-            program.save(str(tmp), external_data=use_external)
+        except Exception as exc:
+            if not dynamic_batch:
+                raise
+            # torch's exporter fails on some dynamic-shape decompositions (a reshape of a
+            # transposed tensor, timm BEiT): a model for the example's batch is still useful
+            dynamic_batch = False
+            note = (
+                "torch's exporter could not keep the batch dimension dynamic "
+                f"({_first_line(exc)}); exported for the example inputs' batch size"
+            )
+            for produced in workdir.iterdir():
+                produced.unlink()
+            _to_onnx(model, args, kwargs, False, opset, names_in, names_out, tmp, use_external)
         if sparse_storage is not None:
             proto = onnx.load(str(tmp))
             packing = pack_sparse_weights(proto, storage=sparse_storage)
@@ -172,7 +164,7 @@ def export(
     except GraphPruneError:
         raise
     except Exception as exc:
-        reason = _ANSI.sub("", str(exc)).strip().splitlines()[0] if str(exc) else ""
+        reason = _first_line(exc)
         hint = (
             " (an op without an ONNX conversion is the usual cause: see the chained exception)"
             if "Conversion" in type(exc).__name__
@@ -192,5 +184,54 @@ def export(
         f.stat().st_size for f in path.parent.glob(path.name + "*.data")
     )
     return ExportedModel(
-        path, names_in, names_out, dynamic_batch, size, opset_found, use_external, packing
+        path, names_in, names_out, dynamic_batch, size, opset_found, use_external, packing, note
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    return _ANSI.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
+
+
+def _to_onnx(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_batch: bool,
+    opset: int | None,
+    names_in: list[str],
+    names_out: list[str],
+    target: Path,
+    external: bool,
+) -> None:
+    """torch's dynamo exporter, optimised, saved to ``target`` (with external data if it
+    does not fit in one protobuf)."""
+    dynamic: Any = None
+    if dynamic_batch:  # torch.export specialises a dim of size 1: trace with a batch of 2
+        args = tuple(_batch_of_two(a) for a in args)
+        kwargs = {k: _batch_of_two(v) for k, v in kwargs.items()}
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        if kwargs:
+            dynamic = {
+                k: {0: batch} if isinstance(v, torch.Tensor) else None for k, v in kwargs.items()
+            }
+        else:
+            dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
+    # trace attention with the math kernel: the CPU flash kernel's output strides make the
+    # exporter's reshape decomposition emit an invalid view (timm BEiT); ONNX gets the same
+    # math either way
+    with quiet(), sdpa_kernel(SDPBackend.MATH):
+        program = torch.onnx.export(
+            model,
+            args,
+            kwargs=kwargs or None,
+            dynamo=True,
+            opset_version=opset,
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_shapes=dynamic,
+            external_data=external,
+            optimize=True,
+            verbose=False,
+        )
+        assert program is not None
+        program.save(str(target), external_data=external)
