@@ -89,9 +89,24 @@ def build(spec: str) -> tuple[Any, Any]:
         shape = (3, side, side)
     else:
         model = timm.create_model(name)
+        if model.num_classes == 0:  # a feature extractor (e.g. DINOv3): give it its classifier
+            model = timm.create_model(name, num_classes=1000)
         shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    nonzero_weights(model)
     generator = torch.Generator().manual_seed(0)
     return model.eval(), torch.randn(1, *shape, generator=generator)
+
+
+def nonzero_weights(model: Any) -> None:
+    """Random init zeroes some weights on purpose (timm: classifier heads, the last norm of a
+    residual branch); outputs of zeros would make every verification trivially pass."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not name.endswith("bias") and not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
 def run_one(spec: str) -> dict[str, Any]:
@@ -123,8 +138,10 @@ def run_one(spec: str) -> dict[str, Any]:
         )
         stage = "run"
         with torch.no_grad():
-            same_shape = _shape(pruned(x)) == _shape(model(x))
+            reference = model(x)
+            same_shape = _shape(pruned(x)) == _shape(reference)
         row["shape_kept"] = same_shape
+        row["output_std"] = float(_first_tensor(reference).float().std())
         stage = "export"
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -137,6 +154,15 @@ def run_one(spec: str) -> dict[str, Any]:
         row["where"] = traceback.format_exc().strip().splitlines()[-3:-1]
     row["seconds"] = time.perf_counter() - start
     return row
+
+
+def _first_tensor(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    values = list(out.values()) if isinstance(out, dict) else list(out)
+    return next(v for v in values if isinstance(v, torch.Tensor))
 
 
 def _shape(out: Any) -> Any:
@@ -160,6 +186,7 @@ def summary(rows: list[dict[str, Any]], label: str) -> list[str]:
         return f"{k}/{n} ({100 * k / n:.0f} %)"
 
     compiled = [r for r in rows if r["compiled"]]
+    trivial = [r for r in compiled if r.get("output_std", 1.0) == 0.0]
     pruned = [r for r in compiled if r.get("macs_kept", 1.0) < 0.999]
     good = [r for r in rows if r["verified"] and r.get("shape_kept") and r["macs_kept"] <= 0.70]
     lines = [
@@ -176,6 +203,9 @@ def summary(rows: list[dict[str, Any]], label: str) -> list[str]:
             f"median groups frozen {statistics.median(r['frozen'] for r in compiled):.0f}; "
             f"median compile {statistics.median(r['compile_s'] for r in compiled):.1f} s"
         )
+    lines += [
+        f"  trivial (all-zero) output, verification says little: {r['model']}" for r in trivial
+    ]
     for r in rows:
         if not r["compiled"] or not r["verified"] or not r.get("shape_kept"):
             lines.append(

@@ -145,6 +145,35 @@ def _quiet_torch_logs() -> Iterator[None]:
 _NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.export", "torch._export")
 
 
+def _is_attribute(model: nn.Module, fqn: str) -> bool:
+    owner_path, _, name = fqn.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_path) if owner_path else model
+    except AttributeError:
+        return False
+    return isinstance(getattr(owner, name, None), torch.Tensor)
+
+
+def _canonical_module_paths(graph: fx.Graph, model: nn.Module) -> None:
+    """A module reachable by several paths (one ``ConvPosEnc`` shared by the blocks of timm
+    CoaT) is called under whichever path the caller used; name it by its first path, the one
+    ``named_modules()`` (and so every pass) uses."""
+    canonical = {id(m): path for path, m in model.named_modules()}
+    alias = {
+        path: canonical[id(m)]
+        for path, m in model.named_modules(remove_duplicate=False)
+        if canonical[id(m)] != path
+    }
+    if not alias:
+        return
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (alias.get(path, path), kind) for key, (path, kind) in stack.items()
+            }
+
+
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     """Export ``model`` in eval mode with ``torch.export.export(strict=False)``.
 
@@ -170,7 +199,16 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     state_fqn: dict[str, str] = {}
     state_fqn.update(signature.inputs_to_parameters)
     state_fqn.update(signature.inputs_to_buffers)
-    state_fqn.update(signature.inputs_to_lifted_tensor_constants)
+    # tensor constants that are attributes of a module are state too; those the forward makes
+    # (``lifted_tensor_0``) are not the model's to slice: they stay plain graph inputs
+    state_fqn.update(
+        {
+            name: fqn
+            for name, fqn in signature.inputs_to_lifted_tensor_constants.items()
+            if _is_attribute(model, fqn)
+        }
+    )
+    _canonical_module_paths(program.graph, model)
     return Captured(
         program=program,
         state_fqn=state_fqn,

@@ -26,6 +26,7 @@ Relations whose call could not be matched stay unknown: the verification after t
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from graphprune.capture import Captured, owning_module
 from graphprune.passes.provenance import AttrKey, DimKey, Expr, IntUse, ShapeTrace
 
 Rows = list[tuple[tuple[int, int], ...]]
+_log = logging.getLogger(__name__)  # DEBUG: every drive, tie and freeze the solver decides
 
 # eager torch function -> aten ops it may appear as in the export graph (besides its own name)
 _ALIASES = {
@@ -312,6 +314,7 @@ def satisfy(
         if _repair(violations, state, sizes, changeable, targeted, set_count, solution):
             continue
         r, computed, needed = violations[0]
+        _log.debug("freeze: %s", r.describe(computed, needed))
         involved = [g for g in sorted(ev.groups_of(r)) if g in state and len(state[g]) < sizes[g]]
         if not involved:  # holds at full size too: the relation itself is wrong; ignore it
             relations = [x for x in relations if x is not r]
@@ -386,6 +389,9 @@ def _repair(
             if g in targeted and want < current:  # never prune what the plan prunes more
                 continue
             set_count(g, want, channels)
+            _log.debug(
+                "group %d -> %d of %d: %s", g, want, len(channels), r.describe(computed, needed)
+            )
             if g in targeted and want == len(channels):  # the relation allows no pruning there
                 solution.frozen.setdefault(g, r.describe(computed, needed))
             else:

@@ -35,10 +35,43 @@ def _optional(ctx: RuleContext, index: int, name: str) -> TensorArg | None:
     return ctx.tensor(ctx.arg(index, name))
 
 
-def _spatial_out(ctx: RuleContext, x: TensorArg, out_shape: tuple[int, ...], first: int) -> Layout:
-    """Spatial output positions are made by the op, not by a parameter: structural."""
+def _spatial_out(
+    ctx: RuleContext,
+    x: TensorArg,
+    out_shape: tuple[int, ...],
+    first: int,
+    pointwise: list[bool] | None = None,
+) -> Layout:
+    """Spatial output positions are made by the op, not by a parameter: structural. A window
+    that slides over a dim mixes its positions, so an input dim that carries channels (a conv
+    run over what is a channel dim elsewhere: timm CoaT's aggregate conv1d over stacked class
+    tokens) is frozen; a pointwise dim (kernel 1, stride 1, no padding) maps position to
+    position and keeps its atoms."""
+    out: Layout = []
+    for d in range(first, len(out_shape)):
+        k = d - first
+        if pointwise is not None and pointwise[k] and x.shape[d] == out_shape[d]:
+            out.append(x.layout[d])
+            continue
+        ctx.freeze(x.layout[d], f"{ctx.op} slides a window over this dimension")
+        out.append(ctx.structural(ctx.fresh(out_shape[d], f"spatial{d}")))
+    return out
+
+
+def _pointwise(ctx: RuleContext, w: TensorArg, stride_at: int, padding_at: int) -> list[bool]:
+    """Per spatial dim of a conv: kernel 1, stride 1, no padding."""
+    spatial = w.shape[2:]
+
+    def per_dim(value: object, default: int) -> list[object]:
+        if isinstance(value, list | tuple):
+            return list(value) if len(value) == len(spatial) else [value[0]] * len(spatial)
+        return [default if value is None else value] * len(spatial)
+
+    strides = per_dim(ctx.arg(stride_at, "stride"), 1)
+    paddings = per_dim(ctx.arg(padding_at, "padding"), 0)
     return [
-        ctx.structural(ctx.fresh(out_shape[d], f"spatial{d}")) for d in range(first, len(out_shape))
+        k == 1 and s == 1 and p in (0, "valid", "same")
+        for k, s, p in zip(spatial, strides, paddings, strict=True)
     ]
 
 
@@ -86,7 +119,7 @@ def _conv(ctx: RuleContext, transposed: bool, groups: int) -> Layout:
     ctx.link(w.dim(1 if transposed else 0), c, "conv output channels")
     out: Layout = [x.layout[0]] if batched else []
     out.append(out_atoms)
-    out.extend(_spatial_out(ctx, x, out_shape, c + 1))
+    out.extend(_spatial_out(ctx, x, out_shape, c + 1, _pointwise(ctx, w, 3, 4)))
     return out
 
 
@@ -358,5 +391,7 @@ def pool(ctx: RuleContext) -> Layout | list[Layout]:
     multi = isinstance(ctx.node.meta.get("val"), tuple | list)
     out_shape = ctx.out_shape(0) if multi else ctx.out_shape()
     keep = x.ndim - spatial
-    out = list(x.layout[:keep]) + _spatial_out(ctx, x, out_shape, keep)
+    # an adaptive pool to the input's own size is the identity on that dim
+    same = [ctx.op.startswith("aten.adaptive")] * spatial
+    out = list(x.layout[:keep]) + _spatial_out(ctx, x, out_shape, keep, same)
     return [out, list(out)] if multi else out

@@ -99,8 +99,13 @@ def _placeholder(
     if fqn is not None:
         by_fqn[fqn] = layout
     else:
+        what = (
+            f"model input '{node.name}'"
+            if node.name in captured.user_inputs
+            else f"tensor constant '{node.name}' made by the forward"
+        )
         for d, atoms in enumerate(layout):
-            facts.frozen.append((atoms, f"model input '{node.name}' dim {d}"))
+            facts.frozen.append((atoms, f"{what} dim {d}"))
     return layout
 
 

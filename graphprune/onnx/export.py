@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,23 +136,22 @@ def export(
     note = ""
     try:
         tmp = workdir / path.name
-        try:
-            _to_onnx(
-                model, args, kwargs, dynamic_batch, opset, names_in, names_out, tmp, use_external
-            )
-        except Exception as exc:
-            if not dynamic_batch:
-                raise
-            # torch's exporter fails on some dynamic-shape decompositions (a reshape of a
-            # transposed tensor, timm BEiT): a model for the example's batch is still useful
-            dynamic_batch = False
-            note = (
-                "torch's exporter could not keep the batch dimension dynamic "
-                f"({_first_line(exc)}); exported for the example inputs' batch size"
-            )
-            for produced in workdir.iterdir():
-                produced.unlink()
-            _to_onnx(model, args, kwargs, False, opset, names_in, names_out, tmp, use_external)
+        attempts = _exporters(dynamic_batch, bool(kwargs))
+        for k, (label, dynamic, exporter) in enumerate(attempts):
+            try:
+                exporter(
+                    model, args, kwargs, dynamic, opset, names_in, names_out, tmp, use_external
+                )
+                break
+            except Exception as exc:
+                if k == len(attempts) - 1:
+                    raise
+                for produced in workdir.iterdir():
+                    produced.unlink()
+                note += f"{label} failed ({_first_line(exc)[:300]}); "
+        if note:
+            dynamic_batch = dynamic
+            note += f"exported with {attempts[k][0]}"
         if sparse_storage is not None:
             proto = onnx.load(str(tmp))
             packing = pack_sparse_weights(proto, storage=sparse_storage)
@@ -186,6 +185,51 @@ def export(
     return ExportedModel(
         path, names_in, names_out, dynamic_batch, size, opset_found, use_external, packing, note
     )
+
+
+Exporter = Callable[..., None]
+
+
+def _exporters(dynamic_batch: bool, keyword: bool) -> list[tuple[str, bool, Exporter]]:
+    """What to try, in order: torch's dynamo exporter; where it fails (an op it cannot
+    convert, e.g. 5-D attention in timm Hiera), the TorchScript exporter (positional inputs
+    only); then the dynamo exporter for the example's batch size only."""
+    first = "the dynamo exporter" + (" (dynamic batch)" if dynamic_batch else "")
+    attempts: list[tuple[str, bool, Exporter]] = [(first, dynamic_batch, _to_onnx)]
+    if not keyword:
+        attempts.append(("the TorchScript exporter", dynamic_batch, _to_onnx_torchscript))
+    if dynamic_batch:
+        attempts.append(("the dynamo exporter (fixed batch)", False, _to_onnx))
+    return attempts
+
+
+def _to_onnx_torchscript(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_batch: bool,
+    opset: int | None,
+    names_in: list[str],
+    names_out: list[str],
+    target: Path,
+    external: bool,
+) -> None:
+    """torch's TorchScript exporter (positional inputs), batch axis dynamic if asked."""
+    axes = {name: {0: "batch"} for name in [*names_in, *names_out]} if dynamic_batch else None
+    with quiet():
+        torch.onnx.export(
+            model,
+            args,
+            str(target),
+            dynamo=False,
+            opset_version=opset or 18,
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes=axes,
+        )
+    if external:  # the TorchScript exporter writes one file; move weights out if asked
+        proto = onnx.load(str(target))
+        onnx.save(proto, str(target), save_as_external_data=True, location=target.name + ".data")
 
 
 def _first_line(exc: BaseException) -> str:
