@@ -1,64 +1,136 @@
 """Seconds spent capturing (torch.export), analysing and pruning (graphprune.compile at 0.5)
 each zoo model and two real-size networks, measured in one run (median of --repeat).
 
-    .venv/bin/python benchmarks/compile_time.py [--repeat 3]
+``--against REF`` also measures the graphprune of git revision REF (built into a temporary
+directory, run in a subprocess on the same models and plan) and prints both side by side with
+the ratio, e.g. to check that a change does not slow compile down.
+
+    .venv/bin/python benchmarks/compile_time.py [--repeat 3] [--against e9fe280]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
-import torch
-from torch import nn
-
-import graphprune as gp
-from graphprune.analysis import analyze_captured
-from graphprune.capture import capture
-from graphprune.models import MODELS
-from graphprune.models.cnn import Bottleneck, ResNet
-from graphprune.models.transformers import ViT
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def full_size() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
-    """Real-size networks, to show the cost at scale (not part of the zoo)."""
+def cases() -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    import torch
+
+    from graphprune.models import MODELS
+    from graphprune.models.cnn import Bottleneck, ResNet
+    from graphprune.models.transformers import ViT
+
+    found = {name: (spec.build(), spec.example_inputs()) for name, spec in MODELS.items()}
     image = (torch.randn(1, 3, 224, 224),)
-    return {
-        "resnet50@224": (ResNet(Bottleneck, [3, 4, 6, 3], (64, 128, 256, 512), 1000), image),
-        "vit_s16@224": (ViT(224, 16, 384, 12, 6, 1000), image),
-    }
+    found["resnet50@224"] = (ResNet(Bottleneck, [3, 4, 6, 3], (64, 128, 256, 512), 1000), image)
+    found["vit_s16@224"] = (ViT(224, 16, 384, 12, 6, 1000), image)
+    return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3, help="runs per model (median shown)")
-    args = parser.parse_args()
-    print(
-        f"{'model':<18} {'params':>11} {'nodes':>6} {'groups':>7} {'capture s':>10} "
-        f"{'analyze s':>10} {'compile s':>10}  (compile = whole ratio-0.5 prune, verified)"
-    )
-    cases = {name: (spec.build(), spec.example_inputs()) for name, spec in MODELS.items()}
-    cases.update(full_size())
-    for name, (model, inputs) in cases.items():
+def measure(repeat: int) -> dict[str, dict[str, float]]:
+    """Per model: params, graph nodes, groups and the median seconds of each stage."""
+    import graphprune as gp
+    from graphprune.analysis import analyze_captured
+    from graphprune.capture import capture
+
+    rows = {}
+    for name, (model, inputs) in cases().items():
         model.eval()
         cap, ana, comp = [], [], []
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             t0 = time.perf_counter()
             captured = capture(model, inputs)
             t1 = time.perf_counter()
             dg = analyze_captured(captured)
             t2 = time.perf_counter()
-            gp.compile(model, gp.Plan(ratio=0.5), inputs)
+            gp.compile(
+                model, gp.Plan(ratio=0.5, round_to=1), inputs
+            )  # the same work in any version
             t3 = time.perf_counter()
             cap.append(t1 - t0)
             ana.append(t2 - t1)
             comp.append(t3 - t2)
-        params = sum(p.numel() for p in model.parameters())
+        rows[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "nodes": len(captured.graph.nodes),
+            "groups": len(dg.groups),
+            "capture": statistics.median(cap),
+            "analyze": statistics.median(ana),
+            "compile": statistics.median(comp),
+        }
+    return rows
+
+
+def measure_revision(ref: str, repeat: int) -> dict[str, dict[str, float]]:
+    """The same measurement with graphprune as of git revision ``ref`` (built with pip into a
+    temporary directory, so this checkout's editable install is not touched)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, site = Path(tmp) / "src", Path(tmp) / "site"
+        source.mkdir()
+        archive = subprocess.run(
+            ["git", "archive", ref], cwd=ROOT, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+             str(site), str(source)],
+            check=True,
+        )  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(site)}
+        out = subprocess.run(
+            [sys.executable, __file__, "--repeat", str(repeat), "--json-only"],
+            cwd=tmp,  # not ROOT: the checkout's graphprune must not shadow the built one
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per model (median shown)")
+    parser.add_argument("--against", help="git revision to compare with")
+    parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.json_only:
+        print(json.dumps(measure(args.repeat)))
+        return
+    before = measure_revision(args.against, args.repeat) if args.against else None
+    now = measure(args.repeat)
+    print(
+        f"{'model':<18} {'params':>11} {'nodes':>6} {'groups':>7} {'capture s':>10} "
+        f"{'analyze s':>10} {'compile s':>10}"
+        + (f" {args.against[:10] + ' s':>13} {'ratio':>6}" if before else "")
+        + "  (compile = whole ratio-0.5 prune, verified)"
+    )
+    ratios = []
+    for name, r in now.items():
+        line = (
+            f"{name:<18} {int(r['params']):>11,} {int(r['nodes']):>6} {int(r['groups']):>7} "
+            f"{r['capture']:>10.3f} {r['analyze']:>10.3f} {r['compile']:>10.3f}"
+        )
+        if before and name in before:
+            ratio = r["compile"] / before[name]["compile"]
+            ratios.append(ratio)
+            line += f" {before[name]['compile']:>13.3f} {ratio:>6.2f}"
+        print(line)
+    if ratios:
         print(
-            f"{name:<18} {params:>11,} {len(captured.graph.nodes):>6} {len(dg.groups):>7} "
-            f"{statistics.median(cap):>10.3f} {statistics.median(ana):>10.3f} "
-            f"{statistics.median(comp):>10.3f}"
+            f"compile time now / {args.against}: median {statistics.median(ratios):.2f}, "
+            f"max {max(ratios):.2f}"
         )
 
 

@@ -2,8 +2,12 @@
 
 The same inputs go through torch and onnxruntime: the example inputs, random inputs of the same
 shapes (token ids drawn from the example's range), and, for a dynamic batch, a different batch
-size. Per output: max absolute error, and max relative error (|a - b| / max(|b|, 1e-6)); above
-tolerance (``|a - b| <= atol + rtol * |b|`` everywhere) raises :class:`VerificationError`.
+size. Per output: max absolute error, and the max relative to the output's scale
+(``max|a - b| / max|b|``). The check is normwise, ``max|a - b| <= atol + rtol * max|b|``: fp32
+kernels that sum in another order err relative to the magnitudes they sum, not to an element
+that happens to cancel to near zero (a random-init Inception-v3 has logits of 1e12, where
+elementwise checks fail its own unpruned export), while a wrong channel is an O(1) error.
+Above tolerance raises :class:`VerificationError`.
 """
 
 from __future__ import annotations
@@ -140,14 +144,10 @@ def verify(
                         OutputError(label, name, float("inf"), float("inf"), False)
                     )
                     continue
-                diff = np.abs(out - ref)
-                rel = diff / np.maximum(np.abs(ref), 1e-6)
-                ok = bool(np.all(diff <= atol + rtol * np.abs(ref)))
-                report.errors.append(
-                    OutputError(
-                        label, name, float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), ok
-                    )
-                )
+                worst = float(np.abs(out - ref).max(initial=0.0))
+                scale = float(np.abs(ref).max(initial=0.0))
+                ok = bool(np.isfinite(worst) and worst <= atol + rtol * scale)
+                report.errors.append(OutputError(label, name, worst, worst / max(scale, 1e-6), ok))
     finally:
         for m, t in training.items():
             m.train(t)
@@ -157,7 +157,7 @@ def verify(
         raise VerificationError(
             f"{path}: onnxruntime disagrees with torch on {len(bad)} of {len(report.errors)} "
             f"output checks (worst: output '{worst.output}' on {worst.input_set} inputs, "
-            f"max |Δ| {worst.max_abs:.3e}, max rel {worst.max_rel:.3e}; tolerance "
-            f"atol {atol:g} + rtol {rtol:g}·|ref|)\n{report.table()}"
+            f"max |Δ| {worst.max_abs:.3e}, relative to the output's scale {worst.max_rel:.3e}; "
+            f"tolerance atol {atol:g} + rtol {rtol:g}·max|ref|)\n{report.table()}"
         )
     return report
