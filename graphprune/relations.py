@@ -311,7 +311,9 @@ def satisfy(
         if not violations:
             solution.attributes = {a: v for a, v in attrs.items() if trace.attributes.get(a) != v}
             return solution
-        if _repair(violations, state, sizes, changeable, targeted, set_count, solution):
+        if _repair(
+            violations, state, sizes, changeable, targeted, set_count, solution, ev.groups_of
+        ):
             continue
         r, computed, needed = violations[0]
         _log.debug("freeze: %s", r.describe(computed, needed))
@@ -373,11 +375,16 @@ def _repair(
     targeted: set[int],
     set_count: Callable[[int, int, list[int]], None],
     solution: Solution,
+    involved: Callable[[Relation], set[int]],
 ) -> bool:
-    """Rule 3 (and the tie of rule 1): move one group's count so that a constant takes the
-    value the forward computes. True if something changed."""
+    """Rule 3 (and the tie of rule 1): move groups' counts so that constants take the values
+    the forward computes -- each group at most once per round (a later round sees the
+    effect). True if something changed."""
     kept = {g: set(k) for g, k in state.items()}
+    moved: set[int] = set()
     for r, computed, needed in violations:
+        if moved.intersection(involved(r)):
+            continue  # another relation just moved one of its groups: look again next round
         # a tie (an attribute two uses need differently): computed is the largest need
         for g, channels, rest in drive_options(r.constant, kept):
             if g not in changeable or rest == 0 or computed % rest:
@@ -389,6 +396,7 @@ def _repair(
             if g in targeted and want < current:  # never prune what the plan prunes more
                 continue
             set_count(g, want, channels)
+            moved.add(g)
             _log.debug(
                 "group %d -> %d of %d: %s", g, want, len(channels), r.describe(computed, needed)
             )
@@ -396,5 +404,5 @@ def _repair(
                 solution.frozen.setdefault(g, r.describe(computed, needed))
             else:
                 solution.driven[g] = r.describe(computed, needed) + f"; group kept at {want}"
-            return True
-    return False
+            break
+    return bool(moved)

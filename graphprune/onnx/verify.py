@@ -144,10 +144,11 @@ def verify(
                         OutputError(label, name, float("inf"), float("inf"), False)
                     )
                     continue
-                worst = float(np.abs(out - ref).max(initial=0.0))
+                largest = float(np.abs(out - ref).max(initial=0.0))
                 scale = float(np.abs(ref).max(initial=0.0))
-                ok = bool(np.isfinite(worst) and worst <= atol + rtol * scale)
-                report.errors.append(OutputError(label, name, worst, worst / max(scale, 1e-6), ok))
+                ok = bool(np.isfinite(largest) and largest <= atol + rtol * scale)
+                relative = largest / max(scale, 1e-6)
+                report.errors.append(OutputError(label, name, largest, relative, ok))
     finally:
         for m, t in training.items():
             m.train(t)
