@@ -166,8 +166,8 @@ def build_relations(
         node = nodes.get(c.node)
         use = uses.get(c.node)
         expr = _expr_for(c, node, use) if node is not None and use is not None else None
-        if expr is None:
-            unknown.append(c)
+        if expr is None or any(k not in links for k, _ in expr.dims()):
+            unknown.append(c)  # (a tensor whose shape it reads could not be identified)
         else:
             relations.append(Relation(c, expr, use.line if use else "", links))
     return relations, unknown
@@ -301,7 +301,7 @@ def satisfy(
 
     for _ in range(max_rounds):
         kept_sets = sets()
-        attrs, problems = _assign_attributes(relations, ev, kept_sets)
+        attrs, problems = _assign_attributes(relations, ev, kept_sets, solution.driven)
         violations = problems + [
             (r, ev.value(r, kept_sets, attrs), r.constant.expected(kept_sets))
             for r in relations
@@ -325,7 +325,7 @@ def satisfy(
             state[g] = list(range(sizes[g]))
             solution.frozen.setdefault(g, r.describe(computed, needed))
     kept_sets = sets()
-    attrs, _ = _assign_attributes(relations, ev, kept_sets)
+    attrs, _ = _assign_attributes(relations, ev, kept_sets, solution.driven)
     solution.attributes = {a: v for a, v in attrs.items() if trace.attributes.get(a) != v}
     return solution
 
@@ -334,9 +334,17 @@ Violation = tuple[Relation, int, int]  # relation, computed, needed
 
 
 def _assign_attributes(
-    relations: list[Relation], ev: _Evaluator, kept: dict[int, set[int]]
+    relations: list[Relation],
+    ev: _Evaluator,
+    kept: dict[int, set[int]],
+    driven: Iterable[int] = (),
 ) -> tuple[dict[AttrKey, int], list[Violation]]:
-    """Rules 1 and 2 of the module docstring; returns the values and the unmet bare uses."""
+    """Rules 1 and 2 of the module docstring; returns the values and the unmet bare uses.
+
+    Uses of one attribute that need different values are a tie: the attribute takes the value
+    a use in a group another relation has sized needs (that relation is why they differ), or
+    else the largest (prune less); the other uses are violations the solver repairs."""
+    driven = set(driven)
     wanted: dict[AttrKey, list[tuple[Relation, int]]] = defaultdict(list)
     for r in relations:
         if r.expr.op == "attr":
@@ -345,7 +353,8 @@ def _assign_attributes(
     problems: list[Violation] = []
     for a, uses in wanted.items():
         values = {needed for _, needed in uses}
-        attrs[a] = max(values)
+        sized = [needed for r, needed in uses if driven.intersection(r.constant.groups)]
+        attrs[a] = sized[0] if sized else max(values)
         if len(values) > 1:  # the uses disagree: each that is not met is a violation
             problems += [(r, attrs[a], needed) for r, needed in uses if needed != attrs[a]]
     for r in relations:

@@ -135,16 +135,22 @@ def held_groups(
     eligible = {g.id for g in groups}
     sizes = {g.id: g.size for g in groups}
     pairs: dict[int, dict[int, str]] = defaultdict(dict)  # outer -> inner -> member label
+    alone: set[int] = set()  # groups that are a tensor dim's only factor somewhere
     for g in groups:
         for m in g.members:
             for row in dg.position_channels(m.fqn, m.dim):
                 factors = [gid for gid, _ in row if gid in eligible]
+                if len(factors) == 1:
+                    alone.add(factors[0])
                 for outer in factors[:-1]:
                     pairs[outer].setdefault(factors[-1], m.label())
     held: dict[int, str] = {}
     for outer, inners in pairs.items():
         target = 1.0 - ratio
-        whole_parts = all(
+        # holding a group that is also pruned on its own elsewhere (timm PiT: a stage's width
+        # times a channel multiplier of 2) would stop that pruning too: hold the other factor
+        outer_alone = outer in alone and not any(i in alone for i in inners)
+        whole_parts = outer_alone or all(
             _kept_fraction(sizes[outer], sizes[i], ratio, block) - target
             < _kept_fraction(sizes[i], sizes[outer], ratio, block) - target
             for i in inners

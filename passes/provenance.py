@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
-from graphprune.capture import Captured, normalize_inputs
+from graphprune.capture import Captured, normalize_inputs, owning_module
 
 AttrKey = tuple[str, str, int]  # (module path, attribute name, index in a tuple/list or -1)
 DimKey = tuple[int, int]  # (read tensor number, dimension)
@@ -191,6 +191,7 @@ class ReadTensor:
     dtype: torch.dtype
     fingerprint: tuple[float, float]
     line: str  # where it was made (the call that returned it), or ""
+    module: str = ""  # the module whose forward made it
     fqn: str = ""  # a parameter/buffer of the model (identified by identity)
     user_input: int = -1  # position among the model's flattened inputs
 
@@ -258,7 +259,8 @@ class _Recorder(TorchFunctionMode):
         self.trace = ShapeTrace()
         self._modules = modules  # the module stack, innermost last (kept by forward hooks)
         self._known = known  # id(tensor) -> (fqn, user input position) of parameters/inputs
-        self._made: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}  # id -> where made
+        # id(tensor) -> (the tensor, the line and module that made it)
+        self._made: dict[int, tuple[weakref.ref[torch.Tensor], str, str]] = {}
         self._read: dict[int, int] = {}  # id(tensor) -> read tensor number (kept alive below)
         self._alive: list[torch.Tensor] = []
         self._count: dict[tuple[str, str, str], int] = defaultdict(int)
@@ -279,14 +281,15 @@ class _Recorder(TorchFunctionMode):
             exprs = tuple(expr_of(v) for v in ints)
             self.trace.uses.append(IntUse(line, module, name, self._count[key], values, exprs))
             self._count[key] += 1
+        module = self._modules[-1] if self._modules else ""
         for t in _tensors(out):
             if self._made_at(t) is None:
-                self._made[id(t)] = (weakref.ref(t), line)
+                self._made[id(t)] = (weakref.ref(t), line, module)
         return out
 
-    def _made_at(self, t: torch.Tensor) -> str | None:
+    def _made_at(self, t: torch.Tensor) -> tuple[str, str] | None:
         found = self._made.get(id(t))
-        return found[1] if found is not None and found[0]() is t else None
+        return (found[1], found[2]) if found is not None and found[0]() is t else None
 
     def _shape(
         self, tensor: torch.Tensor, out: Any, dims: tuple[Any, ...], numel: bool = False
@@ -295,12 +298,14 @@ class _Recorder(TorchFunctionMode):
         if number is None:
             number = len(self.trace.tensors)
             fqn, position = self._known.get(id(tensor), ("", -1))
+            line, module = self._made_at(tensor) or ("", "")
             self.trace.tensors.append(
                 ReadTensor(
                     tuple(tensor.shape),
                     tensor.dtype,
                     fingerprint(tensor),
-                    self._made_at(tensor) or "",
+                    line,
+                    module,
                     fqn,
                     position,
                 )
@@ -457,11 +462,17 @@ def link_read_tensors(
     state.update(model.named_buffers(remove_duplicate=False))
     state.update(captured.program.constants)
     inputs = iter(flat_inputs)
+    constants = captured.program.graph_signature.inputs_to_lifted_tensor_constants
     values = []
     for node in placeholders:
         fqn = captured.state_fqn.get(node.name)
-        values.append(state[fqn] if fqn is not None else next(inputs))
-    candidates: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        if fqn is not None:
+            values.append(state[fqn])
+        elif node.name in constants:  # a tensor the forward makes, lifted by export
+            values.append(captured.program.constants[constants[node.name]])
+        else:
+            values.append(next(inputs))
+    candidates: dict[int, list[tuple[str, str, str]]] = defaultdict(list)
 
     class _Watcher(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
@@ -469,13 +480,17 @@ def link_read_tensors(
             if isinstance(result, torch.Tensor):
                 for k in wanted.get((tuple(result.shape), result.dtype), []):
                     if _close(fingerprint(result), trace.tensors[k].fingerprint):
-                        candidates[k].append((n.name, source_line(n)))
+                        candidates[k].append((n.name, source_line(n), owning_module(n)))
             return result
 
     with torch.no_grad():
         _Watcher(captured.program.graph_module).run(*values)
     for k, found_nodes in candidates.items():
-        line = trace.tensors[k].line
-        same_line = [name for name, src in found_nodes if line and src.startswith(line + ":")]
-        found[k] = (same_line or [found_nodes[0][0]])[0]
+        t = trace.tensors[k]
+        if len(found_nodes) > 1:  # equal values (zeros, say): the one made where it was made
+            found_nodes = [
+                c for c in found_nodes if c[1].startswith(t.line + ":") and c[2] == t.module
+            ]
+        if len(found_nodes) == 1:  # still ambiguous: unknown (relations through it are not used)
+            found[k] = found_nodes[0][0]
     return found
