@@ -11,9 +11,14 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 .PHONY: install demo test lint
 install: $(BIN)/.installed
 
+DEMO ?= resnet18_full
 demo: $(BIN)/.installed
-	$(BIN)/graphprune analyze resnet18 --explain layer1.0.conv1
-	$(BIN)/graphprune compile resnet18 --ratio 0.5 --importance l2 -o out/resnet18-pruned.pt
+	$(BIN)/graphprune analyze $(DEMO) --summary
+	$(BIN)/graphprune compile $(DEMO) --ratio 0.5 -o out/$(DEMO).pt
+	$(BIN)/graphprune export $(DEMO) --load out/$(DEMO).pt -o out/$(DEMO).onnx --bench --runs 20
+	@echo "files: out/$(DEMO).pt (graphprune.load), out/$(DEMO).onnx (verified ONNX)"
+	@echo "in Python: pruned = gp.compile(model, gp.Plan(ratio=0.5), x)"
+	@echo "           gp.export_onnx(pruned, x, 'out/$(DEMO).onnx', baseline=model)"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check graphprune passes models tests benchmarks

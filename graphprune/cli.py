@@ -29,15 +29,15 @@ def load_model(
     spec: str, input_shape: str | None, batch: int, tokens: int | None
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Build the model and example inputs named by ``spec`` (zoo name or ``pkg.mod:factory``)."""
-    from graphprune.models import MODELS
+    from graphprune.models import ALL
 
     if ":" not in spec:
-        if spec not in MODELS:
+        if spec not in ALL:
             raise InputError(
-                f"unknown model '{spec}'; use a zoo name ({', '.join(MODELS)}) "
+                f"unknown model '{spec}'; use a zoo name ({', '.join(ALL)}) "
                 f"or 'package.module:factory'"
             )
-        zoo = MODELS[spec]
+        zoo = ALL[spec]
         model = zoo.build()
         if input_shape is None:
             return model, zoo.example_inputs(batch)
@@ -61,7 +61,7 @@ def load_model(
 def _cmd_analyze(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     dg = analyze(model, inputs)
-    print(dg.table(include_frozen=not args.prunable_only))
+    print(dg.summary() if args.summary else dg.table(include_frozen=not args.prunable_only))
     for name in args.explain or []:
         print()
         dg.explain(name)
@@ -109,29 +109,57 @@ def _progress(message: str) -> Any:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from graphprune.onnx import export_onnx
+    from graphprune.serialize import load
 
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     pruning = args.plan or any(
         v is not None for v in (args.ratio, args.target_macs, args.granularity)
     )
-    target = model
-    if pruning:
+    target, baseline = model, None
+    if args.load:  # a model saved by `graphprune compile -o`: rebuilt, not recompiled
+        if pruning:
+            raise InputError("give either --load FILE or a plan (--ratio, --plan, ...), not both")
+        fresh, _ = load_model(args.model, args.input_shape, args.batch, args.tokens)
+        target, baseline = load(fresh, args.load, inputs), model
+        print(f"loaded {args.load}\n  {report_line(model, target, inputs)}")
+    elif pruning:
         with _progress("pruning"):
-            target = compile(model, plan_from_args(args), inputs)
-        print(report(target).table())
-    with _progress(f"exporting to {args.output} and verifying in onnxruntime"):
+            target, baseline = compile(model, plan_from_args(args), inputs), model
+        print(report(target).table(max_groups=12, width=80))
+    what = "exporting, verifying in onnxruntime" + (" and timing" if args.bench else "")
+    with _progress(what):
         result = export_onnx(
             target,
             inputs,
             args.output,
             quantize=args.quantize,
             dynamic_batch=not args.static_batch,
-            baseline=model if pruning else None,
-            bench_runs=0,
+            baseline=baseline,
+            bench_runs=args.runs if args.bench and baseline is not None else 0,
+            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+            threads=args.threads,
             sparse_storage=args.sparse_storage,
         )
     print(result.table())
     return 0
+
+
+def report_line(model: nn.Module, pruned: nn.Module, inputs: Any) -> str:
+    """``params 11.7 M -> 3.1 M, MACs 4.44 G -> 1.11 G (0.251 kept)``."""
+    from graphprune.macs import count_macs, count_params
+
+    macs = count_macs(model, inputs), count_macs(pruned, inputs)
+    return (
+        f"params {_si(count_params(model))} -> {_si(count_params(pruned))}, MACs "
+        f"{_si(macs[0])} -> {_si(macs[1])} ({macs[1] / max(macs[0], 1):.3f} kept)"
+    )
+
+
+def _si(n: int) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -204,7 +232,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         if v != defaults[k] or k in ("ratio", "importance", "granularity")
     )
     print(f"graphprune compile {args.model}: {shown}")
-    print(report(pruned).table())
+    print(report(pruned).table(max_groups=12, width=80))
     if args.output:
         save(pruned, args.output)
         print(f"wrote {args.output} (load with graphprune.load(fresh_model, path, inputs))")
@@ -212,10 +240,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(_: argparse.Namespace) -> int:
-    from graphprune.models import MODELS
+    from graphprune.models import ALL
 
-    width = max(len(n) for n in MODELS)
-    for name, spec in MODELS.items():
+    width = max(len(n) for n in ALL)
+    for name, spec in ALL.items():
         print(f"{name:<{width}}  {spec.description}")
     return 0
 
@@ -270,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the coupling paths of a parameter or module (repeatable)",
     )
     p.add_argument("--prunable-only", action="store_true", help="hide frozen groups")
+    p.add_argument("--summary", action="store_true", help="a short overview (80 columns)")
     p.add_argument("--json", help="also write the groups as JSON to this file")
     p.set_defaults(run=_cmd_analyze)
 
@@ -283,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _plan_args(p)
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--load", help="a pruned model saved by `graphprune compile -o FILE`")
+    p.add_argument(
+        "--bench",
+        action="store_true",
+        help="also time the original and the pruned model side by side in onnxruntime",
+    )
+    p.add_argument("--runs", type=int, default=30, help="interleaved runs per batch size")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated (default 1)")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quantize", choices=["dynamic", "static"], help="also write an int8 model")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension")
     p.add_argument(

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 RECORD = "_graphprune_record"  # plain-data record of what compile did, used by save()/load()
 REPORT = "_graphprune_report"
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 1)] + "…"
+
+
+def _wrap(text: str, width: int, indent: int = 0) -> list[str]:
+    pad = " " * indent
+    return textwrap.wrap(text, width, initial_indent=pad, subsequent_indent=pad + "  ") or [pad]
 
 
 @dataclass
@@ -90,7 +100,8 @@ class CompileReport:
         data.update(params_ratio=self.params_ratio, macs_ratio=self.macs_ratio)
         return data
 
-    def table(self, max_groups: int = 20) -> str:
+    def table(self, max_groups: int = 20, width: int = 100) -> str:
+        """The report as text: long names are shortened and prose wrapped to ``width``."""
         rows = [
             ("", "before", "after", "after/before"),
             (
@@ -120,8 +131,9 @@ class CompileReport:
             lines.append(f"  {'kept/total':>11}  {'group':>5}  layer (unit)")
             for u in self.units[:max_groups]:
                 kept, total = u.kept * u.multiplier, u.total * u.multiplier
-                unit = "heads" if u.kind != "channels" else "ch"
-                lines.append(f"  {kept:>5}/{total:<5} {u.group:>5}  {u.name} ({unit})")
+                unit = " (heads)" if u.kind != "channels" else ""
+                head = f"  {kept:>5}/{total:<5} {u.group:>5}  "
+                lines.append(head + _shorten(u.name + unit, width - len(head)))
             if len(self.units) > max_groups:
                 lines.append(f"  … {len(self.units) - max_groups} more layers")
         else:
@@ -134,7 +146,7 @@ class CompileReport:
         if self.frozen:
             lines.append(f"frozen (not pruned, with why): {len(self.frozen)} groups")
             for f in self.frozen[:max_groups]:
-                lines.append(f"  group {f.id} ({f.channels} ch, {f.name}): {f.reason}")
+                lines += _wrap(f"group {f.id} ({f.channels} ch, {f.name}): {f.reason}", width, 2)
         masked = [s for s in self.sparsity if s.shape]
         if self.sparsity:
             lines.append(
@@ -152,9 +164,10 @@ class CompileReport:
                 if self.config["expressible"]
                 else f"  config cannot express it: {self.config['reason']}"
             )
-        lines += [f"note: {n}" for n in self.notes]
+        for n in self.notes:
+            lines += _wrap(f"note: {n}", width)
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
-        lines.append(f"stages: {stages}")
+        lines += _wrap(f"stages: {stages}", width)
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -60,11 +60,26 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+# real-size models for demos and benchmarks (not swept by the test suite)
+LARGE: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "resnet18_full",
+            cnn.resnet18_full,
+            (3, 64, 64),
+            "ResNet-18 at full width (64-512 ch, 11.7 M params), 64 px: 4.4 GMACs",
+        ),
+    ]
+}
+ALL: dict[str, ModelSpec] = {**MODELS, **LARGE}
+
+
 def get(name: str) -> ModelSpec:
     try:
-        return MODELS[name]
+        return ALL[name]
     except KeyError:
-        raise KeyError(f"unknown model '{name}'; the zoo has: {', '.join(MODELS)}") from None
+        raise KeyError(f"unknown model '{name}'; the zoo has: {', '.join(ALL)}") from None
 
 
-__all__ = ["MODELS", "ModelSpec", "get"]
+__all__ = ["ALL", "LARGE", "MODELS", "ModelSpec", "get"]

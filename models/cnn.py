@@ -315,6 +315,12 @@ def resnet18(num_classes: int = 10) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
 
 
+def resnet18_full(num_classes: int = 1000) -> ResNet:
+    """ResNet-18 at its full width (64-512 channels, 11.7 M params) with the zoo's 3x3 stem (no
+    downsampling before stage 1): 4.4 GMACs at 64 px, real-size layers for timing."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], widths=(64, 128, 256, 512), num_classes=num_classes)
+
+
 def resnet_bottleneck(num_classes: int = 10) -> ResNet:
     """ResNet-50-style bottleneck blocks (1x1 reduce, 3x3, 1x1 expand x4), two stages."""
     return ResNet(Bottleneck, [2, 1], widths=(8, 16), num_classes=num_classes)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,26 @@ def test_export_two_four_with_sparse_storage(
     assert main([*args, "--sparse-storage", "auto"]) == 0
     text = capsys.readouterr().out
     assert "n:m" in text and "sparse storage:" in text and "ok" in text
+
+
+def test_demo_commands_print_verification_and_speedup(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`make demo`'s three commands, on the small zoo ResNet: the verification error and the
+    measured speed-up next to the MACs ideal are printed and parse; lines fit 80 columns."""
+    saved, onnx_path = tmp_path / "m.pt", tmp_path / "m.onnx"
+    assert main(["analyze", "resnet18", "--summary"]) == 0
+    assert main(["compile", "resnet18", "--ratio", "0.5", "-o", str(saved)]) == 0
+    assert main(["export", "resnet18", "--load", str(saved), "-o", str(onnx_path), "--bench",
+                 "--runs", "3"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "14 groups of coupled channels: 12 prunable, 2 frozen" in text
+    error = re.search(r"pruned vs torch\s+max \|Δ\| (\S+)", text)
+    assert error is not None and float(error.group(1)) < 1e-4
+    row = re.search(r"^\s+1\s+(\S+)\s+\S+\s+(\S+)\s+\S+\s+(\S+)x\s+(\S+)\s+(\S+)$", text, re.M)
+    assert row is not None
+    base_ms, pruned_ms, speedup, ideal, efficiency = (float(v) for v in row.groups())
+    assert speedup == pytest.approx(base_ms / pruned_ms, rel=0.02) and ideal > 1.5
+    assert efficiency == pytest.approx(speedup / ideal, abs=0.01)
+    assert onnx_path.exists()
+    assert all(len(line) <= 80 for line in text.splitlines() if str(tmp_path) not in line)

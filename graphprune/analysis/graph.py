@@ -273,6 +273,33 @@ class DependencyGraph:
             lines.append(f"  unsupported: {d.node}: {d.reason}")
         return "\n".join(lines)
 
+    def summary(self, rows: int = 10, width: int = 80) -> str:
+        """A short overview for a terminal: the counts, the first ``rows`` prunable groups
+        (modules abbreviated to fit ``width``) and the frozen ones grouped by reason."""
+        prunable = self.prunable_groups
+        frozen = [g for g in self.groups if not g.prunable]
+        lines = [
+            f"{len(self.groups)} groups of coupled channels: {len(prunable)} prunable, "
+            f"{len(frozen)} frozen (analysed in {self.seconds:.2f} s)",
+            f"{'id':>4} {'channels':>8} {'members':>7}  modules",
+        ]
+        for g in prunable[:rows]:
+            head = f"{g.id:>4} {g.size:>8} {len(g.members):>7}  "
+            lines.append(head + _fit(g.modules, width - len(head)))
+        if len(prunable) > rows:
+            lines.append(f"{'':>4} … {len(prunable) - rows} more prunable groups")
+        reasons: dict[str, int] = {}
+        for g in frozen:
+            why = g.frozen_reasons[0].split(" (")[0] if g.frozen_reasons else "frozen"
+            reasons[why] = reasons.get(why, 0) + 1
+        for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(_short(f"frozen ({n}): {why}", width))
+        if self.diagnostics:
+            lines.append(
+                f"{len(self.diagnostics)} ops without a channel rule (their channels are frozen)"
+            )
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         return self.table()
 
@@ -348,6 +375,17 @@ class DependencyGraph:
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise InputError(f"'{name}' is not a parameter, buffer or module in any group{hint}")
         return found
+
+
+def _fit(names: list[str], width: int) -> str:
+    """As many names as fit in ``width``, then how many more."""
+    shown: list[str] = []
+    for k, name in enumerate(names):
+        more = f", … +{len(names) - k}" if k < len(names) else ""
+        if len(", ".join([*shown, name])) + len(more) > width and shown:
+            return ", ".join(shown) + f", … +{len(names) - k}"
+        shown.append(name)
+    return _short(", ".join(shown), width)
 
 
 def _short(text: str, width: int = 48) -> str:

@@ -89,8 +89,11 @@ class BenchReport:
             return "\n".join(lines)
         lines.append(
             f"file size: {a} {self.baseline_bytes / 1e6:.2f} MB, {b} "
-            f"{self.pruned_bytes / 1e6:.2f} MB; RSS growth: {a} "
-            f"{self.baseline_memory_mb:.1f} MB, {b} {self.pruned_memory_mb:.1f} MB"
+            f"{self.pruned_bytes / 1e6:.2f} MB"
+        )
+        lines.append(
+            f"RSS growth at session start: {a} {self.baseline_memory_mb:.1f} MB, {b} "
+            f"{self.pruned_memory_mb:.1f} MB"
         )
         return "\n".join(lines)
 
