@@ -359,20 +359,22 @@ def _assign_attributes(
             problems += [(r, attrs[a], needed) for r, needed in uses if needed != attrs[a]]
     for r in relations:
         unknown = [a for a in r.expr.attrs() if a not in attrs]
-        if len(unknown) != 1 or r.expr.op == "attr":
+        if not unknown or r.expr.op == "attr":
             continue
-        (a,) = unknown
         needed = r.constant.expected(kept)
-
-        def value_with(v: int, a: AttrKey = a, r: Relation = r) -> int:
-            return ev.value(r, kept, {**attrs, a: v})
-
-        original = ev.trace.attributes.get(a, 1)
-        if value_with(original) == needed:
+        if ev.value(r, kept, attrs) == needed:
             continue
-        solved = _solve_one(r, a, needed, value_with, original)
-        if solved is not None:
-            attrs[a] = solved
+        # several attributes (``self.in_channels // self.num_paths``): solve for one, the
+        # others as they are; channel counts first (the largest), not branch or head counts
+        for a in sorted(unknown, key=lambda k: -ev.trace.attributes.get(k, 0)):
+
+            def value_with(v: int, a: AttrKey = a, r: Relation = r) -> int:
+                return ev.value(r, kept, {**attrs, a: v})
+
+            solved = _solve_one(r, a, needed, value_with, ev.trace.attributes.get(a, 1))
+            if solved is not None:
+                attrs[a] = solved
+                break
     return attrs, problems
 
 
