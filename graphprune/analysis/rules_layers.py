@@ -377,8 +377,11 @@ _POOL_SPATIAL_DIMS = {
     "upsample_bicubic2d": 2,
     "upsample_linear1d": 1,
     "upsample_trilinear3d": 3,
+    "_upsample_nearest_exact1d": 1,
     "_upsample_nearest_exact2d": 2,
+    "_upsample_nearest_exact3d": 3,
     "_upsample_bilinear2d_aa": 2,
+    "_upsample_bicubic2d_aa": 2,
 }
 _POOLS = {op: _POOL_SPATIAL_DIMS[name] for name in _POOL_SPATIAL_DIMS for op in ops(name)}
 
