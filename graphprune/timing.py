@@ -1,7 +1,9 @@
 """Interleaved timing: the one way graphprune measures latency side by side.
 
 Callables are timed in rounds, and each round starts one later than the last (A B C, B C A,
-C A B, ...), so drift -- thermal, other load, cache state -- hits all of them equally.
+C A B, ...), so drift -- thermal, other load -- hits all of them equally; every other cycle
+runs in reverse (C B A, B A C, A C B), so each callable follows each other one equally often
+and none always runs right after the slowest one (whose cache footprint it would inherit).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def interleaved_samples(
             runs[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+        order = names if (i // len(names)) % 2 == 0 else names[::-1]
+        for name in order[i % len(order) :] + order[: i % len(order)]:
             if sync is not None:
                 sync()
             start = time.perf_counter()

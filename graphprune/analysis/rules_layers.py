@@ -17,7 +17,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import fx
 
 from graphprune.analysis.registry import Layout, RuleContext, TensorArg, ops, rule
 from graphprune.analysis.rules_pointwise import broadcast
@@ -168,7 +171,51 @@ def matmul_layout(ctx: RuleContext, a: TensorArg, b: TensorArg) -> Layout:
 
 @rule(*ops("matmul", "mm", "bmm"))
 def matmul(ctx: RuleContext) -> Layout:
-    return matmul_layout(ctx, _required(ctx, 0, "self"), _required(ctx, 1, "mat2"))
+    a, b = _required(ctx, 0, "self"), _required(ctx, 1, "mat2")
+    out = matmul_layout(ctx, a, b)
+    _tag_eager_attention(ctx, a, b)
+    return out
+
+
+# ops between the attention matmuls and the softmax: scaling, masking, dropout, dtype casts
+_PASS_THROUGH = {
+    "add", "sub", "mul", "div", "masked_fill", "where", "dropout", "to", "_to_copy", "clone",
+    "contiguous", "type_as", "float", "alias", "detach", "tanh",  # tanh: logit soft-capping
+}  # fmt: skip
+
+
+def _walk_back(node: Any, wanted: set[str], depth: int = 6) -> Any:
+    """The nearest producer of ``node`` (through _PASS_THROUGH ops, first tensor argument
+    first) whose op is one of ``wanted``, or None."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if name in wanted:
+            return node
+        if name not in _PASS_THROUGH:
+            return None
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        node = inputs[0] if name != "where" else (inputs[1] if len(inputs) > 1 else None)
+    return None
+
+
+def _tag_eager_attention(ctx: RuleContext, probs: TensorArg, v: TensorArg) -> None:
+    """Attention written out (``softmax(q @ k^T * scale + mask) @ v``, eager implementations)
+    gets the same tags as scaled_dot_product_attention: heads (dim -3 of the probabilities,
+    kv heads under GQA) and head_dim (the last dim of q and of v)."""
+    softmax = _walk_back(ctx.arg(0, "self"), {"softmax", "_softmax", "_safe_softmax"})
+    if softmax is None:
+        return
+    scores = _walk_back(softmax.args[0], {"matmul", "bmm"})
+    if scores is None:
+        return
+    q = ctx.tensor(scores.args[0])
+    ctx.tag(v.layout[-1], "head_dim")
+    if q is not None:
+        ctx.tag(q.layout[-1], "head_dim")
+    if probs.ndim >= 4:  # (..., heads, queries, keys): 3-D bmm has heads folded into batch
+        ctx.tag(probs.layout[-3], "heads")
 
 
 @rule(*ops("outer", "ger"))
