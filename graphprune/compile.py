@@ -154,11 +154,10 @@ def _compile_into(
         ]
         watch.lap("masks")
 
-    synced = sync_config(
-        target, getattr(model, "config", None)
-    )  # HF: attention counts and config follow the weights
+    # HF: the config (and module attributes no forward reads) follow the weights
+    synced = sync_config(target, getattr(model, "config", None), example_inputs)
     if synced is not None:
-        changes += [f"config.{k} = {v}" for k, v in synced.changes.items()]
+        changes += [f"config.{k} = {v}" for k, v in synced.changes.items()] + synced.attributes
     report = CompileReport(
         plan=_plan_data(plan),
         params_before=params_before,

@@ -1,21 +1,27 @@
-"""Hugging Face ``transformers`` models: configs and attention attributes kept in sync.
+"""Hugging Face ``transformers`` models: the config follows the pruned weights, for any type.
 
-graphprune prunes a ``PreTrainedModel`` like any module (the analyzer needs no model-specific
-rules); this module knows the four families' conventions so that afterwards
+A config class is a function from ints to parameter shapes, and graphprune learns it from the
+model class itself instead of a per-family table:
 
-* every attention module's own counts (``num_heads``, ``num_attention_heads``,
-  ``all_head_size``, ``num_key_value_groups``, ``embed_dim``) match its pruned projections,
-* the config says ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``,
-  ``head_dim``, ``intermediate_size`` (GPT-2: ``n_inner``) and ``num_hidden_layers`` of the
-  pruned model when they are the same in every layer, and
-* whether ``save_pretrained``/``from_pretrained`` can rebuild it is *checked*, not assumed: a
-  fresh model is built from the updated config on the meta device and its state_dict shapes are
-  compared with the pruned model's. Per-layer sizes a config cannot express (or BERT/GPT-2/ViT
-  attention narrower than the hidden size, which their configs tie together) need
-  ``graphprune.save`` / ``graphprune.load``.
+1. **Shape map** (cached per model class and config values). For each int field of the config,
+   the model is built on the meta device with that field doubled; the parameter dims that
+   change, and by how much, are that field's footprint (``intermediate_size`` -> the MLP's
+   ``up/gate`` rows and ``down`` columns in every layer; ``num_key_value_heads`` -> ``k_proj``
+   and ``v_proj`` rows). The ``nn.ModuleList`` that grows with ``num_hidden_layers`` is the
+   layer list.
+2. **Inversion.** After pruning, each footprint dim gives a candidate value of its field
+   (linear in the field, the others fixed); the candidates are tried -- the model rebuilt on the
+   meta device from the candidate config -- until one reproduces every pruned parameter shape.
+   Values that differ between layers, or shapes no candidate reproduces, are reported by field.
+3. **Exactness.** ``from_pretrained`` is exact only if the rebuilt model also *computes* the
+   same: every int/float attribute of every module (an attention ``scaling`` derived from
+   ``head_dim``, a ``num_key_value_groups``) is compared with the pruned model's. Otherwise the
+   report says which attribute differs and to use ``graphprune.save``/``graphprune.load``.
 
-Whole layers are removed from the layer list (not replaced by an identity), with ``layer_idx``
-renumbered for the KV cache, so ``generate()`` keeps working. ``transformers`` is optional.
+The attention modules' own counts (``num_heads``, ``head_dim``, ``num_key_value_groups``, ...)
+follow the weights through the count relations of :mod:`graphprune.relations` like any
+module's; whole layers are removed from the layer list (``layer_idx`` renumbered for the KV
+cache, per-layer config lists such as ``layer_types`` sliced). ``transformers`` is optional.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -33,104 +41,41 @@ from torch import nn
 P = ParamSpec("P")
 R = TypeVar("R")
 
-
-@dataclass(frozen=True)
-class Family:
-    """Where a family keeps things, relative to ``model.base_model`` and to one layer."""
-
-    layers: str  # the nn.ModuleList of encoder/decoder layers
-    attention: str  # the module computing attention in a layer
-    query: str  # q projection (GPT-2: the fused qkv Conv1D)
-    key: str | None  # k projection (None: fused with q)
-    mlp_up: str  # first MLP projection: its width is the intermediate size
-    heads_attr: str | None  # the attention module's head count attribute
-    head_dim_attr: str
-    intermediate_key: str = "intermediate_size"
-
-
-FAMILIES = {
-    "gpt2": Family(
-        "h", "attn", "attn.c_attn", None, "mlp.c_fc", "num_heads", "head_dim", "n_inner"
-    ),
-    "llama": Family(
-        "layers",
-        "self_attn",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "mlp.gate_proj",
-        None,
-        "head_dim",
-    ),
-    "bert": Family(
-        "encoder.layer",
-        "attention.self",
-        "attention.self.query",
-        "attention.self.key",
-        "intermediate.dense",
-        "num_attention_heads",
-        "attention_head_size",
-    ),
-    "vit": Family(
-        "layers",
-        "attention",
-        "attention.q_proj",
-        "attention.k_proj",
-        "mlp.fc1",
-        "num_attention_heads",
-        "head_dim",
-    ),
-}
-
-
-@dataclass
-class LayerSizes:
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+MAX_CANDIDATES = 256  # config combinations tried when inverting the shape map
 
 
 @dataclass
 class ConfigSync:
     """What :func:`sync_config` found and changed."""
 
-    family: str
+    family: str  # the config's model_type
     changes: dict[str, Any] = field(default_factory=dict)  # config key -> new value
-    layers: list[LayerSizes] = field(default_factory=list)
     expressible: bool = True  # save_pretrained/from_pretrained rebuilds the pruned model
     reason: str = ""  # why not
+    fields: dict[str, str] = field(default_factory=dict)  # a field that cannot say it -> why
+    attributes: list[str] = field(default_factory=list)  # stale module attributes set
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,
             "changes": self.changes,
-            "layers": [vars(x) for x in self.layers],
             "expressible": self.expressible,
             "reason": self.reason,
+            "fields": self.fields,
+            "attributes": self.attributes,
         }
 
 
-def family_of(model: nn.Module) -> Family | None:
-    """The family of a transformers model, or None for anything else."""
+def is_pretrained(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (duck-typed: transformers is optional)."""
     config = getattr(model, "config", None)
-    base = getattr(model, "base_model", None)
-    if config is None or base is None or not hasattr(config, "to_dict"):
-        return None
-    return FAMILIES.get(getattr(config, "model_type", ""))
-
-
-def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """FQN and module of the encoder/decoder layer list of a supported HF model."""
-    family = family_of(model)
-    if family is None:
-        return None
-    base_name = next(n for n, m in model.named_modules() if m is model.base_model)
-    path = f"{base_name}.{family.layers}" if base_name else family.layers
-    try:
-        layers = model.get_submodule(path)
-    except AttributeError:  # another transformers version's layout: not synced, not guessed
-        return None
-    return (path, layers) if isinstance(layers, nn.ModuleList) else None
+    return (
+        config is not None
+        and hasattr(config, "to_dict")
+        and hasattr(type(model), "config_class")
+        and hasattr(model, "base_model")
+    )
 
 
 @contextlib.contextmanager
@@ -161,127 +106,164 @@ def without_cache(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _width(module: nn.Module) -> int:
-    """Output width of a Linear or of transformers' Conv1D (weight (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    return int(weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0])
+# -- the shape map ---------------------------------------------------------------------------
+Shapes = dict[str, tuple[int, ...]]
 
 
-def _sizes(layer: nn.Module, family: Family) -> LayerSizes:
-    attention = layer.get_submodule(family.attention)
-    head_dim = int(getattr(attention, family.head_dim_attr))
-    q_width = _width(layer.get_submodule(family.query))
-    if family.key is None:  # fused qkv of equal widths
-        q_width //= 3
-        kv_width = q_width
-    else:
-        kv_width = _width(layer.get_submodule(family.key))
-    return LayerSizes(
-        q_width // head_dim,
-        kv_width // head_dim,
-        head_dim,
-        _width(layer.get_submodule(family.mlp_up)),
-    )
+@dataclass
+class Footprint:
+    """How one config field shows in parameter shapes: ``(fqn, dim) -> (size at the original
+    value, size at the perturbed value)``."""
+
+    name: str
+    value: int
+    perturbed: int
+    dims: dict[tuple[str, int], tuple[int, int]]
+
+    def infer(self, shapes: Shapes) -> set[int]:
+        """The field values the pruned shapes imply (linear in the field, others fixed)."""
+        found = set()
+        for (fqn, dim), (s0, s1) in self.dims.items():
+            if fqn not in shapes or dim >= len(shapes[fqn]):
+                continue
+            step = (s1 - s0) / (self.perturbed - self.value)
+            value = self.value + (shapes[fqn][dim] - s0) / step
+            if value > 0 and abs(value - round(value)) < 1e-9:
+                found.add(round(value))
+        return found
 
 
-def _hidden_size(model: nn.Module) -> int:
-    embeddings = model.get_input_embeddings()  # type: ignore[operator]
-    if isinstance(embeddings, nn.Embedding):
-        return embeddings.embedding_dim
-    projection = getattr(embeddings, "projection", None)  # ViT patch embeddings
-    assert isinstance(projection, nn.Conv2d), type(embeddings)
-    return projection.out_channels
+@dataclass
+class ShapeMap:
+    base: Shapes
+    footprints: dict[str, Footprint]
+    layer_list: str | None  # FQN of the ModuleList that follows the layer count
 
 
-def sync_config(model: nn.Module, original: Any = None) -> ConfigSync | None:
-    """Update the attention modules' counts and the config of a pruned HF model in place.
-    ``changes`` are relative to ``original`` (the unpruned model's config) when given."""
-    family = family_of(model)
-    if family is None:
-        return None
-    config: Any = model.config
-    sync = ConfigSync(str(config.model_type))
-    found = layer_list(model)
-    if found is None:  # say so rather than guess
-        sync.expressible = False
-        sync.reason = (
-            f"no layer list at {family.layers!r}: this transformers version lays "
-            f"{type(model).__name__} out differently; config not synced (use graphprune.save)"
-        )
-        return sync
-    _, layers = found
-    sync.layers = [_sizes(layer, family) for layer in layers]
-    for layer, sizes in zip(layers, sync.layers, strict=True):
-        attention: Any = layer.get_submodule(family.attention)
-        if family.heads_attr:
-            setattr(attention, family.heads_attr, sizes.heads)
-        if hasattr(attention, "all_head_size"):
-            attention.all_head_size = sizes.heads * sizes.head_dim
-        if hasattr(attention, "num_key_value_groups"):
-            attention.num_key_value_groups = sizes.heads // max(sizes.kv_heads, 1)
-        if hasattr(attention, "embed_dim"):
-            attention.embed_dim = _hidden_size(model)
-    wanted: dict[str, Any] = {"hidden_size": _hidden_size(model), "num_hidden_layers": len(layers)}
-    for key, values in [
-        ("num_attention_heads", {s.heads for s in sync.layers}),
-        ("num_key_value_heads", {s.kv_heads for s in sync.layers}),
-        ("head_dim", {s.head_dim for s in sync.layers}),
-        (family.intermediate_key, {s.intermediate for s in sync.layers}),
-    ]:
-        if len(values) == 1 and (hasattr(config, key) or key == family.intermediate_key):
-            wanted[key] = values.pop()
-        elif len(values) > 1:
-            sync.expressible, sync.reason = False, f"per-layer {key}: {sorted(values)}"
-    if family.key is None or not hasattr(config, "num_key_value_heads"):
-        wanted.pop("num_key_value_heads", None)
-    if not hasattr(config, "head_dim"):
-        wanted.pop("head_dim", None)
-    gpt2_default = family.intermediate_key == "n_inner" and config.n_inner is None
-    if gpt2_default and wanted.get("n_inner") == 4 * wanted["hidden_size"]:
-        wanted.pop("n_inner")  # GPT-2's default (None = 4 x hidden) still holds
-    before = original if original is not None else copy.deepcopy(config)
-    for key, value in wanted.items():
-        if getattr(before, key, None) != value:
-            sync.changes[key] = value
-        setattr(config, key, value)
-    if sync.expressible:
-        sync.expressible, sync.reason = _rebuilds(model)
-    return sync
-
-
-def _rebuilds(model: nn.Module) -> tuple[bool, str]:
-    """Does ``type(model)(config)`` have the pruned model's parameter shapes?"""
+def _build(model_class: type, config: Any) -> nn.Module | None:
+    """``model_class(config)`` on the meta device, or None for a config the class rejects
+    (hidden % heads != 0, say)."""
     try:
-        with torch.device("meta"):
-            fresh = type(model)(copy.deepcopy(model.config))
-    except Exception as exc:  # a config the family rejects (e.g. hidden % heads != 0)
-        return False, f"the config cannot build this model: {type(exc).__name__}: {exc}"
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    for key in sorted(want.keys() | have.keys()):
-        if want.get(key) != have.get(key):
-            return False, (
-                f"{key}: pruned {want.get(key)}, config builds {have.get(key)} "
-                "(use graphprune.save/load)"
-            )
-    return True, ""
+        with torch.device("meta"), contextlib.redirect_stdout(None):
+            return model_class(copy.deepcopy(config))
+    except Exception:
+        return None
+
+
+def _shapes(model_class: type, config: Any) -> Shapes | None:
+    """Parameter and buffer shapes of ``model_class(config)`` built on the meta device."""
+    model = _build(model_class, config)
+    return None if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def attribute_differences(model: nn.Module, fresh: nn.Module) -> list[tuple[str, str, Any, Any]]:
+    """``(module path, attribute, pruned value, rebuilt value)`` for every int/float attribute
+    of a module that ``fresh`` (built from a config) sets differently from ``model``."""
+    ours = dict(model.named_modules())
+    found = []
+    for path, rebuilt in fresh.named_modules():
+        module = ours.get(path)
+        if module is None:
+            continue
+        for name, value in vars(rebuilt).items():
+            if name.startswith("_") or name == "training" or type(value) not in (int, float):
+                continue
+            current = vars(module).get(name)
+            if type(current) in (int, float) and current != value:
+                found.append((path, name, current, value))
+    return found
+
+
+def int_fields(config: Any) -> dict[str, int]:
+    """The config's own int fields (not token ids: they size nothing)."""
+    return {
+        k: v
+        for k, v in config.to_dict().items()
+        if type(v) is int and v > 0 and not k.endswith("token_id")
+    }
+
+
+_MAPS: dict[tuple[type, str], ShapeMap] = {}
+
+
+def shape_map(model_class: type, config: Any) -> ShapeMap | None:
+    """The shape map of ``model_class`` at ``config`` (rule 1 of the module docstring),
+    cached per class and config values."""
+    key = (model_class, json.dumps(config.to_dict(), sort_keys=True, default=str))
+    if key in _MAPS:
+        return _MAPS[key]
+    base = _shapes(model_class, copy.deepcopy(config))
+    if base is None:
+        return None
+    footprints: dict[str, Footprint] = {}
+    layer_list = None
+    for name, value in int_fields(config).items():
+        perturbed = copy.deepcopy(config)
+        setattr(perturbed, name, 2 * value)
+        shapes = _shapes(model_class, perturbed)
+        if shapes is None:
+            continue
+        dims = {
+            (fqn, d): (base[fqn][d], shapes[fqn][d])
+            for fqn in sorted(base.keys() & shapes.keys())
+            if len(base[fqn]) == len(shapes[fqn])
+            for d in range(len(base[fqn]))
+            if base[fqn][d] != shapes[fqn][d]
+        }
+        if dims:
+            footprints[name] = Footprint(name, value, 2 * value, dims)
+        if name in LAYER_FIELDS and layer_list is None:
+            layer_list = _grown_list(base.keys(), shapes.keys())
+    found = ShapeMap(base, footprints, layer_list)
+    _MAPS[key] = found
+    return found
+
+
+def _grown_list(before: Any, after: Any) -> str | None:
+    """The prefix ``X`` of the parameters ``X.<i>.…`` that only the larger model has."""
+    new = sorted(set(after) - set(before))
+    prefixes = set()
+    for fqn in new:
+        parts = fqn.split(".")
+        index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if index is not None:
+            prefixes.add(".".join(parts[:index]))
+    return prefixes.pop() if len(prefixes) == 1 else None
+
+
+# -- the layer list ----------------------------------------------------------------------------
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """FQN and module of the layer list (the ModuleList that follows the layer count)."""
+    if not is_pretrained(model):
+        return None
+    found = shape_map(type(model), model.config)
+    if found is None or found.layer_list is None:
+        return None
+    try:
+        layers = model.get_submodule(found.layer_list)
+    except AttributeError:
+        return None
+    return (found.layer_list, layers) if isinstance(layers, nn.ModuleList) else None
+
+
+def layer_paths(model: nn.Module) -> list[str]:
+    """FQNs of the layer-list entries (the candidates of granularity='layers')."""
+    found = layer_list(model)
+    return [f"{found[0]}.{i}" for i in range(len(found[1]))] if found else []
 
 
 def remove_layers(model: nn.Module, paths: list[str]) -> bool:
     """Delete the layers ``paths`` (FQNs of layer-list entries) from an HF model's layer list,
-    renumber ``layer_idx`` and set ``num_hidden_layers`` (and ``layer_types``). False when
-    ``paths`` are not entries of that list (not an HF model): the caller drops them otherwise."""
+    renumber ``layer_idx`` and set the layer count (and slice per-layer config lists). False
+    when ``paths`` are not entries of that list: the caller drops them otherwise."""
     found = layer_list(model)
-    if found is None:
+    if found is None or not paths:
         return False
     path, layers = found
     indices = {p.removeprefix(path + ".") for p in paths}
-    if not paths or not all(p.startswith(path + ".") for p in paths):
-        return False
-    if not all(i.isdigit() and int(i) < len(layers) for i in indices):
+    if not all(p.startswith(path + ".") for p in paths) or not all(
+        i.isdigit() and int(i) < len(layers) for i in indices
+    ):
         return False
     drop = {int(i) for i in indices}
     keep = [i for i in range(len(layers)) if i not in drop]
@@ -293,13 +275,206 @@ def remove_layers(model: nn.Module, paths: list[str]) -> bool:
             if isinstance(getattr(module, "layer_idx", None), int):
                 setattr(module, "layer_idx", new)  # noqa: B010 (the KV cache indexes by position)
     config: Any = model.config
-    config.num_hidden_layers = len(keep)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in keep]
+    count = len(layers)
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == count:  # layer_types, window patterns...
+            setattr(config, key, [value[i] for i in keep])
+    for key in LAYER_FIELDS:
+        if hasattr(config, key):
+            setattr(config, key, len(keep))
+            break
     return True
 
 
-def layer_paths(model: nn.Module) -> list[str]:
-    """FQNs of the layer-list entries (the candidates of granularity='layers')."""
-    found = layer_list(model)
-    return [f"{found[0]}.{i}" for i in range(len(found[1]))] if found else []
+# -- config sync -------------------------------------------------------------------------------
+def sync_config(
+    model: nn.Module, original: Any = None, example_inputs: Any = None
+) -> ConfigSync | None:
+    """Set the config of a pruned HF model from its weights (rules 2 and 3 of the module
+    docstring), in place; ``changes`` are relative to ``original`` (the unpruned config) when
+    given. None for a model that is not a transformers model."""
+    if not is_pretrained(model):
+        return None
+    config: Any = model.config
+    before = original if original is not None else copy.deepcopy(config)
+    sync = ConfigSync(str(getattr(config, "model_type", type(config).__name__)))
+    found = shape_map(type(model), before)  # footprints are measured on the unpruned config
+    if found is None:
+        sync.expressible = False
+        sync.reason = (
+            f"{type(model).__name__} cannot be rebuilt from its config on the meta device, so "
+            "its config is not synced (use graphprune.save/load)"
+        )
+        return sync
+    pruned = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    values, problems = _invert(found, pruned, int_fields(config), model)
+    for name, value in values.items():
+        if getattr(config, name, None) != value:
+            setattr(config, name, value)
+    aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
+    for name, value in int_fields(config).items():
+        if getattr(before, name, None) != value:
+            sync.changes[aliases.get(name, name)] = value
+    sync.fields = {aliases.get(k, k): why for k, why in problems.items()}
+    if problems:
+        sync.expressible = False
+        sync.reason = "; ".join(f"{k}: {why}" for k, why in sync.fields.items()) + (
+            " (use graphprune.save/load)"
+        )
+        return sync
+    sync.expressible, sync.reason, sync.attributes = _rebuilds(model, before, example_inputs)
+    return sync
+
+
+def _invert(
+    found: ShapeMap, pruned: Shapes, fields: dict[str, int], model: nn.Module
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Config values that rebuild ``pruned`` exactly (the model's config, as the relations
+    left it, is the starting point), and the fields that cannot say it. Of the configs that
+    build the same shapes (``head_dim`` 8 or half the heads), the one whose modules count as
+    the pruned model's do wins."""
+    model_class, config = type(model), model.config
+    candidates: dict[str, set[int]] = {}
+    problems: dict[str, str] = {}
+    majority: dict[str, int] = {}
+    for name, footprint in found.footprints.items():
+        if name in LAYER_FIELDS:
+            continue
+        by_value: dict[int, list[str]] = {}
+        for (fqn, d), (s0, s1) in footprint.dims.items():
+            one = Footprint(name, footprint.value, footprint.perturbed, {(fqn, d): (s0, s1)})
+            for value in one.infer(pruned):
+                by_value.setdefault(value, []).append(fqn)
+        if len(by_value) > 1:  # the layers (or the tensors of one) disagree
+            problems[name] = "the pruned weights need several values: " + "; ".join(
+                f"{v} ({fqns[0]}{f' and {len(fqns) - 1} more' if len(fqns) > 1 else ''})"
+                for v, fqns in sorted(by_value.items())
+            )
+            # the config still says what most of the tensors have (the residual width, say)
+            majority[name] = max(by_value, key=lambda v: (len(by_value[v]), v))
+        elif by_value and set(by_value) != {fields.get(name, footprint.value)}:
+            candidates[name] = set(by_value) | {fields.get(name, footprint.value)}
+    fixed: dict[str, int] = {}
+    layers = layer_count(found, pruned)
+    key = next((k for k in LAYER_FIELDS if k in fields), None)
+    if key is not None and layers is not None:
+        fixed[key] = layers
+    fixed.update(majority)
+    names = sorted(candidates)
+    best: tuple[int, dict[str, int], str] | None = None
+    shape_match: dict[str, int] | None = None
+    combos = itertools.product(*(sorted(candidates[n]) for n in names))
+    for combo in itertools.islice(combos, MAX_CANDIDATES):
+        trial = {**fixed, **dict(zip(names, combo, strict=True))}
+        cfg = copy.deepcopy(config)
+        for k, v in trial.items():
+            setattr(cfg, k, v)
+        fresh = _build(model_class, cfg)
+        if fresh is None:
+            continue
+        shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        keys = sorted(pruned.keys() | shapes.keys())
+        mismatch = [k for k in keys if pruned.get(k) != shapes.get(k)]
+        if not mismatch:
+            if not attribute_differences(model, fresh):
+                return trial, problems
+            shape_match = shape_match or trial
+            continue
+        first = mismatch[0]
+        why = f"{first} is {pruned.get(first)} but the config builds {shapes.get(first)}"
+        if best is None or len(mismatch) < best[0]:
+            best = (len(mismatch), trial, why)
+    if shape_match is not None:
+        return shape_match, problems
+    if problems:  # no config builds it; the fields that disagree say why
+        return (best[1] if best else fixed), problems
+    if best is None:
+        return fixed, {"config": "no candidate config builds this model"}
+    return best[1], {"shapes": best[2]}
+
+
+def layer_count(found: ShapeMap, pruned: Shapes) -> int | None:
+    """Entries of the layer list in the pruned model."""
+    if found.layer_list is None:
+        return None
+    prefix = found.layer_list + "."
+    indices = {k[len(prefix) :].split(".")[0] for k in pruned if k.startswith(prefix)}
+    return len([i for i in indices if i.isdigit()])
+
+
+def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[bool, str, list[str]]:
+    """Does ``type(model)(config)`` have the pruned model's shapes *and* compute the same (the
+    same int and float attributes in every module)? An attribute pruning left at its unpruned
+    value while the config now sets it otherwise (``LlamaDecoderLayer.hidden_size``, which no
+    forward reads) takes the config's value, if the outputs on ``example_inputs`` stay the
+    same; the changes made are returned."""
+    fresh = _build(type(model), model.config)
+    if fresh is None:
+        return False, "the config cannot build this model (use graphprune.save/load)", []
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    for key in sorted(want.keys() | have.keys()):
+        if want.get(key) != have.get(key):
+            return (
+                False,
+                (
+                    f"{key}: pruned {want.get(key)}, config builds {have.get(key)} "
+                    "(use graphprune.save/load)"
+                ),
+                [],
+            )
+    differences = attribute_differences(model, fresh)
+    unpruned = _build(type(model), original) if differences else None
+    at_start = (
+        {(p, n): v for p, n, _, v in attribute_differences(model, unpruned)}
+        if (unpruned is not None)
+        else {}
+    )
+    stale = [(p, n, old, new) for p, n, old, new in differences if (p, n) not in at_start]
+    if stale and len(stale) == len(differences) and example_inputs is not None:
+        modules = dict(model.named_modules())
+        before = _outputs(model, example_inputs)
+        for path, name, _, new in stale:
+            setattr(modules[path], name, new)
+        try:
+            after = _outputs(model, example_inputs)
+        except Exception:  # the rebuilt value breaks the forward: it was read after all
+            after = []
+        if _same(before, after):
+            return True, "", [f"{p or '<root>'}.{n}: {old} -> {new}" for p, n, old, new in stale]
+        for path, name, old, _ in stale:
+            setattr(modules[path], name, old)
+    if differences:
+        path, name, current, value = differences[0]
+        return (
+            False,
+            (
+                f"{path or '<root>'}.{name} is {current} in the pruned model but {value} when "
+                "rebuilt from the config, so from_pretrained would compute something else "
+                "(use graphprune.save/load)"
+            ),
+            [],
+        )
+    return True, "", []
+
+
+def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    from graphprune.capture import normalize_inputs
+
+    args, kwargs = normalize_inputs(example_inputs)
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), no_cache(model):
+            out = model(*args, **kwargs)
+    finally:
+        for m, mode in training.items():
+            m.train(mode)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+        for x, y in zip(a, b, strict=True)
+    )

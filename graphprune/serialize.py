@@ -112,7 +112,7 @@ def apply_record(model: nn.Module, record: dict[str, Any], example_inputs: Examp
         for earlier in record.get("previous", []):
             _apply_one(model, earlier, example_inputs)
         _apply_one(model, record, example_inputs)
-    sync_config(model)  # HF models: attention counts and config, as compile left them
+    sync_config(model, None, example_inputs)  # HF: the config, as compile left it
     object.__setattr__(model, RECORD, copy.deepcopy(record))
 
 

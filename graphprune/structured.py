@@ -96,7 +96,19 @@ class Setup:
             self.dg,
             resolution.kept,
             dict(resolution.attributes),
+            read_attributes=self.read_attributes(),
         )
+
+    def read_attributes(self) -> set[tuple[str, str]] | None:
+        """The module attributes the forward's torch calls read (None: not traced)."""
+        if self.shapes is None or self.shapes.trace.error:
+            return None
+        return {
+            (path, name)
+            for use in self.shapes.trace.uses
+            for expr in use.exprs
+            for path, name, _ in expr.attrs()
+        }
 
 
 @dataclasses.dataclass

@@ -44,6 +44,8 @@ class PassContext:
     attributes: dict[Any, int] = field(default_factory=dict)  # (module, attr, index) -> value
     changes: list[str] = field(default_factory=list)  # human-readable log of rewrites
     dropped: list[str] = field(default_factory=list)  # module paths replaced by a skip
+    # (module path, attribute) the forward's torch calls read; None: not traced
+    read_attributes: set[tuple[str, str]] | None = None
 
 
 @dataclass

@@ -7,6 +7,14 @@ sliced tensors, and replace modules that cannot express the new shapes.
    analyzer's shape constants).
 3. MultiheadAttention: embed_dim/num_heads/head_dim; when heads x head_dim no longer equals the
    input width, the module is replaced by :class:`PrunedMultiheadAttention` (same parameters).
+4. Any attention module's head count that its forward does not read (BERT's
+   ``num_attention_heads``: the forward reshapes with ``-1``), so no count relation sets it: in
+   the modules that hold a pruned head group's projections, the one unread int attribute equal
+   to the group's original head count takes the kept count, and one equal to the heads' total
+   width (``all_head_size``) the kept width (read ones follow their relations). Where another
+   size of the attention has the same value (2 kv heads and 2 q heads per kv head; a width
+   equal to the hidden size) or several attributes do, nothing is set and the report says
+   so -- never guessed.
 """
 
 from __future__ import annotations
@@ -81,6 +89,66 @@ def update_module_attributes(ctx: PassContext) -> None:
             _set(ctx, path, module, "normalized_shape", tuple(shape))
         elif isinstance(module, nn.MultiheadAttention):
             _update_mha(ctx, path, module)
+    _update_head_counts(ctx)
+
+
+def _update_head_counts(ctx: PassContext) -> None:
+    """Rule 4 of the module docstring."""
+    if ctx.read_attributes is None:  # no shape trace: what the forward reads is unknown
+        return
+    driven = {(path, name) for path, name, _ in ctx.attributes} | ctx.read_attributes
+    for g in ctx.dg.groups:
+        kept = ctx.kept.get(g.id)
+        if g.kind not in ("heads", "kv_heads") or kept is None or len(kept) == g.size:
+            continue
+        root = _common_module([m.module for m in g.members])
+        if any(isinstance(m, nn.MultiheadAttention) for _, m in _named_under(ctx, root)):
+            continue  # rule 3
+        ours = {(m.fqn, m.dim) for m in g.members}
+        width = g.members[0].index_map.shape[0]  # heads x head_dim: the projections' width
+        others = [  # (kind, original size) of every other dim in this attention
+            (h.kind, m.index_map.shape[0] if h.kind == "channels" else h.size)
+            for h in ctx.dg.groups if h is not g
+            for m in h.members if m.module.startswith(root)
+            and (h.kind != "channels" or (m.fqn, m.dim) not in ours)
+        ]  # fmt: skip
+        for label, old, new in [
+            ("head count", g.size, len(kept)),
+            ("head width", width, width // g.size * len(kept)),
+        ]:
+            clash = next((kind for kind, size in others if size == old), None)
+            found = [
+                (path, name)
+                for path, module in _named_under(ctx, root)
+                if not type(module).__module__.startswith("torch.nn")  # rules 1-3 did those
+                for name, value in vars(module).items()
+                if type(value) is int and value == old and not name.startswith("_")
+                and (path, name) not in driven
+            ]  # fmt: skip
+            if len(found) == 1 and clash is None:
+                path, name = found[0]
+                _set(ctx, path, ctx.model.get_submodule(path), name, new)
+            elif found:  # ambiguous: report, never guess
+                why = f"{clash} is also {old}" if clash else f"{len(found)} attributes are {old}"
+                ctx.changes.append(
+                    f"{root or '<root>'}: {label} not updated ({why}): "
+                    + ", ".join(f"{p}.{n}" for p, n in found)
+                )
+
+
+def _common_module(paths: list[str]) -> str:
+    """The innermost module containing every path ("" = the root)."""
+    common: list[str] = []
+    for parts in zip(*(p.split(".") for p in paths), strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def _named_under(ctx: PassContext, root: str) -> list[tuple[str, nn.Module]]:
+    module = ctx.model.get_submodule(root) if root else ctx.model
+    return [(f"{root}.{p}" if root and p else root or p, m) for p, m in module.named_modules()]
 
 
 def _update_mha(ctx: PassContext, path: str, module: nn.MultiheadAttention) -> None:

@@ -22,6 +22,7 @@ symbol becomes "dimension ``d`` of node ``n``", whose size after pruning the ana
 
 from __future__ import annotations
 
+import inspect
 import operator
 import sys
 import weakref
@@ -339,11 +340,49 @@ def _traceable(value: Any) -> bool:
     return type(value) is int and value > 1
 
 
-def int_attributes(model: nn.Module) -> dict[AttrKey, int]:
-    """Every int attribute > 1 of every module, and ints > 1 inside tuple/list/Size ones."""
-    found: dict[AttrKey, int] = {}
+def holders(model: nn.Module, objects: bool = True) -> dict[str, Any]:
+    """Path -> every module, and (``objects``) every plain object a module holds as an
+    attribute -- a Hugging Face config, say -- once, under the first path that reaches it
+    (``"model.config"``)."""
+    found: dict[str, Any] = {}
+    seen: set[int] = set()
     for path, module in model.named_modules():
-        for name, value in vars(module).items():
+        found[path] = module
+        seen.add(id(module))
+    if objects:
+        for path, module in list(found.items()):
+            for name, value in vars(module).items():
+                if name.startswith("_") or id(value) in seen or not _plain_object(value):
+                    continue
+                seen.add(id(value))
+                found[f"{path}.{name}" if path else name] = value
+    return found
+
+
+def _plain_object(value: Any) -> bool:
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(value, nn.Module | torch.Tensor | type)
+        and not callable(value)
+        and not inspect.ismodule(value)
+    )
+
+
+def resolve_holder(model: nn.Module, path: str) -> Any:
+    """The module or object at ``path`` (see :func:`holders`)."""
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        parent, _, name = path.rpartition(".")
+        return getattr(model.get_submodule(parent) if parent else model, name)
+
+
+def int_attributes(model: nn.Module, objects: bool = True) -> dict[AttrKey, int]:
+    """Every int attribute > 1 of every module (and held object), and ints > 1 inside
+    tuple/list/Size attributes."""
+    found: dict[AttrKey, int] = {}
+    for path, holder in holders(model, objects).items():
+        for name, value in vars(holder).items():
             if name.startswith("_"):
                 continue
             if _traceable(value):
@@ -360,12 +399,11 @@ def int_attributes(model: nn.Module) -> dict[AttrKey, int]:
 def _swap_attributes(model: nn.Module, keys: dict[AttrKey, int]) -> list[Any]:
     """Put TracedInts in place of the attributes ``keys``, returning the originals."""
     originals = []
-    modules = dict(model.named_modules())
     names = sorted({(p, n) for p, n, _ in keys})
     for path, name in names:
-        module = modules[path]
-        value = vars(module)[name]
-        originals.append((module, name, value))
+        holder = resolve_holder(model, path)
+        value = vars(holder)[name]
+        originals.append((holder, name, value))
         if isinstance(value, int):
             new: Any = TracedInt(value, Expr("attr", ((path, name, -1),)))
         else:
@@ -374,15 +412,21 @@ def _swap_attributes(model: nn.Module, keys: dict[AttrKey, int]) -> list[Any]:
                 for i, v in enumerate(value)
             ]
             new = type(value)(items) if not isinstance(value, list) else items
-        module.__dict__[name] = new
+        holder.__dict__[name] = new
     return originals
 
 
 def trace_shapes(model: nn.Module, example_inputs: Any) -> ShapeTrace:
     """Run ``model`` once (eval, no grad) with traced attributes and shape reads; see the
     module docstring. The model is left exactly as it was. A forward that cannot run with
-    traced ints (code that insists on ``type(x) is int``) gives a trace with ``error`` set."""
-    attributes = int_attributes(model)
+    traced ints (code that insists on ``type(x) is int``) is traced again with the modules'
+    own attributes only; if that fails too, the trace has ``error`` set."""
+    trace = _trace(model, example_inputs, objects=True)
+    return trace if not trace.error else _trace(model, example_inputs, objects=False)
+
+
+def _trace(model: nn.Module, example_inputs: Any, objects: bool) -> ShapeTrace:
+    attributes = int_attributes(model, objects)
     args, kwargs = normalize_inputs(example_inputs)
     known: dict[int, tuple[str, int]] = {}
     for fqn, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -419,8 +463,8 @@ def trace_shapes(model: nn.Module, example_inputs: Any) -> ShapeTrace:
     finally:
         for hook in hooks:
             hook.remove()
-        for module, name, value in originals:
-            module.__dict__[name] = value
+        for holder, name, value in originals:
+            holder.__dict__[name] = value
         for m, mode in training.items():
             m.train(mode)
     recorder.trace.attributes = attributes

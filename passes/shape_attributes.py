@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from graphprune.passes.base import PassContext
-from graphprune.passes.provenance import AttrKey
+from graphprune.passes.provenance import AttrKey, resolve_holder
 
 
 def _describe(path: str, name: str) -> str:
@@ -28,7 +28,7 @@ def write_attributes(ctx: PassContext, values: dict[AttrKey, int]) -> None:
     for (path, name, index), value in values.items():
         by_attribute[(path, name)][index] = value
     for (path, name), updates in sorted(by_attribute.items()):
-        module = ctx.model.get_submodule(path) if path else ctx.model
+        module = resolve_holder(ctx.model, path)
         old: Any = getattr(module, name)
         if -1 in updates:
             new: Any = updates[-1]

@@ -90,9 +90,7 @@ def test_round_to_and_min_channels() -> None:
 
 def test_ignore_keeps_output_channels_and_overrides() -> None:
     spec = MODELS["resnet18"]
-    plan = gp.Plan(
-        ratio=0.5, ignore=["layer4.*"], overrides={"layer1.0.conv1": 0.25}, round_to=1
-    )
+    plan = gp.Plan(ratio=0.5, ignore=["layer4.*"], overrides={"layer1.0.conv1": 0.25}, round_to=1)
     pruned = gp.compile(spec.build(), plan, spec.example_inputs())
     assert pruned.layer4[0].conv1.out_channels == 128 and pruned.fc.in_features == 128
     assert pruned.layer1[0].conv1.out_channels == 12  # 16 - floor(0.25 * 16)

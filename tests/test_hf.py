@@ -93,16 +93,16 @@ CASES: dict[str, Case] = {
 # what each (family, granularity) must change in the config, and whether a config can say it
 EXPECTED: dict[tuple[str, str], tuple[dict[str, Any], bool]] = {
     ("bert", "channels"): ({"hidden_size": 32, "intermediate_size": 64}, False),
-    ("bert", "heads"): ({"num_attention_heads": 2}, False),
+    ("bert", "heads"): ({}, False),  # head size is hidden / heads: no config says it
     ("bert", "layers"): ({"num_hidden_layers": 1}, True),
     ("gpt2", "channels"): ({"hidden_size": 32}, False),  # n_inner None: still 4 x hidden
-    ("gpt2", "heads"): ({"num_attention_heads": 2}, False),
+    ("gpt2", "heads"): ({}, False),  # head size is hidden / heads: no config says it
     ("gpt2", "layers"): ({"num_hidden_layers": 1}, True),
     ("llama", "channels"): ({"hidden_size": 32, "intermediate_size": 64}, True),
     ("llama", "heads"): ({"num_attention_heads": 2, "num_key_value_heads": 1}, True),
     ("llama", "layers"): ({"num_hidden_layers": 1}, True),
     ("vit", "channels"): ({"hidden_size": 32, "intermediate_size": 64}, False),
-    ("vit", "heads"): ({"num_attention_heads": 2}, False),
+    ("vit", "heads"): ({}, False),  # head size is hidden / heads: no config says it
     ("vit", "layers"): ({"num_hidden_layers": 1}, True),
 }
 
@@ -150,8 +150,9 @@ def test_attention_modules_count_their_heads(name: str) -> None:
     heads = {"bert": "num_attention_heads", "gpt2": "num_heads", "vit": "num_attention_heads"}
     if name in heads:
         assert getattr(attention, heads[name]) == 2
-    if name == "bert":
-        assert attention.all_head_size == 2 * attention.attention_head_size
+    if name == "bert":  # all_head_size, read by no forward, is also the hidden size: reported
+        changes = gp.report(pruned).changes
+        assert any("all_head_size" in c and "not updated" in c for c in changes)
     if name == "llama":  # GQA: 4 q / 2 kv heads -> 2 / 1, two q heads per kv head as before
         assert attention.num_key_value_groups == 2
         assert attention.q_proj.out_features == 2 * attention.head_dim
@@ -193,7 +194,9 @@ def test_per_layer_sizes_need_graphprune_save(tmp_path: Path) -> None:
     pruned = gp.compile(model, plan, x)
     report = gp.report(pruned)
     assert not report.config["expressible"]
-    assert "per-layer intermediate_size: [64, 128]" in report.config["reason"]
+    why = report.config["fields"]["intermediate_size"]
+    assert "several values: 64 (model.layers.0.mlp" in why and "128 (model.layers.1.mlp" in why
+    assert "graphprune.save" in report.config["reason"]
     gp.save(pruned, tmp_path / "m.pt")
     loaded = gp.load(_build("llama")[0], tmp_path / "m.pt", x)
     assert loaded.model.layers[0].mlp.gate_proj.out_features == 64
@@ -229,16 +232,24 @@ def test_base_model_and_tied_embeddings() -> None:
     assert pruned.lm_head.weight.shape == (100, 32)
 
 
-def test_an_unknown_layout_is_reported_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dataclasses
+def test_a_layout_no_config_builds_is_reported_not_guessed(tmp_path: Path) -> None:
+    class Hardwired(tf.LlamaForCausalLM):  # a user's subclass with a width no config field sets
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.adapter = nn.Linear(64, 64, bias=False)
 
-    from graphprune import hf
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return self.lm_head(self.adapter(self.model(input_ids).last_hidden_state))
 
-    moved = dataclasses.replace(hf.FAMILIES["llama"], layers="decoder.blocks")
-    monkeypatch.setitem(hf.FAMILIES, "llama", moved)  # as another transformers version might
-    model, x = _build("llama")
-    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    torch.manual_seed(0)
+    model = Hardwired(_llama().config).eval()
+    x = _tokens()
+    pruned = gp.compile(model, gp.Plan(ratio=0.5), x)
     config = gp.report(pruned).config
-    assert not config["expressible"] and "config not synced" in config["reason"]
-    assert pruned.config.num_attention_heads == 4  # untouched rather than guessed
-    assert outputs(pruned, x).shape == outputs(model, x).shape  # the pruned model still runs
+    assert pruned.adapter.in_features == 32
+    assert not config["expressible"] and "adapter.weight" in config["reason"]
+    assert "graphprune.save" in config["reason"]
+    gp.save(pruned, tmp_path / "m.pt")
+    torch.manual_seed(0)
+    loaded = gp.load(Hardwired(_llama().config).eval(), tmp_path / "m.pt", x)
+    torch.testing.assert_close(outputs(loaded, x), outputs(pruned, x))

@@ -1,0 +1,83 @@
+"""Hugging Face models of any type, small and randomly initialised, for tests and benchmarks.
+
+A type's default config is shrunk by *role*, not by a per-type table: every int field of the
+default config whose name is one of the spellings below (``hidden_size``/``d_model``/``n_embd``
+...) takes the small value of its role, and everything else stays the default. The model is
+the type's base model (``AutoModel``) unless a head class is asked for; its example input is
+made from its ``main_input_name`` (token ids, pixel values, audio features).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+# role -> (small value, the field names that play it across transformers' configs)
+ROLES: dict[str, tuple[int, tuple[str, ...]]] = {
+    "width": (64, ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")),
+    "ffn": (128, ("intermediate_size", "d_ff", "ffn_dim", "n_inner", "encoder_ffn_dim", "hidden_dim")),
+    "layers": (2, ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers")),
+    "heads": (4, ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads")),
+    "kv_heads": (2, ("num_key_value_heads", "multi_query_group_num")),
+    "head_dim": (16, ("head_dim", "d_kv", "attention_head_size")),
+    "vocab": (128, ("vocab_size",)),
+    "positions": (128, ("max_position_embeddings", "n_positions", "max_source_positions")),
+    "image": (32, ("image_size",)),
+    "patch": (8, ("patch_size",)),
+}
+TOKENS = 16
+
+
+def transformers() -> Any:
+    tf = importlib.import_module("transformers")
+    tf.logging.set_verbosity_error()
+    return tf
+
+
+def tiny_config(model_type: str, **overrides: Any) -> Any:
+    """The default config of ``model_type`` with every role-named int field made small."""
+    tf = transformers()
+    config = tf.AutoConfig.for_model(model_type)
+    defaults = config.to_dict()
+    values: dict[str, Any] = {}
+    for small, names in ROLES.values():
+        for name in names:
+            if type(defaults.get(name)) is int:
+                values[name] = small
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        if type(defaults.get(name)) is int and defaults[name] >= ROLES["vocab"][0]:
+            values[name] = 0
+    for key, value in {**values, **overrides}.items():
+        setattr(config, key, value)
+    return config
+
+
+def build(model_type: str, head: str = "AutoModel", **overrides: Any) -> nn.Module:
+    """A randomly initialised ``head`` (an Auto class name) of ``model_type``, eval mode."""
+    tf = transformers()
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(0)
+    return getattr(tf, head).from_config(config).eval()  # type: ignore[no-any-return]
+
+
+def example_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Inputs for ``model``'s main input: token ids, pixel values or input features."""
+    config: Any = model.config
+    name = getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(0)
+    if name == "input_ids":
+        vocab = getattr(config, "vocab_size", ROLES["vocab"][0])
+        return {name: torch.randint(1, vocab, (batch, TOKENS), generator=generator)}
+    if name == "pixel_values":
+        size = getattr(config, "image_size", 32)
+        size = size[0] if isinstance(size, list | tuple) else size
+        channels = getattr(config, "num_channels", 3)
+        return {name: torch.randn(batch, channels, size, size, generator=generator)}
+    if name == "input_features":  # speech encoders: (batch, mel bins, frames)
+        mels = getattr(config, "num_mel_bins", 80)
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        return {name: torch.randn(batch, mels, frames, generator=generator)}
+    raise ValueError(f"{type(model).__name__}: no example input for {name!r}")
