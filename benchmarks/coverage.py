@@ -1,15 +1,19 @@
 """Coverage: does graphprune compile any model a user can run?
 
-Every torchvision classification model and the smallest model of every timm family
+Every torchvision classification model, the smallest model of every timm family
 (``timm.list_modules()``; the variant with the fewest parameters, counted on the meta device;
-families whose smallest model exceeds ``--max-params`` M are skipped with the reason), random
-init, default input size, batch 1:
+families whose smallest model exceeds ``--max-params`` M are skipped with the reason) and every
+Hugging Face model type (``--source hf``: each ``AutoModel`` type built small from its default
+config by tests/hf_models.py; a type that does not build that way is counted apart, it says
+nothing about graphprune), random init, default input size, batch 1 (HF: batch 2):
 
 1. ``gp.compile(model, gp.Plan(ratio=0.5), x)`` (default plan: l2, local, round_to="auto"),
 2. the output shape is kept,
 3. ``gp.export_onnx(pruned, x, verify=True)``: exported and verified in onnxruntime,
 4. MACs kept (< 0.70 counts as "pruned >= 30 %") and the groups frozen by compile's
-   relations and freeze-and-retry.
+   relations and freeze-and-retry;
+5. HF types also compile at ``granularity="heads"`` and ``"layers"``, and each compile records
+   whether ``from_pretrained`` can rebuild the pruned model from its synced config.
 
 Each model runs in its own subprocess (a hang, a crash or a leak stays there) with a time
 limit; results are appended to a JSON-lines file, so an interrupted run resumes where it
@@ -35,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# this folder holds transformers.py (a benchmark): it must not shadow the library
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 from tests.real_models import declare_torchvision_ops  # noqa: E402
@@ -80,6 +86,11 @@ def build(spec: str) -> tuple[Any, Any]:
 
     source, name = spec.split(":", 1)
     torch.manual_seed(0)
+    if source == "hf":
+        from tests import hf_models
+
+        model = hf_models.build(name)
+        return model, hf_models.example_inputs(model)
     if source == "torchvision":
         kwargs: dict[str, Any] = {}
         if name in ("googlenet", "inception_v3"):
@@ -109,6 +120,29 @@ def nonzero_weights(model: Any) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
+def hf_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    return [f"hf:{t}" for t in sorted(MODEL_MAPPING_NAMES)]
+
+
+def _call(model: Any, x: Any) -> Any:
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _hf_granularities(gp: Any, model: Any, x: Any, row: dict[str, Any]) -> None:
+    """HF: heads and layers too, and whether each config says what was pruned."""
+    row["config_expressible"] = {"channels": row.get("expressible")}
+    for granularity in ("heads", "layers"):
+        try:
+            pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+            report = gp.report(pruned)
+            row[f"{granularity}_macs_kept"] = report.macs_ratio
+            row["config_expressible"][granularity] = report.config.get("expressible")
+        except Exception as exc:
+            row[f"{granularity}_error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+
+
 def run_one(spec: str) -> dict[str, Any]:
     """Compile, check, export and verify one model; every step's outcome."""
     import torch
@@ -127,6 +161,7 @@ def run_one(spec: str) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             pruned = gp.compile(model, gp.Plan(ratio=0.5), x)
         report = gp.report(pruned)
+        row["expressible"] = report.config.get("expressible")
         row.update(
             compiled=True,
             compile_s=time.perf_counter() - start,
@@ -138,8 +173,8 @@ def run_one(spec: str) -> dict[str, Any]:
         )
         stage = "run"
         with torch.no_grad():
-            reference = model(x)
-            same_shape = _shape(pruned(x)) == _shape(reference)
+            reference = _call(model, x)
+            same_shape = _shape(_call(pruned, x)) == _shape(reference)
         row["shape_kept"] = same_shape
         row["output_std"] = float(_first_tensor(reference).float().std())
         stage = "export"
@@ -148,6 +183,9 @@ def run_one(spec: str) -> dict[str, Any]:
             exported = gp.export_onnx(pruned, x, Path(tmp) / "m.onnx", verify=True)
         row["verified"] = True
         row["max_abs_error"] = exported.verification.max_abs if exported.verification else None
+        if spec.startswith("hf:"):
+            stage = "granularities"
+            _hf_granularities(gp, model, x, row)
     except Exception as exc:
         row["failed_at"] = stage
         row["error"] = f"{type(exc).__name__}: {str(exc).strip()[:800]}"
@@ -185,12 +223,16 @@ def summary(rows: list[dict[str, Any]], label: str) -> list[str]:
     def pct(k: int) -> str:
         return f"{k}/{n} ({100 * k / n:.0f} %)"
 
+    unbuilt = [r for r in rows if r.get("failed_at") == "build"]
+    rows = [r for r in rows if r.get("failed_at") != "build"]
+    n = len(rows)
     compiled = [r for r in rows if r["compiled"]]
     trivial = [r for r in compiled if r.get("output_std", 1.0) == 0.0]
     pruned = [r for r in compiled if r.get("macs_kept", 1.0) < 0.999]
     good = [r for r in rows if r["verified"] and r.get("shape_kept") and r["macs_kept"] <= 0.70]
     lines = [
-        f"{label}: {n} models",
+        f"{label}: {n} models"
+        + (f" ({len(unbuilt)} more did not build from a small default config)" if unbuilt else ""),
         f"  compiled            {pct(len(compiled))}",
         f"  something pruned    {pct(len(pruned))}",
         f"  output shape kept   {pct(sum(1 for r in compiled if r.get('shape_kept')))}",
@@ -203,6 +245,14 @@ def summary(rows: list[dict[str, Any]], label: str) -> list[str]:
             f"median groups frozen {statistics.median(r['frozen'] for r in compiled):.0f}; "
             f"median compile {statistics.median(r['compile_s'] for r in compiled):.1f} s"
         )
+    if label == "hf" and compiled:
+        for g in ("channels", "heads", "layers"):
+            done = [r for r in compiled if g in r.get("config_expressible", {})]
+            says = sum(1 for r in done if r["config_expressible"][g])
+            lines.append(
+                f"  {g:<8} compiled {len(done)}/{len(compiled)}; config rebuilds it "
+                f"(from_pretrained) {says}/{len(done)}"
+            )
     lines += [
         f"  trivial (all-zero) output, verification says little: {r['model']}" for r in trivial
     ]
@@ -239,6 +289,8 @@ def main() -> None:
     if "timm" in args.source:
         chosen, skipped = timm_families(args.max_params)
         specs += chosen
+    if "hf" in args.source.split(","):
+        specs += hf_types()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {}

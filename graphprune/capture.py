@@ -186,7 +186,9 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with no_cache(model), _quiet_torch_logs():  # HF: a KV cache cannot be flattened
+        # no_grad: a forward's own no_grad regions (rotary tables) then need no
+        # wrap_with_set_grad_enabled sub-graphs; HF: a KV cache cannot be flattened
+        with torch.no_grad(), no_cache(model), _quiet_torch_logs():
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"

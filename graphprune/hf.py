@@ -10,9 +10,10 @@ model class itself instead of a per-family table:
    and ``v_proj`` rows). The ``nn.ModuleList`` that grows with ``num_hidden_layers`` is the
    layer list.
 2. **Inversion.** After pruning, each footprint dim gives a candidate value of its field
-   (linear in the field, the others fixed); the candidates are tried -- the model rebuilt on the
-   meta device from the candidate config -- until one reproduces every pruned parameter shape.
-   Values that differ between layers, or shapes no candidate reproduces, are reported by field.
+   (linear in the field, the others fixed); the combinations of candidates are tried -- the
+   model rebuilt on the meta device from each -- until one reproduces every pruned parameter
+   shape. When none does, the fields whose tensors disagree (values that differ between
+   layers, say) are reported, and the config keeps the value most of them have.
 3. **Exactness.** ``from_pretrained`` is exact only if the rebuilt model also *computes* the
    same: every int/float attribute of every module (an attention ``scaling`` derived from
    ``head_dim``, a ``num_key_value_groups``) is compared with the pruned model's. Otherwise the
@@ -42,7 +43,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-MAX_CANDIDATES = 256  # config combinations tried when inverting the shape map
+MAX_CANDIDATES = 64  # config combinations tried when inverting the shape map
 
 
 @dataclass
@@ -200,6 +201,10 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
     for name, value in int_fields(config).items():
         perturbed = copy.deepcopy(config)
         setattr(perturbed, name, 2 * value)
+        if name in LAYER_FIELDS:  # per-layer lists (layer_types) must keep the layer count
+            for key, items in config.to_dict().items():
+                if isinstance(items, list) and len(items) == value:
+                    setattr(perturbed, key, items * 2)
         shapes = _shapes(model_class, perturbed)
         if shapes is None:
             continue
@@ -350,16 +355,17 @@ def _invert(
                 f"{v} ({fqns[0]}{f' and {len(fqns) - 1} more' if len(fqns) > 1 else ''})"
                 for v, fqns in sorted(by_value.items())
             )
-            # the config still says what most of the tensors have (the residual width, say)
+            # if no config builds it, the config still says what most of the tensors have
             majority[name] = max(by_value, key=lambda v: (len(by_value[v]), v))
-        elif by_value and set(by_value) != {fields.get(name, footprint.value)}:
+        if by_value and set(by_value) != {fields.get(name, footprint.value)}:
+            # a value from one field's footprint alone: the fields are solved jointly below
+            # (Qwen3's k_norm has head_dim rows while k_proj has kv_heads x head_dim)
             candidates[name] = set(by_value) | {fields.get(name, footprint.value)}
     fixed: dict[str, int] = {}
     layers = layer_count(found, pruned)
     key = next((k for k in LAYER_FIELDS if k in fields), None)
     if key is not None and layers is not None:
         fixed[key] = layers
-    fixed.update(majority)
     names = sorted(candidates)
     best: tuple[int, dict[str, int], str] | None = None
     shape_match: dict[str, int] | None = None
@@ -377,20 +383,24 @@ def _invert(
         mismatch = [k for k in keys if pruned.get(k) != shapes.get(k)]
         if not mismatch:
             if not attribute_differences(model, fresh):
-                return trial, problems
+                return trial, {}
             shape_match = shape_match or trial
             continue
         first = mismatch[0]
-        why = f"{first} is {pruned.get(first)} but the config builds {shapes.get(first)}"
+        why = f"{first} is {_shape(pruned, first)} but the config builds {_shape(shapes, first)}"
         if best is None or len(mismatch) < best[0]:
             best = (len(mismatch), trial, why)
     if shape_match is not None:
-        return shape_match, problems
+        return shape_match, {}
     if problems:  # no config builds it; the fields that disagree say why
-        return (best[1] if best else fixed), problems
+        return {**(best[1] if best else fixed), **majority}, problems
     if best is None:
         return fixed, {"config": "no candidate config builds this model"}
     return best[1], {"shapes": best[2]}
+
+
+def _shape(shapes: Shapes, key: str) -> str:
+    return str(shapes[key]) if key in shapes else "absent"
 
 
 def layer_count(found: ShapeMap, pruned: Shapes) -> int | None:
@@ -418,7 +428,7 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
             return (
                 False,
                 (
-                    f"{key}: pruned {want.get(key)}, config builds {have.get(key)} "
+                    f"{key}: pruned {_shape(want, key)}, config builds {_shape(have, key)} "
                     "(use graphprune.save/load)"
                 ),
                 [],

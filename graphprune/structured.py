@@ -476,4 +476,5 @@ def _rank_blocks(model: nn.Module, blocks: list[str], plan: Plan, batches: list[
         order = np.random.default_rng(plan.seed).permutation(len(blocks))
         return [blocks[i] for i in order]
     contributions = block_contributions(model, blocks, batches)
-    return sorted(blocks, key=lambda b: (contributions[b], blocks.index(b)))
+    shaped = [b for b in blocks if math.isfinite(contributions[b])]  # see block_contributions
+    return sorted(shaped, key=lambda b: (contributions[b], blocks.index(b)))

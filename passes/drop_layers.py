@@ -9,6 +9,7 @@ much is lost. Only the innermost such modules are candidates (not a Sequential o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +84,8 @@ def _trunk(node: fx.Node, x: fx.Node, members: set[fx.Node]) -> bool:
 def block_contributions(
     model: nn.Module, blocks: list[str], batches: Iterable[Any]
 ) -> dict[str, float]:
-    """Mean ``||block(x) - x|| / ||x||`` per block over the batches (forward hooks, no grad)."""
+    """Mean ``||block(x) - x|| / ||x||`` per block over the batches (forward hooks, no grad);
+    inf for a block whose output is not shaped like its first input."""
     totals = {b: 0.0 for b in blocks}
     counts = {b: 0 for b in blocks}
     handles = []
@@ -92,7 +94,14 @@ def block_contributions(
         def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             x = args[0] if args else kwargs["hidden_states"]  # HF layers may take it by name
             y = out[0] if isinstance(out, tuple) else out
-            totals[name] += float((y - x).norm() / x.norm().clamp_min(1e-12))
+            if (
+                not isinstance(y, torch.Tensor)
+                or not isinstance(x, torch.Tensor)
+                or (y.shape != x.shape)
+            ):  # its first input is not what it returns: not a block a skip can replace
+                totals[name] = math.inf
+            else:
+                totals[name] += float((y - x).norm() / x.norm().clamp_min(1e-12))
             counts[name] += 1
 
         return record

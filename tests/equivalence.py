@@ -114,10 +114,13 @@ def dead_first(dead: dict[int, list[int]]) -> Any:
 
 
 def outputs(model: nn.Module, inputs: Any) -> Tensor:
-    """The model's output tensor (keyword inputs and HF ``ModelOutput.logits`` too)."""
+    """The model's output tensor (keyword inputs, HF ``logits`` or ``last_hidden_state``)."""
     with torch.no_grad():
         out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    return out.logits if hasattr(out, "logits") else out
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)  # type: ignore[no-any-return]
+    return out
 
 
 def check_dead_channels(

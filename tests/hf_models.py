@@ -18,11 +18,25 @@ from torch import nn
 # role -> (small value, the field names that play it across transformers' configs)
 ROLES: dict[str, tuple[int, tuple[str, ...]]] = {
     "width": (64, ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")),
-    "ffn": (128, ("intermediate_size", "d_ff", "ffn_dim", "n_inner", "encoder_ffn_dim", "hidden_dim")),
+    "ffn": (
+        128,
+        (
+            "intermediate_size",
+            "d_ff",
+            "ffn_dim",
+            "n_inner",
+            "encoder_ffn_dim",
+            "hidden_dim",
+            "ffn_hidden_size",
+        ),
+    ),
     "layers": (2, ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers")),
-    "heads": (4, ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads")),
-    "kv_heads": (2, ("num_key_value_heads", "multi_query_group_num")),
-    "head_dim": (16, ("head_dim", "d_kv", "attention_head_size")),
+    "heads": (
+        4,
+        ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads"),
+    ),
+    "kv_heads": (2, ("num_key_value_heads", "multi_query_group_num", "num_kv_heads")),
+    "head_dim": (16, ("head_dim", "d_kv", "attention_head_size", "rotary_dim")),
     "vocab": (128, ("vocab_size",)),
     "positions": (128, ("max_position_embeddings", "n_positions", "max_source_positions")),
     "image": (32, ("image_size",)),
@@ -52,15 +66,23 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
             values[name] = 0
     for key, value in {**values, **overrides}.items():
         setattr(config, key, value)
+    layers = next((n for n in ROLES["layers"][1] if type(defaults.get(n)) is int), None)
+    if layers is not None:  # per-layer lists (layer_types, window patterns) follow the count
+        for key, value in defaults.items():
+            if isinstance(value, list) and len(value) == defaults[layers] > 1:
+                setattr(config, key, value[: getattr(config, layers)])
     return config
 
 
 def build(model_type: str, head: str = "AutoModel", **overrides: Any) -> nn.Module:
-    """A randomly initialised ``head`` (an Auto class name) of ``model_type``, eval mode."""
+    """A randomly initialised ``head`` (an Auto class or a model class name) of
+    ``model_type``, eval mode."""
     tf = transformers()
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(0)
-    return getattr(tf, head).from_config(config).eval()  # type: ignore[no-any-return]
+    cls = getattr(tf, head)
+    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    return model.eval()  # type: ignore[no-any-return]
 
 
 def example_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:

@@ -168,6 +168,20 @@ def transpose(ctx: RuleContext) -> Layout:
     return out
 
 
+@rule(*ops("numpy_T"))
+def numpy_transpose(ctx: RuleContext) -> Layout:
+    """``x.T``: every dim reversed."""
+    return list(reversed(_first(ctx).layout))
+
+
+@rule(*ops("mT", "mH", "adjoint"))
+def matrix_transpose(ctx: RuleContext) -> Layout:
+    """``x.mT``: the last two dims swapped."""
+    out = list(_first(ctx).layout)
+    out[-1], out[-2] = out[-2], out[-1]
+    return out
+
+
 @rule(*ops("permute", "permute_copy"))
 def permute(ctx: RuleContext) -> Layout:
     x = _first(ctx)
@@ -455,6 +469,9 @@ def factory(ctx: RuleContext) -> Layout:
     sizes = ctx.arg(1 if ctx.op.startswith("aten.new_") else 0, "size")
     _record_sizes(ctx, "size", sizes, out)
     if ctx.op.startswith("aten.arange") and out:
-        for k, v in enumerate(a for a in ctx.node.args if isinstance(a, int)):
-            ctx.shape_constant(f"arange[{k}]", v, out[0])
+        ints = [a for a in ctx.node.args if isinstance(a, int)]
+        if len(ints) == 1 or (len(ints) == 2 and ints[0] == 0):
+            ctx.shape_constant(f"arange[{len(ints) - 1}]", ints[-1], out[0])  # arange(n)
+        elif ints:  # arange(1, 1 + n), arange(0, n, 2): the length is (end - start) / step
+            ctx.freeze(out[0], "arange with a start or step: its length is not a plain count")
     return out

@@ -1,0 +1,75 @@
+"""A sample of Hugging Face model types beyond the four of test_hf.py, with no per-type code.
+
+Each type is built small from its default config (tests/hf_models.py shrinks fields by role)
+and compiled at channel, head and layer granularity. Checked: the outputs keep their shapes
+and are finite, parameters fall, and the report's claim about the config is true --
+where it says ``from_pretrained`` rebuilds the pruned model, a save_pretrained/from_pretrained
+round trip computes the same outputs; where it says it cannot, it names the reason and
+``graphprune.save``/``load`` restores the model exactly. The full sweep over every type
+transformers ships is ``benchmarks/hf_types.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphprune as gp
+from tests import hf_models
+from tests.equivalence import outputs
+
+pytest.importorskip("transformers")
+
+# type -> (class to build, {granularity: does the config express the pruned model?})
+# None: the granularity does not apply (PlanError with the reason)
+SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
+    "qwen3": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
+    "gemma2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),  # eager, capped
+    "phi3": ("AutoModel", {"channels": True, "heads": False, "layers": True}),  # head_dim derived
+    "gpt_neox": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "t5": ("T5EncoderModel", {"channels": True, "heads": True, "layers": True}),
+    "distilbert": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "falcon": ("AutoModel", {"channels": True, "layers": True}),  # x.T in every Linear
+    "bloom": ("AutoModel", {"channels": False, "layers": True}),  # FFN is 4 x hidden_size
+    "clip_vision_model": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "mobilevit": ("AutoModel", {"channels": False, "heads": False}),  # widths not in config
+}
+CASES = [(t, g) for t, (_, grans) in SAMPLE.items() for g in grans]
+
+
+@pytest.mark.parametrize(("model_type", "granularity"), CASES)
+def test_type_compiles_and_the_config_claim_holds(
+    model_type: str, granularity: str, tmp_path: Path
+) -> None:
+    head, expected = SAMPLE[model_type]
+    model = hf_models.build(model_type, head)
+    x = hf_models.example_inputs(model)
+    before = outputs(model, x)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+    after = outputs(pruned, x)
+    report = gp.report(pruned)
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    assert report.params_after < report.params_before
+    assert torch.equal(outputs(model, x), before)  # the user's model is untouched
+
+    config = report.config
+    assert config["expressible"] is expected[granularity], config["reason"]
+    if config["expressible"]:
+        pruned.save_pretrained(tmp_path / "hf")
+        rebuilt = type(pruned).from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(outputs(rebuilt, x), after)
+    else:
+        assert config["reason"] and "graphprune.save" in config["reason"]
+        gp.save(pruned, tmp_path / "m.pt")
+        loaded = gp.load(hf_models.build(model_type, head), tmp_path / "m.pt", x)
+        torch.testing.assert_close(outputs(loaded, x), after)
+
+
+def test_heads_of_folded_attention_are_not_guessed() -> None:
+    """BLOOM computes attention per (batch x head) with baddbmm/bmm: the heads are folded
+    into the batch dim, so granularity='heads' says it found none instead of guessing."""
+    model = hf_models.build("bloom")
+    with pytest.raises(gp.PlanError, match="found no attention heads"):
+        gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), hf_models.example_inputs(model))
