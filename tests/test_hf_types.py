@@ -26,6 +26,11 @@ pytest.importorskip("transformers")
 # None: the granularity does not apply (PlanError with the reason)
 SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
     "qwen3": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
+    "qwen2": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
+    "mistral": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
+    "opt": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
+    "roberta": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "deberta-v2": ("AutoModel", {"channels": False, "layers": True}),  # heads folded in bmm
     "gemma2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),  # eager, capped
     "phi3": ("AutoModel", {"channels": True, "heads": False, "layers": True}),  # head_dim derived
     "gpt_neox": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
@@ -65,6 +70,33 @@ def test_type_compiles_and_the_config_claim_holds(
         gp.save(pruned, tmp_path / "m.pt")
         loaded = gp.load(hf_models.build(model_type, head), tmp_path / "m.pt", x)
         torch.testing.assert_close(outputs(loaded, x), after)
+
+
+@pytest.mark.parametrize("model_type", sorted(SAMPLE))
+def test_type_exports_and_verifies(model_type: str, tmp_path: Path) -> None:
+    head, expected = SAMPLE[model_type]
+    model = hf_models.build(model_type, head)
+    x = hf_models.example_inputs(model)
+    granularity = next(iter(expected))
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+    report = gp.export_onnx(pruned, x, tmp_path / "m.onnx")
+    assert report.verification is not None and report.verification.ok
+
+
+DECODERS = [t for t, (head, _) in SAMPLE.items() if head == "AutoModelForCausalLM"]
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_decoder_generates_the_same_with_and_without_cache(model_type: str) -> None:
+    head, expected = SAMPLE[model_type]
+    model = hf_models.build(model_type, head)
+    x = hf_models.example_inputs(model)
+    prompt = x["input_ids"][:1, :5]
+    for granularity in expected:
+        pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+        cached = pruned.generate(prompt, max_new_tokens=6, do_sample=False)
+        uncached = pruned.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert cached.shape == (1, 11) and torch.equal(cached, uncached), granularity
 
 
 def test_heads_of_folded_attention_are_not_guessed() -> None:

@@ -112,8 +112,8 @@ def test_counts_are_exact_for_any_shape(out: int, inp: int, ratio: float, seed: 
         elif plan.granularity == "block":
             tiles = mask.reshape(out, -1, 4)
             assert bool((tiles.all(-1) | ~tiles.any(-1)).all())
-            assert int((~tiles.any(-1)).sum()) == math.floor(
-                ratio * tiles.shape[0] * tiles.shape[1]
+            assert int((~tiles.any(-1)).sum()) == math.floor(  # 1/3 of 21 tiles is 7, not 6
+                ratio * tiles.shape[0] * tiles.shape[1] + 1e-9
             )
         else:
             assert int((~mask).sum()) == math.floor(ratio * mask.numel() + 1e-9)
