@@ -6,7 +6,9 @@ width where timing means something (hidden 256, 4 layers, 128 tokens / 64 patche
 pruned 50 % at channel, head and layer granularity; the original and the pruned model are
 exported to ONNX (KV cache off), verified against torch, and timed side by side in onnxruntime
 (2 threads, interleaved runs, batch 1). Also printed: whether ``save_pretrained`` /
-``from_pretrained`` can rebuild the pruned model from its synced config.
+``from_pretrained`` can rebuild the pruned model from its synced config. ``--types`` adds the
+fifteen types of tests/test_hf_types.py, built from their default configs by role at width
+256 (2 layers), at each granularity they have.
 
     .venv/bin/python benchmarks/transformers.py [--runs 30] [--json out.json]
 """
@@ -37,9 +39,15 @@ def _import_transformers() -> Any:
     return importlib.import_module("transformers")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(ROOT))  # tests.* (after the library: see _import_transformers)
+from tests.real_models import declare_torchvision_ops  # noqa: E402
+
+declare_torchvision_ops()  # transformers imports torchvision where it is installed
 tf = _import_transformers()
 tf.logging.set_verbosity_error()
 TOKENS = 128
+GRANULARITIES = ("channels", "heads", "layers")
 
 
 def models() -> dict[str, tuple[Callable[[], nn.Module], dict[str, torch.Tensor]]]:
@@ -95,9 +103,25 @@ def models() -> dict[str, tuple[Callable[[], nn.Module], dict[str, torch.Tensor]
     }
 
 
-def measure(name: str, granularity: str, runs: int) -> dict[str, Any]:
+def sampled_types() -> dict[str, tuple[Callable[[], nn.Module], dict[str, torch.Tensor]]]:
+    """The types tests/test_hf_types.py checks, built from their default configs by role
+    (tests/hf_models.py) at width 256, 2 layers, batch 1."""
+    from tests import hf_models
+
+    found: dict[str, tuple[Callable[[], nn.Module], dict[str, torch.Tensor]]] = {}
+    for model_type, (head, _) in hf_models.SAMPLE.items():
+
+        def build(t: str = model_type, h: str = head) -> nn.Module:
+            return hf_models.build(t, h, scale=4)
+
+        found[model_type] = (build, hf_models.example_inputs(build(), batch=1))
+    return found
+
+
+def measure(
+    name: str, granularity: str, runs: int, build: Callable[[], nn.Module], x: Any
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    build, x = models()[name]
     model = build().eval()
     pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
     report = gp.report(pruned)
@@ -125,6 +149,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--json")
+    parser.add_argument(
+        "--types", action="store_true", help="also the sampled types of tests/test_hf_types.py"
+    )
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     print(
@@ -132,23 +159,35 @@ def main() -> None:
         f"{TOKENS} tokens (ViT: 64 patches)"
     )
     print(
-        f"{'model':<6} {'plan':<9} {'params M':>13} {'MACs':>5} {'ideal':>6} {'measured':>8} "
+        f"{'model':<18} {'plan':<9} {'params M':>13} {'MACs':>5} {'ideal':>6} {'measured':>8} "
         f"{'ms':>13} {'max |Δ|':>8}  from_pretrained  config"
     )
     rows = []
-    for name in models():
-        for granularity in ("channels", "heads", "layers"):
-            r = measure(name, granularity, args.runs)
-            rows.append(r)
-            before, after = r["params"]
-            print(
-                f"{name:<6} {granularity:<9} {before / 1e6:>5.2f} -> {after / 1e6:>4.2f} "
-                f"{r['macs_ratio']:>5.2f} {r['ideal']:>5.2f}x {r['speedup']:>7.2f}x "
-                f"{r['ms'][0]:>5.2f} -> {r['ms'][1]:>4.2f} {r['max_abs_error']:>8.1e}  "
-                f"{'yes' if r['from_pretrained'] else 'no (gp.save)':<15}  "
-                f"{', '.join(f'{k}={v}' for k, v in r['config'].items())}",
-                flush=True,
-            )
+    cases = [(name, g, *spec) for name, spec in models().items() for g in GRANULARITIES]
+    if args.types:
+        from tests import hf_models
+
+        cases += [
+            (name, g, *spec)
+            for name, spec in sampled_types().items()
+            for g in hf_models.SAMPLE[name][1]
+        ]
+    for name, granularity, build, x in cases:
+        try:
+            r = measure(name, granularity, args.runs, build, x)
+        except Exception as exc:  # a benchmark row, not a crash: say what failed
+            print(f"{name:<18} {granularity:<9} FAILED {type(exc).__name__}: {exc}"[:300])
+            continue
+        rows.append(r)
+        before, after = r["params"]
+        print(
+            f"{name:<18} {granularity:<9} {before / 1e6:>5.2f} -> {after / 1e6:>4.2f} "
+            f"{r['macs_ratio']:>5.2f} {r['ideal']:>5.2f}x {r['speedup']:>7.2f}x "
+            f"{r['ms'][0]:>5.2f} -> {r['ms'][1]:>4.2f} {r['max_abs_error']:>8.1e}  "
+            f"{'yes' if r['from_pretrained'] else 'no (gp.save)':<15}  "
+            f"{', '.join(f'{k}={v}' for k, v in r['config'].items())}",
+            flush=True,
+        )
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
 

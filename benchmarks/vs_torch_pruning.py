@@ -7,7 +7,8 @@ graphprune (``Plan(ratio=0.5, round_to=R)``, l2, local) and with Torch-Pruning 1
 export the original and both pruned models to ONNX, verify each against torch in
 onnxruntime, then time the three sessions interleaved in one process (2 threads, spinning
 off, denormals flushed). Prints MACs kept, measured speed-up over the original and efficiency
-(measured / MACs-ideal) for both libraries side by side.
+(measured / MACs-ideal) for both libraries side by side. ``--equal-macs`` gives graphprune
+``target_macs`` = the MACs Torch-Pruning kept, so both run at the same size.
 
 Torch-Pruning is a benchmark-only dependency: ``pip install torch-pruning torchvision``.
 
@@ -82,15 +83,21 @@ def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float, round_to: int
     return pruned.eval()
 
 
-def measure(name: str, ratio: float, round_to: int, runs: int, threads: int) -> dict[str, Any]:
+def measure(
+    name: str, ratio: float, round_to: int, runs: int, threads: int, equal_macs: bool
+) -> dict[str, Any]:
     model, x = build(name)
-    start = time.perf_counter()
-    ours = gp.compile(model, gp.Plan(ratio=ratio, round_to=round_to), x)
-    gp_seconds = time.perf_counter() - start
     start = time.perf_counter()
     theirs = torch_pruning(model, x, ratio, round_to)
     tp_seconds = time.perf_counter() - start
-    macs = {k: count_macs(m, x) for k, m in [("base", model), ("gp", ours), ("tp", theirs)]}
+    base_macs = count_macs(model, x)
+    plan = gp.Plan(ratio=ratio, round_to=round_to)
+    if equal_macs:  # graphprune at Torch-Pruning's MACs: one speed-up per size, comparable
+        plan = gp.Plan(target_macs=count_macs(theirs, x) / base_macs, round_to=round_to)
+    start = time.perf_counter()
+    ours = gp.compile(model, plan, x)
+    gp_seconds = time.perf_counter() - start
+    macs = {"base": base_macs, "gp": count_macs(ours, x), "tp": count_macs(theirs, x)}
     with tempfile.TemporaryDirectory() as tmp:
         reports = {
             key: gp.export_onnx(m, x, Path(tmp) / f"{key}.onnx", verify=True)
@@ -127,12 +134,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument(
+        "--equal-macs",
+        action="store_true",
+        help="graphprune plans target_macs = the MACs Torch-Pruning kept (not ratio)",
+    )
     args = parser.parse_args()
     declare_torchvision_ops()
     torch.set_flush_denormal(True)
     print(
-        f"{args.ratio:.0%} of channels, l2, local, round_to={args.round_to}; onnxruntime CPU, "
-        f"{args.threads} threads, batch 1, {args.runs} interleaved runs of original / "
+        f"{args.ratio:.0%} of channels, l2, local, round_to={args.round_to}"
+        + (" (graphprune: target_macs = Torch-Pruning's)" if args.equal_macs else "")
+        + f"; onnxruntime CPU, {args.threads} threads, batch 1, {args.runs} interleaved runs of "
+        "original / "
         "graphprune / Torch-Pruning; speed-up = original ms / pruned ms"
     )
     print(
@@ -141,7 +155,7 @@ def main() -> None:
     )
     rows = []
     for name in args.models.split(","):
-        r = measure(name, args.ratio, args.round_to, args.runs, args.threads)
+        r = measure(name, args.ratio, args.round_to, args.runs, args.threads, args.equal_macs)
         rows.append(r)
         g, t = r["gp"], r["tp"]
         print(

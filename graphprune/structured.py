@@ -450,6 +450,12 @@ def prune_layers(
             "drop in this model; use granularity='channels'"
         )
     order = _rank_blocks(target, blocks, plan, batches)
+    if not order:
+        raise PlanError(
+            f"granularity='layers': none of the {len(blocks)} residual blocks returns a tensor "
+            "shaped like its input, so none can be replaced by a skip; use "
+            "granularity='channels'"
+        )
     lap("score")
 
     def passes(ratio: float) -> list[Pass]:

@@ -10,6 +10,7 @@ made from its ``main_input_name`` (token ids, pixel values, audio features).
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 import torch
@@ -39,10 +40,32 @@ ROLES: dict[str, tuple[int, tuple[str, ...]]] = {
     "head_dim": (16, ("head_dim", "d_kv", "attention_head_size", "rotary_dim")),
     "vocab": (128, ("vocab_size",)),
     "positions": (128, ("max_position_embeddings", "n_positions", "max_source_positions")),
-    "image": (32, ("image_size",)),
+    "image": (64, ("image_size",)),
     "patch": (8, ("patch_size",)),
 }
 TOKENS = 16
+
+# type -> (class to build, {granularity: does the config express the pruned model?})
+# None: the granularity does not apply (PlanError with the reason)
+SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
+    "qwen3": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
+    "qwen2": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
+    "mistral": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
+    "opt": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
+    "roberta": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "deberta-v2": ("AutoModel", {"channels": False, "layers": True}),  # heads folded in bmm
+    "gemma2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),  # eager, capped
+    "phi3": ("AutoModel", {"channels": True, "heads": False, "layers": True}),  # head_dim derived
+    "gpt_neox": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "t5": ("T5EncoderModel", {"channels": True, "heads": True, "layers": True}),
+    "distilbert": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "falcon": ("AutoModel", {"channels": True, "layers": True}),  # x.T in every Linear
+    "bloom": ("AutoModel", {"channels": False, "layers": True}),  # FFN is 4 x hidden_size
+    "clip_vision_model": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "mobilevit": ("AutoModel", {"channels": False, "heads": False}),  # widths not in config
+    # per-stage width lists; dropped blocks become skips the config cannot say
+    "convnext": ("AutoModel", {"channels": False, "layers": False}),
+}
 
 
 def transformers() -> Any:
@@ -51,34 +74,48 @@ def transformers() -> Any:
     return tf
 
 
-def tiny_config(model_type: str, **overrides: Any) -> Any:
-    """The default config of ``model_type`` with every role-named int field made small."""
+def tiny_config(model_type: str, shrink: bool = True, scale: int = 1, **overrides: Any) -> Any:
+    """The default config of ``model_type`` with every role-named int field made small
+    (``scale`` times wider: width, FFN and head_dim)."""
     tf = transformers()
     config = tf.AutoConfig.for_model(model_type)
     defaults = config.to_dict()
     values: dict[str, Any] = {}
-    for small, names in ROLES.values():
+    for role, (small, names) in ROLES.items() if shrink else ():
         for name in names:
             if type(defaults.get(name)) is int:
-                values[name] = small
+                values[name] = small * (scale if role in ("width", "ffn", "head_dim") else 1)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
         if type(defaults.get(name)) is int and defaults[name] >= ROLES["vocab"][0]:
             values[name] = 0
-    for key, value in {**values, **overrides}.items():
-        setattr(config, key, value)
+    wanted = {**values, **overrides}
+    accepted = inspect.signature(type(config).__init__).parameters
+    # through the constructor where it takes them, so derived fields follow (Swin's hidden_size)
+    config = tf.AutoConfig.for_model(
+        model_type, **{k: v for k, v in wanted.items() if k in accepted}
+    )
+    for key, value in wanted.items():
+        if key not in accepted:
+            setattr(config, key, value)
     layers = next((n for n in ROLES["layers"][1] if type(defaults.get(n)) is int), None)
     if layers is not None:  # per-layer lists (layer_types, window patterns) follow the count
         for key, value in defaults.items():
-            if isinstance(value, list) and len(value) == defaults[layers] > 1:
+            if (
+                key not in overrides
+                and isinstance(value, list)
+                and len(value) == defaults[layers] > 1
+            ):
                 setattr(config, key, value[: getattr(config, layers)])
     return config
 
 
-def build(model_type: str, head: str = "AutoModel", **overrides: Any) -> nn.Module:
+def build(
+    model_type: str, head: str = "AutoModel", shrink: bool = True, scale: int = 1, **overrides: Any
+) -> nn.Module:
     """A randomly initialised ``head`` (an Auto class or a model class name) of
     ``model_type``, eval mode."""
     tf = transformers()
-    config = tiny_config(model_type, **overrides)
+    config = tiny_config(model_type, shrink, scale, **overrides)
     torch.manual_seed(0)
     cls = getattr(tf, head)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)

@@ -19,28 +19,10 @@ import torch
 import graphprune as gp
 from tests import hf_models
 from tests.equivalence import outputs
+from tests.hf_models import SAMPLE
 
 pytest.importorskip("transformers")
 
-# type -> (class to build, {granularity: does the config express the pruned model?})
-# None: the granularity does not apply (PlanError with the reason)
-SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
-    "qwen3": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
-    "qwen2": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
-    "mistral": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
-    "opt": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
-    "roberta": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
-    "deberta-v2": ("AutoModel", {"channels": False, "layers": True}),  # heads folded in bmm
-    "gemma2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),  # eager, capped
-    "phi3": ("AutoModel", {"channels": True, "heads": False, "layers": True}),  # head_dim derived
-    "gpt_neox": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
-    "t5": ("T5EncoderModel", {"channels": True, "heads": True, "layers": True}),
-    "distilbert": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
-    "falcon": ("AutoModel", {"channels": True, "layers": True}),  # x.T in every Linear
-    "bloom": ("AutoModel", {"channels": False, "layers": True}),  # FFN is 4 x hidden_size
-    "clip_vision_model": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
-    "mobilevit": ("AutoModel", {"channels": False, "heads": False}),  # widths not in config
-}
 CASES = [(t, g) for t, (_, grans) in SAMPLE.items() for g in grans]
 
 
