@@ -82,3 +82,31 @@ def test_load_of_a_truncated_file(tmp_path: Path) -> None:
         gp.load(spec.build(), path, x)
     with pytest.raises(gp.InputError, match="no such file"):
         gp.load(spec.build(), tmp_path / "missing.pt", x)
+
+
+class _Block(nn.Module):
+    """A residual block whose first argument is not the stream it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h + self.fc(h) * scale.mean()
+
+
+class _SideInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(self.scale, x)
+        return x
+
+
+def test_layers_plan_with_no_block_a_skip_can_replace_says_so() -> None:
+    with pytest.raises(gp.PlanError, match="none can be replaced by a skip"):
+        gp.compile(_SideInput(), gp.Plan(ratio=0.5, granularity="layers"), torch.randn(2, 8))
