@@ -16,7 +16,7 @@ demo: $(BIN)/.installed
 	$(BIN)/graphprune analyze $(DEMO) --summary
 	$(BIN)/graphprune compile $(DEMO) --ratio 0.5 -o out/$(DEMO).pt
 	$(BIN)/graphprune export $(DEMO) --load out/$(DEMO).pt -o out/$(DEMO).onnx --bench --runs 20
-	@echo "files: out/$(DEMO).pt (graphprune.load), out/$(DEMO).onnx (verified ONNX)"
+	@echo "files: out/$(DEMO).pt (graphprune.load), out/$(DEMO).onnx (verified)"
 	@echo "in Python: pruned = gp.compile(model, gp.Plan(ratio=0.5), x)"
 	@echo "           gp.export_onnx(pruned, x, 'out/$(DEMO).onnx', baseline=model)"
 

@@ -146,20 +146,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def report_line(model: nn.Module, pruned: nn.Module, inputs: Any) -> str:
     """``params 11.7 M -> 3.1 M, MACs 4.44 G -> 1.11 G (0.251 kept)``."""
-    from graphprune.macs import count_macs, count_params
+    from graphprune.macs import count_macs, count_params, si
 
     macs = count_macs(model, inputs), count_macs(pruned, inputs)
     return (
-        f"params {_si(count_params(model))} -> {_si(count_params(pruned))}, MACs "
-        f"{_si(macs[0])} -> {_si(macs[1])} ({macs[1] / max(macs[0], 1):.3f} kept)"
+        f"params {si(count_params(model))} -> {si(count_params(pruned))}, MACs "
+        f"{si(macs[0])} -> {si(macs[1])} ({macs[1] / max(macs[0], 1):.3f} kept)"
     )
-
-
-def _si(n: int) -> str:
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return str(n)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -235,7 +228,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     print(report(pruned).table(max_groups=12, width=80))
     if args.output:
         save(pruned, args.output)
-        print(f"wrote {args.output} (load with graphprune.load(fresh_model, path, inputs))")
+        print(f"wrote {args.output} (graphprune.load(fresh_model, path, inputs) reads it)")
     return 0
 
 

@@ -47,3 +47,11 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         for m, t in training.items():
             m.train(t)
     return int(counter.get_total_flops() // 2)
+
+
+def si(n: int) -> str:
+    """``11.7 M``, ``4.44 G``: a count in three significant digits."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)

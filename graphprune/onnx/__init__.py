@@ -15,7 +15,7 @@ from torch import nn
 
 from graphprune.capture import ExampleInputs, output_tensors
 from graphprune.hf import without_cache
-from graphprune.macs import count_macs, count_params
+from graphprune.macs import count_macs, count_params, si
 from graphprune.onnx.bench import BenchReport, benchmark
 from graphprune.onnx.export import ExportedModel, ExportError, export
 from graphprune.onnx.quantize import INT8_TOLERANCE, QuantizationError
@@ -73,9 +73,9 @@ class ExportReport:
     def table(self) -> str:
         e = self.exported
         lines = [
-            f"wrote {e.path} ({e.bytes / 1e6:.2f} MB, opset {e.opset}, inputs "
-            f"{', '.join(e.input_names)} -> {', '.join(e.output_names)}"
-            f"{', dynamic batch' if e.dynamic_batch else ''})"
+            f"wrote {e.path} ({e.bytes / 1e6:.2f} MB)",
+            f"  opset {e.opset}, inputs {', '.join(e.input_names)} -> "
+            f"{', '.join(e.output_names)}{', dynamic batch' if e.dynamic_batch else ''}",
         ]
         if e.note:
             lines.append(f"note: {e.note}")
@@ -101,8 +101,8 @@ class ExportReport:
             lines.append(f"int8 model: {self.quantized} ({self.quantized_bytes / 1e6:.2f} MB)")
         if self.baseline_params:
             lines.append(
-                f"params {self.baseline_params:,} -> {self.params:,}, MACs "
-                f"{self.baseline_macs:,} -> {self.macs:,} "
+                f"params {si(self.baseline_params)} -> {si(self.params)}, MACs "
+                f"{si(self.baseline_macs)} -> {si(self.macs)} "
                 f"(ideal speed-up {self.baseline_macs / max(self.macs, 1):.2f}x)"
             )
         if self.latency:
