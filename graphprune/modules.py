@@ -10,14 +10,16 @@ from torch import Tensor, nn
 
 
 class SkipBlock(nn.Module):
-    """Stands in for a dropped residual block ``x + f(x)``: returns ``x`` (extra args ignored)."""
+    """Stands in for a dropped residual block ``x + f(x)``: returns ``x`` (extra args ignored),
+    or ``(x, None, ...)`` where the block returned a tuple of ``arity`` (attention weights)."""
 
-    def __init__(self, replaced: str = "") -> None:
+    def __init__(self, replaced: str = "", arity: int = 0) -> None:
         super().__init__()
         self.replaced = replaced  # class name of the block it replaces, for repr and reports
+        self.arity = arity
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return x
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (x, *[None] * (self.arity - 1)) if self.arity else x
 
     def extra_repr(self) -> str:
         return f"replaces={self.replaced}"

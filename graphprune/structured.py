@@ -30,7 +30,12 @@ from graphprune.capture import Captured, ExampleInputs, capture
 from graphprune.importance import LossFn, score_groups
 from graphprune.macs import count_macs
 from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, RewriteFailure
-from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
+from graphprune.passes.drop_layers import (
+    DropLayers,
+    block_contributions,
+    droppable_blocks,
+    residual_blocks,
+)
 from graphprune.passes.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
 from graphprune.passes.prune_heads import PruneHeads
 from graphprune.passes.slice_channels import SliceChannels
@@ -450,6 +455,11 @@ def prune_layers(
             "drop in this model; use granularity='channels'"
         )
     order = _rank_blocks(target, blocks, plan, batches)
+    if len(order) < len(blocks):  # a layer list of stages (HF Swin): try the blocks inside
+        inner = [b for b in residual_blocks(s.captured) if not plan.ignores([b])]
+        inner_order = _rank_blocks(target, inner, plan, batches) if inner else []
+        if len(inner_order) > len(order):
+            blocks, order = inner, inner_order
     if not order:
         raise PlanError(
             f"granularity='layers': none of the {len(blocks)} residual blocks returns a tensor "
@@ -473,7 +483,13 @@ def prune_layers(
     lap("resolve")
     ctx = s.context(target, Resolution())
     PassManager(passes(ratio), verify=make_verifier(s.reference_shapes))(ctx)
-    return Outcome(target, ctx, Resolution(), [])
+    notes = []
+    if not ctx.dropped:
+        notes.append(
+            f"nothing was dropped: {ratio:g} of {len(order)} droppable blocks rounds down to "
+            f"none (ratio >= {1 / len(order):.3g} drops one)"
+        )
+    return Outcome(target, ctx, Resolution(), [], notes)
 
 
 def _rank_blocks(model: nn.Module, blocks: list[str], plan: Plan, batches: list[Any]) -> list[str]:

@@ -119,6 +119,32 @@ def block_contributions(
     return {b: totals[b] / max(counts[b], 1) for b in blocks}
 
 
+def output_arity(model: nn.Module, blocks: list[str], example_inputs: Any) -> dict[str, int]:
+    """Blocks that return a tuple ``(hidden, extra...)`` (HF Swin layers: ``(hidden,
+    attn_weights)``) -> its length; one eval forward with hooks."""
+    found: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def record(_m: nn.Module, _args: Any, out: Any) -> None:  # None: the output stays
+            found.setdefault(name, len(out) if isinstance(out, tuple) else 0)
+
+        return record
+
+    handles = [model.get_submodule(b).register_forward_hook(hook(b)) for b in blocks]
+    args, kwargs = normalize_inputs(example_inputs)
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in training.items():
+            m.train(mode)
+    return found
+
+
 @dataclass
 class DropLayers:
     blocks: list[str] = field(default_factory=list)
@@ -129,11 +155,12 @@ class DropLayers:
             ctx.dropped.extend(self.blocks)
             ctx.changes.extend(f"{path}: removed from the layer list" for path in self.blocks)
             return PassResult(True, {"dropped": list(self.blocks)})
+        arity = output_arity(ctx.model, self.blocks, ctx.example_inputs)
         for path in self.blocks:
             parent, _, child = path.rpartition(".")
             owner = ctx.model.get_submodule(parent) if parent else ctx.model
             old = owner.get_submodule(child)
-            setattr(owner, child, SkipBlock(type(old).__name__))
+            setattr(owner, child, SkipBlock(type(old).__name__, arity.get(path, 0)))
             ctx.dropped.append(path)
             ctx.changes.append(f"{path}: {type(old).__name__} -> SkipBlock (identity)")
         return PassResult(bool(self.blocks), {"dropped": list(self.blocks)})

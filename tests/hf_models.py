@@ -65,6 +65,7 @@ SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
     "mobilevit": ("AutoModel", {"channels": False, "heads": False}),  # widths not in config
     # per-stage width lists; dropped blocks become skips the config cannot say
     "convnext": ("AutoModel", {"channels": False, "layers": False}),
+    "swin": ("AutoModel", {"channels": False, "layers": False}),  # per-stage widths
 }
 
 
@@ -109,11 +110,21 @@ def tiny_config(model_type: str, shrink: bool = True, scale: int = 1, **override
     return config
 
 
+# types whose small config needs more than the roles: Swin's windows must tile every stage
+BUILD: dict[str, dict[str, Any]] = {
+    "swin": {"shrink": False, "depths": [2, 2, 2, 2], "embed_dim": 48, "image_size": 128,
+             "window_size": 4},
+}  # fmt: skip
+
+
 def build(
     model_type: str, head: str = "AutoModel", shrink: bool = True, scale: int = 1, **overrides: Any
 ) -> nn.Module:
     """A randomly initialised ``head`` (an Auto class or a model class name) of
     ``model_type``, eval mode."""
+    if model_type in BUILD and not overrides:
+        overrides = dict(BUILD[model_type])
+        shrink = overrides.pop("shrink", shrink)
     tf = transformers()
     config = tiny_config(model_type, shrink, scale, **overrides)
     torch.manual_seed(0)
