@@ -339,3 +339,22 @@ def test_slice_from_the_end_freezes() -> None:
     dg = gp.analyze(Tail(), torch.randn(2, 3))
     g = group_with(dg, "a.weight", 0)
     assert not g.prunable and any("counts from the end" in r for r in g.frozen_reasons)
+
+
+class ElementwiseMinMax(nn.Module):
+    """torch.min(a, b)/torch.max(a, b) of two tensors (Apertus' xIELU): elementwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.min(self.a(x), torch.tensor(1.0)) + torch.max(self.b(x), self.a(x))
+        return self.out(h)
+
+
+def test_elementwise_min_max_couple_like_any_binary_op() -> None:
+    dg = gp.analyze(ElementwiseMinMax(), torch.randn(2, 4))
+    assert group_with(dg, "a.weight", 0).compact() == "8 prunable: a[0] b[0] out[1]"

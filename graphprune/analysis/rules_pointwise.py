@@ -137,6 +137,8 @@ _BINARY = ops(
     "pow",
     "maximum",
     "minimum",
+    "max.other",  # torch.max(a, b) / torch.min(a, b): elementwise (xIELU in Apertus)
+    "min.other",
     "atan2",
     "eq",
     "ne",
