@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -285,11 +286,7 @@ def prune_channels(
                 PassManager([make()])(ctx)
             notes = []
             if ratio > 0 and not resolution.changed:
-                notes.append(
-                    "nothing was pruned: every layer the plan prunes is narrower than "
-                    f"round_to={plan.channel_multiple} or ignored (round_to=1 prunes exact "
-                    "counts)"
-                )
+                notes.append(_nothing_pruned(plan, s.dg))
             return Outcome(ctx.model, ctx, resolution, groups, notes)
         if strict:
             raise failure
@@ -445,6 +442,26 @@ def _nothing_prunable(plan: Plan, dg: DependencyGraph) -> str:
 
 
 # -- layers -------------------------------------------------------------------------------------
+def _nothing_pruned(plan: Plan, dg: DependencyGraph) -> str:
+    """Why a plan that runs pruned nothing: the analysis froze the groups (most common
+    reasons first), or what is left is narrower than round_to or ignored."""
+    reasons = Counter(
+        g.frozen_reasons[0].split(" (")[0] for g in dg.groups if g.frozen_reasons
+    ).most_common(3)
+    frozen = sum(count for _, count in reasons)
+    why = (
+        f"; the analysis froze {frozen} groups ("
+        + "; ".join(f"{reason} x{count}" for reason, count in reasons)
+        + ", see gp.analyze)"
+        if frozen
+        else ""
+    )
+    return (
+        "nothing was pruned: every group the plan could prune is narrower than "
+        f"round_to={plan.channel_multiple} or ignored (round_to=1 prunes exact counts){why}"
+    )
+
+
 def prune_layers(
     target: nn.Module, plan: Plan, s: Setup, batches: list[Any], lap: Callable[[str], None]
 ) -> Outcome:

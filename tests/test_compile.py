@@ -198,3 +198,11 @@ def test_bad_plan_patterns_are_reported() -> None:
     spec = MODELS["resnet18"]
     with pytest.raises(gp.PlanError, match=r"'layer9\.\*' matches no module"):
         gp.compile(spec.build(), gp.Plan(ratio=0.5, ignore=["layer9.*"]), spec.example_inputs())
+
+
+def test_a_plan_that_prunes_nothing_says_why() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, round_to=16), torch.randn(1, 3, 8, 8))
+    (note,) = [n for n in gp.report(pruned).notes if n.startswith("nothing was pruned")]
+    assert "narrower than round_to=16" in note
+    assert "the analysis froze 2 groups" in note and "model output" in note
