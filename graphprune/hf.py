@@ -342,21 +342,29 @@ def _invert(
     candidates: dict[str, set[int]] = {}
     problems: dict[str, str] = {}
     majority: dict[str, int] = {}
+    single: dict[str, int] = {}  # fields whose tensors all agree on one value
     for name, footprint in found.footprints.items():
         if name in LAYER_FIELDS:
             continue
         by_value: dict[int, list[str]] = {}
+        growing: dict[int, list[str]] = {}  # from dims that grow with the field (see below)
         for (fqn, d), (s0, s1) in footprint.dims.items():
             one = Footprint(name, footprint.value, footprint.perturbed, {(fqn, d): (s0, s1)})
             for value in one.infer(pruned):
                 by_value.setdefault(value, []).append(fqn)
+                if s1 > s0:
+                    growing.setdefault(value, []).append(fqn)
         if len(by_value) > 1:  # the layers (or the tensors of one) disagree
             problems[name] = "the pruned weights need several values: " + "; ".join(
                 f"{v} ({fqns[0]}{f' and {len(fqns) - 1} more' if len(fqns) > 1 else ''})"
                 for v, fqns in sorted(by_value.items())
             )
-            # if no config builds it, the config still says what most of the tensors have
-            majority[name] = max(by_value, key=lambda v: (len(by_value[v]), v))
+            # if no config builds it, the config still says what most of the tensors that
+            # grow with the field have (not a divisor's: heads in head_dim = hidden / heads)
+            if growing:
+                majority[name] = max(growing, key=lambda v: (len(growing[v]), v))
+        if len(by_value) == 1 and all(s1 > s0 for s0, s1 in footprint.dims.values()):
+            single[name] = next(iter(by_value))
         if by_value and set(by_value) != {fields.get(name, footprint.value)}:
             # a value from one field's footprint alone: the fields are solved jointly below
             # (Qwen3's k_norm has head_dim rows while k_proj has kv_heads x head_dim)
@@ -392,11 +400,14 @@ def _invert(
             best = (len(mismatch), trial, why)
     if shape_match is not None:
         return shape_match, {}
-    if problems:  # no config builds it; the fields that disagree say why
-        return {**(best[1] if best else fixed), **majority}, problems
+    # no config builds it: the config says what the tensors agree on (most of them, for the
+    # fields that disagree, which say why), never a guessed combination
+    fallback = {**fixed, **single, **majority}
+    if problems:
+        return fallback, problems
     if best is None:
-        return fixed, {"config": "no candidate config builds this model"}
-    return best[1], {"shapes": best[2]}
+        return fallback, {"config": "no candidate config builds this model"}
+    return fallback, {"shapes": best[2]}
 
 
 def _shape(shapes: Shapes, key: str) -> str:
