@@ -87,3 +87,17 @@ def test_heads_of_folded_attention_are_not_guessed() -> None:
     model = hf_models.build("bloom")
     with pytest.raises(gp.PlanError, match="found no attention heads"):
         gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), hf_models.example_inputs(model))
+
+
+def test_an_inexpressible_config_keeps_only_what_the_tensors_agree_on() -> None:
+    """Apertus derives head_dim = hidden / heads: no config says 2 of 4 heads. Doubling the
+    heads *shrinks* k_proj, so a linear inversion would claim 8 heads; the config must keep
+    only values the weights that grow with a field agree on."""
+    model = hf_models.build("apertus")
+    x = hf_models.example_inputs(model)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    config = gp.report(pruned).config
+    assert not config["expressible"] and "num_attention_heads" in config["fields"]
+    assert config["changes"] == {"num_key_value_heads": 1}
+    head_dim = pruned.config.hidden_size // 4  # one kv head of the original width
+    assert pruned.layers[0].self_attn.k_proj.out_features == head_dim
