@@ -42,7 +42,7 @@ from torch import nn
 P = ParamSpec("P")
 R = TypeVar("R")
 
-LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers")
 MAX_CANDIDATES = 64  # config combinations tried when inverting the shape map
 
 
@@ -151,6 +151,18 @@ def _build(model_class: type, config: Any) -> nn.Module | None:
         return None
 
 
+def _with(config: Any, values: dict[str, Any]) -> Any:
+    """A copy of ``config`` with ``values`` set, or None where the config class refuses them
+    (its validators: DINOv2's ``out_features`` must name existing stages)."""
+    changed = copy.deepcopy(config)
+    try:
+        for key, value in values.items():
+            setattr(changed, key, value)
+    except Exception:
+        return None
+    return changed
+
+
 def _shapes(model_class: type, config: Any) -> Shapes | None:
     """Parameter and buffer shapes of ``model_class(config)`` built on the meta device."""
     model = _build(model_class, config)
@@ -199,13 +211,13 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
     footprints: dict[str, Footprint] = {}
     layer_list = None
     for name, value in int_fields(config).items():
-        perturbed = copy.deepcopy(config)
-        setattr(perturbed, name, 2 * value)
+        changes: dict[str, Any] = {name: 2 * value}
         if name in LAYER_FIELDS:  # per-layer lists (layer_types) must keep the layer count
             for key, items in config.to_dict().items():
                 if isinstance(items, list) and len(items) == value:
-                    setattr(perturbed, key, items * 2)
-        shapes = _shapes(model_class, perturbed)
+                    changes[key] = items * 2
+        perturbed = _with(config, changes)
+        shapes = _shapes(model_class, perturbed) if perturbed is not None else None
         if shapes is None:
             continue
         dims = {
@@ -281,13 +293,16 @@ def remove_layers(model: nn.Module, paths: list[str]) -> bool:
                 setattr(module, "layer_idx", new)  # noqa: B010 (the KV cache indexes by position)
     config: Any = model.config
     count = len(layers)
-    for key, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == count:  # layer_types, window patterns...
-            setattr(config, key, [value[i] for i in keep])
-    for key in LAYER_FIELDS:
-        if hasattr(config, key):
-            setattr(config, key, len(keep))
-            break
+    # a config whose validators refuse the new count stays as it was: sync_config's rebuild
+    # check then reports that from_pretrained cannot rebuild the model
+    with contextlib.suppress(Exception):
+        for key, value in config.to_dict().items():
+            if isinstance(value, list) and len(value) == count:  # layer_types, patterns...
+                setattr(config, key, [value[i] for i in keep])
+        for key in LAYER_FIELDS:
+            if hasattr(config, key):
+                setattr(config, key, len(keep))
+                break
     return True
 
 
@@ -315,7 +330,10 @@ def sync_config(
     values, problems = _invert(found, pruned, int_fields(config), model)
     for name, value in values.items():
         if getattr(config, name, None) != value:
-            setattr(config, name, value)
+            try:
+                setattr(config, name, value)
+            except Exception as exc:  # the config class's validators refuse it
+                problems[name] = f"the config refuses {value}: {type(exc).__name__}: {exc}"
     aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
     for name, value in int_fields(config).items():
         if getattr(before, name, None) != value:
@@ -380,10 +398,8 @@ def _invert(
     combos = itertools.product(*(sorted(candidates[n]) for n in names))
     for combo in itertools.islice(combos, MAX_CANDIDATES):
         trial = {**fixed, **dict(zip(names, combo, strict=True))}
-        cfg = copy.deepcopy(config)
-        for k, v in trial.items():
-            setattr(cfg, k, v)
-        fresh = _build(model_class, cfg)
+        cfg = _with(config, trial)
+        fresh = _build(model_class, cfg) if cfg is not None else None
         if fresh is None:
             continue
         shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
@@ -429,7 +445,19 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
     value while the config now sets it otherwise (``LlamaDecoderLayer.hidden_size``, which no
     forward reads) takes the config's value, if the outputs on ``example_inputs`` stay the
     same; the changes made are returned."""
-    fresh = _build(type(model), model.config)
+    config: Any = model.config
+    try:  # the round trip save_pretrained/from_pretrained makes, with its validation
+        saved = type(config).from_dict(config.to_dict())
+    except Exception as exc:  # DINOv2: out_features name a stage the fewer layers lack
+        return (
+            False,
+            (
+                f"the synced config does not load: {type(exc).__name__}: {exc} "
+                "(use graphprune.save/load)"
+            ),
+            [],
+        )
+    fresh = _build(type(model), saved)
     if fresh is None:
         return False, "the config cannot build this model (use graphprune.save/load)", []
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
