@@ -128,6 +128,25 @@ def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 @contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode, every module's own mode restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def run_eval(model: nn.Module, example_inputs: ExampleInputs) -> Any:
+    """``model(*args, **kwargs)`` on the example inputs, in eval mode without grad."""
+    args, kwargs = normalize_inputs(example_inputs)
+    with eval_mode(model), torch.no_grad():
+        return model(*args, **kwargs)
+
+
+@contextlib.contextmanager
 def _quiet_torch_logs() -> Iterator[None]:
     """torch logs a traceback at ERROR level for every op that fails while tracing; the
     failure reaches the caller as a CaptureError, so the log is only noise."""
@@ -183,19 +202,14 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     if not isinstance(model, nn.Module):
         raise InputError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
     try:
         # no_grad: a forward's own no_grad regions (rotary tables) then need no
         # wrap_with_set_grad_enabled sub-graphs; HF: a KV cache cannot be flattened
-        with torch.no_grad(), no_cache(model), _quiet_torch_logs():
+        with eval_mode(model), torch.no_grad(), no_cache(model), _quiet_torch_logs():
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
         raise CaptureError(reason, source_line=_user_frame(exc), hint=_hint_for(str(exc))) from exc
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
     signature = program.graph_signature
     state_fqn: dict[str, str] = {}

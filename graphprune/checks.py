@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphprune.capture import ExampleInputs, normalize_inputs
+from graphprune.capture import ExampleInputs, normalize_inputs, run_eval
 from graphprune.errors import InputError
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -46,7 +46,7 @@ def check_model(model: nn.Module, example_inputs: ExampleInputs) -> None:
     tensors, example inputs it does not run on); warn about NaN/inf weights."""
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    args, kwargs = normalize_inputs(example_inputs)
+    normalize_inputs(example_inputs)  # an input of a kind graphprune cannot pass: its error
     state = [*model.named_parameters(), *model.named_buffers()]
     on_meta = [name for name, t in state if t.is_meta]
     if on_meta:
@@ -65,11 +65,8 @@ def check_model(model: nn.Module, example_inputs: ExampleInputs) -> None:
             GraphPruneWarning,
             stacklevel=3,
         )
-    training = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
-            model(*args, **kwargs)
+        run_eval(model, example_inputs)
     except Exception as exc:
         where = _user_line(exc)
         raise InputError(
@@ -79,6 +76,3 @@ def check_model(model: nn.Module, example_inputs: ExampleInputs) -> None:
             + "\n  hint: pass inputs of the shape and dtype the model takes (a tensor, a tuple "
             "of positional inputs or a dict of keyword inputs), e.g. with a batch dimension"
         ) from None
-    finally:
-        for m, t in training.items():
-            m.train(t)

@@ -508,17 +508,10 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
 
 
 def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
-    from graphprune.capture import normalize_inputs
+    from graphprune.capture import run_eval  # capture imports this module
 
-    args, kwargs = normalize_inputs(example_inputs)
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), no_cache(model):
-            out = model(*args, **kwargs)
-    finally:
-        for m, mode in training.items():
-            m.train(mode)
+    with no_cache(model):
+        out = run_eval(model, example_inputs)
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 

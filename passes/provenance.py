@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
-from graphprune.capture import Captured, normalize_inputs, owning_module
+from graphprune.capture import Captured, eval_mode, normalize_inputs, owning_module
 
 AttrKey = tuple[str, str, int]  # (module path, attribute name, index in a tuple/list or -1)
 DimKey = tuple[int, int]  # (read tensor number, dimension)
@@ -446,15 +446,13 @@ def _trace(model: nn.Module, example_inputs: Any, objects: bool) -> ShapeTrace:
         if stack:
             stack.pop()
 
-    training = {m: m.training for m in model.modules()}
     originals = _swap_attributes(model, attributes)
-    model.eval()
     hooks = [
         torch.nn.modules.module.register_module_forward_pre_hook(enter),
         torch.nn.modules.module.register_module_forward_hook(leave),
     ]
     try:
-        with torch.no_grad(), recorder:
+        with eval_mode(model), torch.no_grad(), recorder:
             model(*args, **kwargs)
     except Exception as exc:  # a forward that rejects int subclasses: report, don't guess
         trace = ShapeTrace(error=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
@@ -465,8 +463,6 @@ def _trace(model: nn.Module, example_inputs: Any, objects: bool) -> ShapeTrace:
             hook.remove()
         for holder, name, value in originals:
             holder.__dict__[name] = value
-        for m, mode in training.items():
-            m.train(mode)
     recorder.trace.attributes = attributes
     return recorder.trace
 

@@ -13,7 +13,7 @@ from torch import fx
 
 from graphprune.analysis.graph import ShapeConstantUse
 from graphprune.analysis.registry import source_line
-from graphprune.capture import capture, normalize_inputs
+from graphprune.capture import capture, run_eval
 from graphprune.errors import CaptureError
 from graphprune.passes.base import PassContext, RewriteFailure
 
@@ -103,15 +103,7 @@ def _shapes(value: Any) -> Any:
 
 def output_shapes(model: torch.nn.Module, example_inputs: Any) -> Any:
     """Shapes of the model's outputs (eval mode, no grad; the model's modes are restored)."""
-    args, kwargs = normalize_inputs(example_inputs)
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _shapes(model(*args, **kwargs))
-    finally:
-        for m, mode in training.items():
-            m.train(mode)
+    return _shapes(run_eval(model, example_inputs))
 
 
 def _changed(ctx: PassContext) -> list[ShapeConstantUse]:
@@ -121,8 +113,7 @@ def _changed(ctx: PassContext) -> list[ShapeConstantUse]:
 
 def make_verifier(reference_shapes: Any) -> Any:
     def verify(ctx: PassContext) -> None:
-        training = {m: m.training for m in ctx.model.modules()}
-        try:
+        try:  # capture runs in eval mode and restores every module's mode
             captured = capture(ctx.model, ctx.example_inputs)
         except CaptureError as exc:
             line = ":".join((exc.source_line or "").split(":")[:2])
@@ -143,9 +134,6 @@ def make_verifier(reference_shapes: Any) -> Any:
                 line=line,
                 groups={g for c in suspects for g in c.groups},
             ) from exc
-        finally:
-            for m, t in training.items():
-                m.train(t)
         if not ctx.dropped:
             nodes = _by_site(captured.graph)
             sites = _sites(ctx.captured.graph)
