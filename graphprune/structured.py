@@ -31,12 +31,7 @@ from graphprune.capture import Captured, ExampleInputs, capture
 from graphprune.importance import LossFn, score_groups
 from graphprune.macs import count_macs
 from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, RewriteFailure
-from graphprune.passes.drop_layers import (
-    DropLayers,
-    block_contributions,
-    droppable_blocks,
-    residual_blocks,
-)
+from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
 from graphprune.passes.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
 from graphprune.passes.prune_heads import PruneHeads
 from graphprune.passes.slice_channels import SliceChannels
@@ -465,24 +460,21 @@ def _nothing_pruned(plan: Plan, dg: DependencyGraph) -> str:
 def prune_layers(
     target: nn.Module, plan: Plan, s: Setup, batches: list[Any], lap: Callable[[str], None]
 ) -> Outcome:
-    blocks = [b for b in droppable_blocks(target, s.captured) if not plan.ignores([b])]
-    if not blocks:
+    candidates = [b for b in droppable_blocks(target, s.captured) if not plan.ignores([b])]
+    if not candidates:
         raise PlanError(
             "granularity='layers' found no residual block (y = x + f(x)) to "
             "drop in this model; use granularity='channels'"
         )
-    order = _rank_blocks(target, blocks, plan, batches)
-    if len(order) < len(blocks):  # a layer list of stages (HF Swin): try the blocks inside
-        inner = [b for b in residual_blocks(s.captured) if not plan.ignores([b])]
-        inner_order = _rank_blocks(target, inner, plan, batches) if inner else []
-        if len(inner_order) > len(order):
-            blocks, order = inner, inner_order
-    if not order:
+    droppable = droppable_blocks(target, s.captured, s.example_inputs)
+    blocks = [b for b in droppable if not plan.ignores([b])]
+    if not blocks:
         raise PlanError(
-            f"granularity='layers': none of the {len(blocks)} residual blocks returns a tensor "
-            "shaped like its input, so none can be replaced by a skip; use "
+            f"granularity='layers': none of the {len(candidates)} residual blocks returns a "
+            "tensor shaped like its input, so none can be replaced by a skip; use "
             "granularity='channels'"
         )
+    order = _rank_blocks(target, blocks, plan, batches)
     lap("score")
 
     def passes(ratio: float) -> list[Pass]:
@@ -515,5 +507,4 @@ def _rank_blocks(model: nn.Module, blocks: list[str], plan: Plan, batches: list[
         order = np.random.default_rng(plan.seed).permutation(len(blocks))
         return [blocks[i] for i in order]
     contributions = block_contributions(model, blocks, batches)
-    shaped = [b for b in blocks if math.isfinite(contributions[b])]  # see block_contributions
-    return sorted(shaped, key=lambda b: (contributions[b], blocks.index(b)))
+    return sorted(blocks, key=lambda b: (contributions[b], blocks.index(b)))

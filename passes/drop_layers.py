@@ -9,7 +9,6 @@ much is lost. Only the innermost such modules are candidates (not a Sequential o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from graphprune.capture import Captured, normalize_inputs
+from graphprune.capture import Captured, normalize_inputs, run_eval
 from graphprune.hf import layer_paths, remove_layers
 from graphprune.modules import SkipBlock
 from graphprune.passes.base import PassContext, PassResult
@@ -54,9 +53,55 @@ def residual_blocks(captured: Captured) -> list[str]:
     return [p for p in found if not any(q != p and q.startswith(p + ".") for q in found)]
 
 
-def droppable_blocks(model: nn.Module, captured: Captured) -> list[str]:
-    """The candidates of granularity='layers': an HF model's layer list, else residual blocks."""
-    return layer_paths(model) or residual_blocks(captured)
+def droppable_blocks(model: nn.Module, captured: Captured, example_inputs: Any = None) -> list[str]:
+    """The candidates of granularity='layers': an HF model's layer list, else residual blocks.
+    With ``example_inputs``, only blocks a skip can replace -- whose output is shaped like
+    their first input -- and where a layer list holds stages that change shape (HF Swin), the
+    residual blocks inside them if more of those qualify."""
+    listed = layer_paths(model) or residual_blocks(captured)
+    if example_inputs is None:
+        return listed
+    inner = residual_blocks(captured)
+    io = block_io(model, list(dict.fromkeys(listed + inner)), example_inputs)
+    found = [b for b in listed if io[b].keeps_shape]
+    if len(found) < len(listed):
+        inside = [b for b in inner if io[b].keeps_shape]
+        found = inside if len(inside) > len(found) else found
+    return found
+
+
+@dataclass
+class BlockIO:
+    """What one block's forward returned, seen by a hook."""
+
+    keeps_shape: bool = False  # its output (first of a tuple) is shaped like its first input
+    arity: int = 0  # the length of the tuple it returns (HF Swin: (hidden, attn)); 0: a tensor
+
+
+def block_io(model: nn.Module, blocks: list[str], example_inputs: Any) -> dict[str, BlockIO]:
+    """:class:`BlockIO` of each block (never called: the default), from one eval forward."""
+    found = {b: BlockIO() for b in blocks}
+
+    def hook(name: str) -> Any:
+        def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            x = args[0] if args else kwargs.get("hidden_states")  # HF layers: by name too
+            y = out[0] if isinstance(out, tuple) else out
+            found[name] = BlockIO(
+                isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape,
+                len(out) if isinstance(out, tuple) else 0,
+            )  # returns None: the output stays
+
+        return record
+
+    handles = [
+        model.get_submodule(b).register_forward_hook(hook(b), with_kwargs=True) for b in blocks
+    ]
+    try:
+        run_eval(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
@@ -85,7 +130,7 @@ def block_contributions(
     model: nn.Module, blocks: list[str], batches: Iterable[Any]
 ) -> dict[str, float]:
     """Mean ``||block(x) - x|| / ||x||`` per block over the batches (forward hooks, no grad);
-    inf for a block whose output is not shaped like its first input."""
+    the blocks are droppable ones (:func:`droppable_blocks`), shaped like their input."""
     totals = {b: 0.0 for b in blocks}
     counts = {b: 0 for b in blocks}
     handles = []
@@ -94,14 +139,7 @@ def block_contributions(
         def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             x = args[0] if args else kwargs["hidden_states"]  # HF layers may take it by name
             y = out[0] if isinstance(out, tuple) else out
-            if (
-                not isinstance(y, torch.Tensor)
-                or not isinstance(x, torch.Tensor)
-                or (y.shape != x.shape)
-            ):  # its first input is not what it returns: not a block a skip can replace
-                totals[name] = math.inf
-            else:
-                totals[name] += float((y - x).norm() / x.norm().clamp_min(1e-12))
+            totals[name] += float((y - x).norm() / x.norm().clamp_min(1e-12))
             counts[name] += 1
 
         return record
@@ -119,32 +157,6 @@ def block_contributions(
     return {b: totals[b] / max(counts[b], 1) for b in blocks}
 
 
-def output_arity(model: nn.Module, blocks: list[str], example_inputs: Any) -> dict[str, int]:
-    """Blocks that return a tuple ``(hidden, extra...)`` (HF Swin layers: ``(hidden,
-    attn_weights)``) -> its length; one eval forward with hooks."""
-    found: dict[str, int] = {}
-
-    def hook(name: str) -> Any:
-        def record(_m: nn.Module, _args: Any, out: Any) -> None:  # None: the output stays
-            found.setdefault(name, len(out) if isinstance(out, tuple) else 0)
-
-        return record
-
-    handles = [model.get_submodule(b).register_forward_hook(hook(b)) for b in blocks]
-    args, kwargs = normalize_inputs(example_inputs)
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in training.items():
-            m.train(mode)
-    return found
-
-
 @dataclass
 class DropLayers:
     blocks: list[str] = field(default_factory=list)
@@ -155,12 +167,12 @@ class DropLayers:
             ctx.dropped.extend(self.blocks)
             ctx.changes.extend(f"{path}: removed from the layer list" for path in self.blocks)
             return PassResult(True, {"dropped": list(self.blocks)})
-        arity = output_arity(ctx.model, self.blocks, ctx.example_inputs)
+        io = block_io(ctx.model, self.blocks, ctx.example_inputs)
         for path in self.blocks:
             parent, _, child = path.rpartition(".")
             owner = ctx.model.get_submodule(parent) if parent else ctx.model
             old = owner.get_submodule(child)
-            setattr(owner, child, SkipBlock(type(old).__name__, arity.get(path, 0)))
+            setattr(owner, child, SkipBlock(type(old).__name__, io[path].arity))
             ctx.dropped.append(path)
             ctx.changes.append(f"{path}: {type(old).__name__} -> SkipBlock (identity)")
         return PassResult(bool(self.blocks), {"dropped": list(self.blocks)})

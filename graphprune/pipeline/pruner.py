@@ -185,7 +185,7 @@ class Pruner:
 
 def residual_blocks_of(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
     """The blocks compile's granularity='layers' chooses from (the same function)."""
-    return droppable_blocks(model, capture(model, example_inputs))
+    return droppable_blocks(model, capture(model, example_inputs), example_inputs)
 
 
 def _calibration(
