@@ -205,7 +205,7 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
     key = (model_class, json.dumps(config.to_dict(), sort_keys=True, default=str))
     if key in _MAPS:
         return _MAPS[key]
-    base = _shapes(model_class, copy.deepcopy(config))
+    base = _shapes(model_class, config)  # _build works on a copy
     if base is None:
         return None
     footprints: dict[str, Footprint] = {}
