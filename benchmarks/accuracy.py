@@ -79,7 +79,7 @@ def train(model: nn.Module, data: Data, epochs: int, lr: float, seed: int) -> nn
     steps = epochs * math.ceil(len(x) / 64)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
-    for epoch in gp.pipeline.progress.track(range(epochs), "training", True):
+    for epoch in gp.progress.track(range(epochs), "training", True):
         for bx, by in batches(x, y, 64, seed * 1000 + epoch):
             opt.zero_grad()
             F.cross_entropy(model(bx), by).backward()

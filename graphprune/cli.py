@@ -84,6 +84,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         "min_channels": args.min_channels,
         "nm": args.nm,
         "block": args.block,
+        "reconstruct": args.reconstruct,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.ignore:
@@ -98,6 +99,30 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     elif "ratio" not in data and "target_macs" not in data:
         data["ratio"] = 0.5
     return Plan.from_dict(data)
+
+
+def calibration_from_args(args: argparse.Namespace, batch: int = 32) -> list[Any] | None:
+    """``--calibration FILE``: a tensor split into batches of ``batch``, or a list of batches."""
+    if not getattr(args, "calibration", None):
+        return None
+    import torch
+
+    try:
+        data = torch.load(args.calibration, weights_only=True)
+    except Exception as exc:  # a missing, corrupt or pickled-object file
+        raise InputError(
+            f"--calibration {args.calibration}: not a file torch.load can read with "
+            f"weights_only=True ({type(exc).__name__}); save a tensor or a list of tensors "
+            "with torch.save"
+        ) from exc
+    if isinstance(data, torch.Tensor):
+        return list(data.split(batch))
+    if isinstance(data, list | tuple) and data:
+        return list(data)
+    raise InputError(
+        f"--calibration {args.calibration}: holds {type(data).__name__}; save a tensor "
+        "(N, ...) or a list of input batches"
+    )
 
 
 def _progress(message: str) -> Any:
@@ -124,7 +149,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"loaded {args.load}\n  {report_line(model, target, inputs)}")
     elif pruning:
         with _progress("pruning"):
-            target, baseline = compile(model, plan_from_args(args), inputs), model
+            plan, calibration = plan_from_args(args), calibration_from_args(args)
+            target = compile(model, plan, inputs, calibration=calibration)
+            baseline = model
         print(report(target).table(max_groups=12, width=80))
     what = "exporting, verifying in onnxruntime" + (" and timing" if args.bench else "")
     with _progress(what):
@@ -217,7 +244,7 @@ def _cmd_sparsity(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     plan = plan_from_args(args)
-    pruned = compile(model, plan, inputs)
+    pruned = compile(model, plan, inputs, calibration=calibration_from_args(args))
     defaults = Plan(ratio=0.5).to_dict()
     shown = " ".join(
         f"{k}={v}"
@@ -253,7 +280,20 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, help="fraction of channels removed (default 0.5)")
     p.add_argument("--target-macs", type=float, help="fraction of MACs to keep instead")
     p.add_argument("--scope", choices=["local", "global"])
-    p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm")
+    p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm, wanda")
+    p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        default=None,
+        help="refit the kept weights to the original layer outputs (least squares; SparseGPT "
+        "for sparse plans) on the --calibration data",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration inputs: a torch.save'd tensor (N, ...) or list of batches (default: "
+        "the example input)",
+    )
     p.add_argument("--granularity", choices=list(GRANULARITIES))
     p.add_argument(
         "--nm",

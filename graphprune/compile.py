@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from graphprune import structured
@@ -18,12 +19,14 @@ from graphprune.hf import no_cache, sync_config
 from graphprune.importance import LossFn
 from graphprune.macs import count_macs, count_params
 from graphprune.plan import Plan
+from graphprune.reconstruct import refit_consumers, sparsegpt
 from graphprune.report import (
     RECORD,
     REPORT,
     CompileReport,
     FrozenGroup,
     GroupOutcome,
+    LayerFit,
     LayerSparsity,
     UnitReport,
 )
@@ -71,7 +74,8 @@ def compile(
     Works on a deep copy unless ``inplace=True``; the result keeps the input's train/eval
     mode and is an ordinary module (trainable, saveable with :func:`graphprune.save`).
     ``calibration`` batches (defaults to the example inputs) feed the data-driven criteria
-    (taylor, fisher) and the layer contributions; ``loss_fn(output)`` defaults to the mean
+    (taylor, fisher, wanda), reconstruction (``Plan(reconstruct=True)``) and the layer
+    contributions; ``loss_fn(output)`` defaults to the mean
     squared output (``loss_fn(output, target)`` for :class:`graphprune.LabelledBatch` batches).
     :func:`graphprune.report` returns what was done.
 
@@ -114,6 +118,15 @@ def _compile_into(
     group_sizes: list[int] = []
     frozen: list[FrozenGroup] = []
     notes: list[str] = []
+    fits: list[LayerFit] = []
+    reconstruct = plan.reconstruct or (plan.sparsity is not None and plan.sparsity.reconstruct)
+    if reconstruct and calibration is None:
+        notes.append(
+            "reconstruct=True without calibration= fits the layers to the example inputs "
+            "only; pass batches of real data"
+        )
+    # the original's layer outputs are the refit's targets (inplace rewrites the model itself)
+    original = copy.deepcopy(model) if inplace and plan.reconstruct else model
     if not plan.is_sparse:
         watch.restart()
         # the user's model is only read (trials rewrite copies; inplace replays at the end)
@@ -134,7 +147,10 @@ def _compile_into(
             for g in outcome.groups
         ]
         group_sizes = [g.size for g in setup.dg.groups]
-        notes = setup.notes() + outcome.notes
+        notes += setup.notes() + outcome.notes
+        if plan.reconstruct and resolution.changed:
+            fits = _refit(original, target, setup, resolution, batches)
+            watch.lap("reconstruct")
         frozen = [
             FrozenGroup(g, setup.dg.group(g).name, setup.dg.group(g).size, why)
             for g, why in sorted(resolution.frozen.items())
@@ -144,6 +160,17 @@ def _compile_into(
     if sparse is not None:
         watch.restart()
         masks = compute_masks(target, sparse, batches=batches, loss_fn=loss_fn)
+        if plan.reconstruct or sparse.reconstruct:
+            chosen, sparse_fits = sparsegpt(
+                target,
+                {name: m.mask for name, m in masks.layers.items()},
+                batches,
+                adaptive=sparse.granularity if sparse.granularity != "block" else None,
+                nm=(sparse.nm[0], sparse.nm[1]),
+            )
+            for name, mask in chosen.items():
+                masks.layers[name].mask = mask
+            fits += sparse_fits
         apply_masks(target, masks)
         masked = [
             LayerSparsity(name, m.pattern, list(m.mask.shape), m.sparsity)
@@ -174,6 +201,7 @@ def _compile_into(
         resolution=resolution.to_dict(),
         sparsity=masked,
         config=synced.to_dict() if synced is not None else {},
+        reconstruction=fits,
     )
     record = {
         "format": RECORD_FORMAT,
@@ -190,6 +218,26 @@ def _compile_into(
     object.__setattr__(target, RECORD, record)
     object.__setattr__(target, REPORT, report)
     return target
+
+
+def _refit(
+    original: nn.Module,
+    pruned: nn.Module,
+    setup: structured.Setup,
+    resolution: Resolution,
+    batches: list[Any],
+) -> list[LayerFit]:
+    """Least-squares refit of the layers whose inputs were pruned and of the BatchNorms."""
+    dims = set(setup.dg.member_dims())
+
+    def output_index(name: str) -> torch.Tensor | None:
+        fqn = f"{name}.weight"
+        if (fqn, 0) not in dims:
+            return None
+        kept: dict[int, Iterable[int]] = dict(resolution.kept)
+        return torch.as_tensor(setup.dg.kept_positions(fqn, 0, kept))
+
+    return refit_consumers(original, pruned, output_index, batches)
 
 
 def earlier_records(model: nn.Module) -> list[dict[str, Any]]:

@@ -9,13 +9,17 @@ Criteria: ``l1``/``l2`` magnitude; ``bn_scale`` |gamma| of the group's BatchNorm
 ``l1`` where the group has none); ``random`` (seeded); ``taylor`` |w * dL/dw| and ``fisher`` (alias
 ``hessian``) ½ w² E[(dL/dw)²], the diagonal OBD estimate, both from calibration batches;
 ``fpgm``, the distance of each channel's weights to the others (near the geometric median =
-redundant). A callable ``(group, tensors, grads) -> scores`` may replace any of them.
+redundant); ``wanda`` (Sun et al., 2023) |W|·||x||: a consumer layer's input channel j scores
+sum_i |W_ij| · ||x_j|| with ||x_j|| its input norm over the calibration batches, so a channel
+with large weights but small activations ranks low; the group's other members (producers,
+norms, biases) contribute their squared weight norms as ``l2`` does. A callable
+``(group, tensors, grads) -> scores`` may replace any of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.analysis import DependencyGraph, Group, Member
+from graphprune.calibration import input_norms, rows_unsupported
 from graphprune.capture import LabelledBatch, normalize_inputs
 
 Tensors = dict[str, Tensor]
@@ -35,6 +40,7 @@ class ScoringInputs:
     grads: dict[str, list[Tensor]]  # FQN -> per-batch gradients (taylor/fisher only)
     modules: dict[str, nn.Module]
     rng: np.random.Generator
+    input_norms: dict[str, Tensor] = field(default_factory=dict)  # wanda: consumer -> ||x_j||
 
 
 def _rows(t: Tensor, dim: int) -> np.ndarray:
@@ -119,6 +125,30 @@ def fpgm(group: Group, inputs: ScoringInputs) -> np.ndarray:
     return scores if scores.any() else magnitude(group, inputs, 2)
 
 
+def is_consumer(member: Member, modules: dict[str, nn.Module]) -> bool:
+    """``member`` is the input dim of a Linear/Conv (groups=1) weight."""
+    module = modules.get(member.module)
+    return (
+        member.dim == 1
+        and member.fqn == f"{member.module}.weight"
+        and module is not None
+        and not rows_unsupported(module)
+    )
+
+
+def wanda(group: Group, inputs: ScoringInputs) -> np.ndarray:
+    def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
+        for m in _weights(group, inputs):
+            rows = np.abs(_rows(inputs.tensors[m.fqn], m.dim))
+            norms = inputs.input_norms.get(m.module) if is_consumer(m, inputs.modules) else None
+            if norms is not None:
+                yield m, rows.sum(axis=1) * norms.cpu().numpy()
+            else:
+                yield m, (rows**2).sum(axis=1)
+
+    return _accumulate(group, member_scores())
+
+
 CRITERIA: dict[str, Callable[[Group, ScoringInputs], np.ndarray]] = {
     "l1": lambda g, i: magnitude(g, i, 1),
     "l2": lambda g, i: magnitude(g, i, 2),
@@ -128,6 +158,7 @@ CRITERIA: dict[str, Callable[[Group, ScoringInputs], np.ndarray]] = {
     "fisher": fisher,
     "hessian": fisher,
     "fpgm": fpgm,
+    "wanda": wanda,
 }
 NEEDS_GRADIENTS = {"taylor", "fisher", "hessian"}
 
@@ -197,7 +228,13 @@ def score_groups(
         finally:
             for m, t in was_training.items():
                 m.train(t)
-    inputs = ScoringInputs(tensors, grads, dict(model.named_modules()), np.random.default_rng(seed))
+    modules = dict(model.named_modules())
+    norms: dict[str, Tensor] = {}
+    if criterion == "wanda":
+        batches = list(batches)
+        consumers = {m.module for g in groups for m in g.members if is_consumer(m, modules)}
+        norms = input_norms(model, sorted(consumers), batches)
+    inputs = ScoringInputs(tensors, grads, modules, np.random.default_rng(seed), norms)
     scores: dict[int, np.ndarray] = {}
     for g in groups:
         if callable(criterion):

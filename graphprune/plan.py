@@ -17,8 +17,8 @@ SCOPES = ("local", "global")
 STRUCTURED = ("channels", "heads", "layers")
 SPARSE = ("unstructured", "n:m", "block")  # masks on weights: storage, not dense speed
 GRANULARITIES = STRUCTURED + SPARSE
-IMPORTANCES = ("l1", "l2", "bn_scale", "random", "taylor", "fisher", "hessian", "fpgm")
-SPARSE_IMPORTANCES = ("l1", "l2", "random", "taylor", "fisher", "hessian")
+IMPORTANCES = ("l1", "l2", "bn_scale", "random", "taylor", "fisher", "hessian", "fpgm", "wanda")
+SPARSE_IMPORTANCES = ("l1", "l2", "random", "taylor", "fisher", "hessian", "wanda")
 
 
 class PlanError(GraphPruneError, ValueError):
@@ -33,8 +33,9 @@ class Plan:
     target_macs: instead of ``ratio``, the fraction of MACs to keep, in (0, 1].
     scope: "local" (the same ratio in every group) or "global" (channels ranked across groups by
         normalised importance, at most ``max_ratio`` of any group removed).
-    importance: "l1", "l2", "bn_scale", "random", "taylor", "fisher"/"hessian", "fpgm", or a
-        callable ``(group, tensors, grads) -> scores`` (not serialisable).
+    importance: "l1", "l2", "bn_scale", "random", "taylor", "fisher"/"hessian", "fpgm",
+        "wanda" (|W|·||x|| from the calibration batches), or a callable
+        ``(group, tensors, grads) -> scores`` (not serialisable).
     granularity: structured -- "channels" (every channel group except attention internals),
         "heads" (attention heads; kv heads for GQA) or "layers" (whole residual blocks ->
         identity); or sparse masks on the weights of Linear/Conv layers -- "unstructured"
@@ -52,6 +53,12 @@ class Plan:
         which keeps every conv in onnxruntime's blocked NCHWc layout (see README, "Measured
         speed-up"); 1 = exact counts. Head counts are never rounded.
     min_channels: never keep fewer channels than this in a layer.
+    reconstruct: after choosing what to remove, update the kept weights so each affected layer
+        reproduces its original output on the calibration batches (one-shot, no training):
+        structured plans refit every layer whose inputs were pruned by ridge least squares
+        (bias compensation included) and re-estimate BatchNorm statistics; sparse plans run
+        SparseGPT (unstructured and n:m masks chosen by its OBS saliency). Applies to a nested
+        ``sparsity`` plan too. See :mod:`graphprune.reconstruct`.
     """
 
     ratio: float | None = None
@@ -69,6 +76,7 @@ class Plan:
     block: list[int] = field(default_factory=lambda: [4, 4])
     include: list[str] = field(default_factory=list)
     sparsity: Plan | None = None
+    reconstruct: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +86,11 @@ class Plan:
         if isinstance(self.sparsity, dict):  # from JSON
             self.sparsity = Plan.from_dict(self.sparsity)
         self.nm, self.block = list(self.nm), list(self.block)
+        if self.reconstruct and self.granularity == "layers":
+            raise PlanError(
+                "reconstruct=True refits layers whose inputs lose channels (or weights); "
+                "granularity='layers' removes whole blocks: use channels/heads or a sparse plan"
+            )
         if self.granularity in SPARSE:
             self._validate_sparse()
             return

@@ -63,6 +63,23 @@ class LayerSparsity:
 
 
 @dataclass
+class LayerFit:
+    """How reconstruction changed one layer's output on the calibration data.
+
+    Errors are relative: ||Y - Y_pruned||^2 / ||Y||^2 over every calibration row, where Y is
+    the original layer's output (structured: on the original model's activations) and
+    Y_pruned the pruned layer's, before and after its weights were updated.
+    """
+
+    module: str
+    method: str  # "least squares", "sparsegpt", or "skipped"
+    error_before: float
+    error_after: float
+    rows: int  # calibration rows (tokens or conv output positions) the fit used
+    note: str = ""
+
+
+@dataclass
 class CompileReport:
     plan: dict[str, Any]
     params_before: int
@@ -79,6 +96,7 @@ class CompileReport:
     resolution: dict[str, Any] = field(default_factory=dict)  # Resolution.to_dict(): kept indices
     sparsity: list[LayerSparsity] = field(default_factory=list)  # masks of a sparse plan
     config: dict[str, Any] = field(default_factory=dict)  # HF models: graphprune.hf.ConfigSync
+    reconstruction: list[LayerFit] = field(default_factory=list)  # Plan(reconstruct=True)
 
     @property
     def weight_sparsity(self) -> float:
@@ -164,6 +182,22 @@ class CompileReport:
                 if self.config["expressible"]
                 else f"  config cannot express it: {self.config['reason']}"
             )
+        if self.reconstruction:
+            fitted = [f for f in self.reconstruction if f.method != "skipped"]
+            lines.append(
+                f"reconstructed layers: {len(fitted)} of {len(self.reconstruction)} "
+                "(relative output error on the calibration data, before -> after)"
+            )
+            for fit in self.reconstruction[:max_groups]:
+                detail = (
+                    f"skipped: {fit.note}"
+                    if fit.method == "skipped"
+                    else f"{fit.method:<13} {fit.error_before:.2e} -> {fit.error_after:.2e}"
+                    + (f"  ({fit.note})" if fit.note else "")
+                )
+                lines += _wrap(f"{_shorten(fit.module, 32):<32} {detail}", width, 2)
+            if len(self.reconstruction) > max_groups:
+                lines.append(f"  … {len(self.reconstruction) - max_groups} more layers")
         for n in self.notes:
             lines += _wrap(f"note: {n}", width)
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())

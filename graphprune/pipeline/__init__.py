@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from graphprune.pipeline.pruner import Pruner, StepRecord
-from graphprune.pipeline.recalibrate import recalibrate_norms
 from graphprune.pipeline.regularize import GroupLasso
 from graphprune.pipeline.rewind import rewind
 from graphprune.pipeline.schedule import SCHEDULES, schedule_ratios
+from graphprune.recalibrate import recalibrate_norms
 
 __all__ = [
     "SCHEDULES",

@@ -26,9 +26,10 @@ from graphprune.compile import compile
 from graphprune.importance import LossFn
 from graphprune.macs import count_macs, count_params
 from graphprune.passes.drop_layers import droppable_blocks
-from graphprune.pipeline.progress import track
 from graphprune.pipeline.schedule import schedule_ratios
 from graphprune.plan import Plan, PlanError
+from graphprune.progress import track
+from graphprune.reconstruct import sparsegpt
 from graphprune.resolve import candidate_groups, unit_keep
 from graphprune.sparsity.masks import compute_masks
 from graphprune.sparsity.parametrize import masked_fraction, masked_layers, update_masks
@@ -170,6 +171,16 @@ class Pruner:
             loss_fn=self.loss_fn,
             previous=masked_layers(self.model),
         )
+        if plan.reconstruct:  # SparseGPT updates with this step's masks (each a subset of the last)
+            kept, _ = sparsegpt(
+                self.model,
+                {name: m.mask for name, m in masks.layers.items()},
+                self._batches or [self.example_inputs],
+                adaptive=None,
+                progress=self.progress,
+            )
+            for name, mask in kept.items():
+                masks.layers[name].mask = mask
         update_masks(self.model, masks)
         return self.model
 

@@ -9,9 +9,12 @@ Every Linear/Conv weight is seen as a matrix so one code path serves all layers:
   kernel position and spans m input channels, as sparse tensor cores expect.
 
 Scores are per weight (higher = keep): ``l1`` |w|, ``l2`` w², ``random`` (seeded), ``taylor``
-|w · E[dL/dw]|, ``fisher``/``hessian`` ½ w² E[(dL/dw)²] over the calibration batches. Counts are
-exact: a local plan zeroes ``floor(ratio · n)`` weights (or blocks) of every layer; a global plan
-zeroes ``floor(ratio · N)`` of all of them, never more than ``max_ratio`` of any one layer.
+|w · E[dL/dw]|, ``fisher``/``hessian`` ½ w² E[(dL/dw)²] over the calibration batches, ``wanda``
+|w_ij| · ||x_j|| (x_j: the layer's input channel j over the calibration batches). Counts are
+exact: a local plan zeroes ``floor(ratio · n)`` weights (or blocks) of every layer -- with
+``wanda`` unstructured, ``floor(ratio · n_row)`` of every output row, Wanda's per-output
+comparison; a global plan zeroes ``floor(ratio · N)`` of all of them, never more than
+``max_ratio`` of any one layer.
 Nothing here changes the model.
 """
 
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from graphprune.calibration import input_norms
 from graphprune.capture import tensor_aliases
 from graphprune.importance import LossFn, gradients
 from graphprune.plan import Plan
@@ -103,6 +107,7 @@ def compute_masks(
     for name, mask in (previous or {}).items():
         if name in scores:  # every score is >= 0: -1 ranks the cut weights below all others
             scores[name][~mask.cpu().numpy()] = -1.0
+    per_row = plan.importance == "wanda" and plan.granularity == "unstructured"
     units: dict[str, np.ndarray] = {}  # per layer: scores of the units that are zeroed together
     for name, module in layers.items():
         matrix = _matrix(scores[name], plan.granularity)
@@ -129,7 +134,7 @@ def compute_masks(
         keep_units = (
             _global_keep(units, plan.ratio or 0.0, plan.max_ratio)
             if plan.scope == "global"
-            else {n: _local_keep(u, plan.ratio_for([n])) for n, u in units.items()}
+            else {n: _local_keep(u, plan.ratio_for([n]), per_row=per_row) for n, u in units.items()}
         )
         for name, kept in keep_units.items():
             if plan.granularity == "block":
@@ -161,6 +166,12 @@ def _scores(
         return {n: rng.random(tuple(w.shape)) for n, w in weights.items()}
     if not batches:
         raise ValueError(f"importance={criterion!r} needs calibration batches")
+    if criterion == "wanda":
+        norms = input_norms(model, list(layers), batches)
+        return {
+            n: (w.abs() * _input_scale(layers[n], w, norms.get(n))).numpy()
+            for n, w in weights.items()
+        }
     fqns = {f"{n}.weight" for n in layers}
     grads = gradients(model, batches, loss_fn, fqns)
     out = {}
@@ -191,8 +202,26 @@ def _unmatrix(kept: np.ndarray, weight: Tensor, pattern: str) -> Tensor:
 
 
 # -- selection ---------------------------------------------------------------------------------
-def _local_keep(scores: np.ndarray, ratio: float) -> np.ndarray:
-    """Zero exactly floor(ratio * n) of the lowest scores (ties: earliest index first)."""
+def _input_scale(module: nn.Module, weight: Tensor, norms: Tensor | None) -> Tensor:
+    """||x_j|| broadcast to ``weight``'s shape (grouped convs: each output row sees its group's
+    inputs); ones for a layer the forward never called."""
+    if norms is None:
+        return torch.ones_like(weight)
+    groups = getattr(module, "groups", 1)
+    per_group = norms.reshape(groups, -1)  # (groups, in / groups)
+    rows = per_group.repeat_interleave(weight.shape[0] // groups, dim=0)  # (out, in / groups)
+    return rows.reshape(*rows.shape, *([1] * (weight.dim() - 2)))
+
+
+def _local_keep(scores: np.ndarray, ratio: float, per_row: bool = False) -> np.ndarray:
+    """Zero exactly floor(ratio * n) of the lowest scores (ties: earliest index first); with
+    ``per_row``, floor(ratio * n_row) of each row."""
+    if per_row:
+        matrix = scores.reshape(scores.shape[0], -1)
+        k = math.floor(ratio * matrix.shape[1] + 1e-9)
+        rows = np.ones(matrix.shape, dtype=bool)
+        np.put_along_axis(rows, np.argsort(matrix, axis=1, kind="stable")[:, :k], False, axis=1)
+        return rows.reshape(scores.shape)
     flat = scores.ravel()
     k = math.floor(ratio * flat.size + 1e-9)
     keep = np.ones(flat.size, dtype=bool)

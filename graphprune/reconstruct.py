@@ -1,0 +1,419 @@
+"""Reconstruction: update the kept weights so each pruned layer reproduces its original output.
+
+Both methods go layer by layer in forward order, and each layer sees the activations of the
+model as pruned *and reconstructed so far* (as SparseGPT does), so errors upstream are
+compensated downstream. Only one layer's statistics are alive at a time (:class:`Statistics`).
+
+* **Structured** (:func:`refit_consumers`): every Linear/Conv whose input channels were removed
+  is refit by ridge least squares on its kept inputs: with A the pruned layer's input rows (and
+  a column of ones for the bias: bias compensation, the removed channels' mean contribution
+  folds into it) and Y the original layer's output on the original model's activations (its
+  kept output channels), ``B = (A^T A + lam I)^-1 A^T Y``. ``lam`` is chosen by two-fold
+  cross-validation on the calibration batches from ``RIDGE`` (relative to the mean diagonal of
+  A^T A; the bias is not penalised), so few calibration rows do not overfit and exact
+  dependencies are recovered exactly. Every BatchNorm (affine) on the way is refit the same
+  way, per channel: its scale and shift by 1-D least squares of the original BN output on its
+  normalised input -- the least-squares form of recalibration (a BN whose input did not change
+  keeps its values exactly; one whose input drifted is re-centred and re-scaled).
+* **Sparse** (:func:`sparsegpt`): SparseGPT (Frantar & Alistarh, 2023): with the layer Hessian
+  H = X^T X damped by 1 % of its mean diagonal, columns are processed in blocks of 128; each
+  zeroed weight's error is spread over the not yet processed columns through the Cholesky factor
+  of H^-1. Unstructured and n:m masks are chosen on the way by the OBS saliency
+  w^2 / [H^-1]_jj^2 (per column block; n:m per group of m, so the pattern is exact); block masks
+  and masks given by an earlier step are kept as they are.
+
+A layer never ends up worse on the calibration data than without reconstruction: when an update
+would raise its error, the layer keeps the plain pruned weights (the report says so).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from graphprune.calibration import (
+    call_order,
+    input_rows,
+    layer_inputs,
+    output_rows,
+    rows_unsupported,
+)
+from graphprune.capture import tensor_aliases
+from graphprune.progress import track
+from graphprune.report import LayerFit
+
+NORMS = nn.modules.batchnorm._BatchNorm
+RIDGE = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # lam / mean(diag(A^T A)) tried by validation
+PERCDAMP = 0.01  # SparseGPT's Hessian damping, relative to its mean diagonal
+BLOCK = 128  # SparseGPT's column block
+
+
+class Statistics:
+    """Normal equations of one layer in two folds: G = A^T A, C = A^T Y, yy = ||Y||^2 (float64).
+
+    Every live instance is tracked (``Statistics.live``) so tests can check that only one
+    layer's statistics exist at a time.
+    """
+
+    live: ClassVar[weakref.WeakSet[Statistics]] = weakref.WeakSet()
+
+    def __init__(self, columns: int, outputs: int) -> None:
+        self.G = torch.zeros(2, columns, columns, dtype=torch.float64)
+        self.C = torch.zeros(2, columns, outputs, dtype=torch.float64)
+        self.yy = torch.zeros(2, dtype=torch.float64)
+        self.rows = 0
+        Statistics.live.add(self)
+
+    def add(self, a: Tensor, y: Tensor, fold: int) -> None:
+        a, y = a.double(), y.double()
+        self.G[fold] += a.T @ a
+        self.C[fold] += a.T @ y
+        self.yy[fold] += (y * y).sum()
+        self.rows += a.shape[0]
+
+    def error(self, b: Tensor, fold: int | None = None) -> float:
+        """||Y - A B||^2 from the statistics (both folds when ``fold`` is None)."""
+        g, c, yy = (
+            (self.G.sum(0), self.C.sum(0), self.yy.sum())
+            if fold is None
+            else (self.G[fold], self.C[fold], self.yy[fold])
+        )
+        return float(((b * (g @ b)).sum() - 2 * (b * c).sum() + yy).clamp_min(0))
+
+    def solve(self, lam_rel: float, fold: int | None, penalised: int) -> Tensor:
+        """Ridge solution on one fold (or both); the first ``penalised`` columns carry the
+        ridge (the bias column does not)."""
+        g = self.G.sum(0) if fold is None else self.G[fold]
+        c = self.C.sum(0) if fold is None else self.C[fold]
+        diag = torch.diagonal(g)[:penalised]
+        lam = lam_rel * float(diag.mean()) if penalised else 0.0
+        reg = torch.zeros(g.shape[0], dtype=g.dtype)
+        reg[:penalised] = max(lam, 1e-12 * float(diag.max()) if penalised else 0.0)
+        system = g + torch.diag(reg)
+        solution, info = torch.linalg.solve_ex(system, c)
+        if int(info) != 0:  # singular (a dead input with no ridge): least norm instead
+            solution = torch.linalg.lstsq(system, c).solution
+        return solution
+
+
+def _split(a: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+    half = a.shape[0] // 2
+    return [(a[:half], y[:half]), (a[half:], y[half:])]
+
+
+def ridge_refit(stats: Statistics, penalised: int) -> tuple[Tensor, float]:
+    """The ridge solution on all rows, its relative lam chosen from ``RIDGE`` by two-fold
+    cross-validation (fit on one fold, error on the other, both ways)."""
+    scores = [
+        (sum(stats.error(stats.solve(lam, fold, penalised), 1 - fold) for fold in (0, 1)), lam)
+        for lam in RIDGE
+    ]
+    best = min(scores)[1]
+    return stats.solve(best, None, penalised), best
+
+
+# -- structured: least-squares refit of the consumers --------------------------------------------
+def consumers(original: nn.Module, pruned: nn.Module) -> dict[str, str]:
+    """Layers of ``pruned`` whose input channels were removed -> "" or why they are not refit."""
+    before = dict(original.named_modules())
+    aliases = tensor_aliases(pruned)
+    found: dict[str, str] = {}
+    for name, module in pruned.named_modules():
+        old = before.get(name)
+        if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            continue
+        if old is None or not isinstance(old, type(module)):
+            continue
+        w, w0 = module.weight, old.weight
+        if w.shape[1] == w0.shape[1]:
+            continue  # inputs kept: nothing removed from this layer's input
+        why = rows_unsupported(module)
+        shared = [n for n in aliases.get(f"{name}.weight", []) if n != f"{name}.weight"]
+        if shared:
+            why = f"weight tied with {shared[0]}: a refit would change it there too"
+        found[name] = why
+    return found
+
+
+def refit_consumers(
+    original: nn.Module,
+    pruned: nn.Module,
+    output_index: Callable[[str], Tensor | None],
+    batches: Sequence[Any],
+    *,
+    progress: bool = True,
+) -> list[LayerFit]:
+    """Refit every consumer of a pruned group in ``pruned`` (in place; see the module doc).
+
+    ``output_index(name)``: the original output channels layer ``name`` kept (None: all).
+    """
+    todo = consumers(original, pruned)
+    norms = [
+        n
+        for n, m in pruned.named_modules()
+        if isinstance(m, NORMS) and m.affine and m.track_running_stats
+    ]
+    layers = [n for n, why in todo.items() if not why] + norms
+    order, calls = call_order(pruned, layers, batches[0])
+    fits = [LayerFit(n, "skipped", math.nan, math.nan, 0, why) for n, why in todo.items() if why]
+    for name in track(order, "reconstructing layers", progress):
+        if calls[name] != 1:
+            fits.append(
+                LayerFit(name, "skipped", math.nan, math.nan, 0, f"called {calls[name]} times "
+                         "per forward (a shared layer has no single input to fit)")
+            )  # fmt: skip
+            continue
+        refit = _refit_norm if name in norms else _refit_layer
+        fit = refit(original, pruned, name, output_index(name), batches)
+        if fit is not None:
+            fits.append(fit)
+    return fits
+
+
+def _refit_norm(
+    original: nn.Module,
+    pruned: nn.Module,
+    name: str,
+    kept: Tensor | None,
+    batches: Sequence[Any],
+) -> LayerFit | None:
+    """Per-channel least squares of a BatchNorm's weight and bias (None: nothing changed)."""
+    old, new = original.get_submodule(name), pruned.get_submodule(name)
+    assert isinstance(new, NORMS) and isinstance(new.running_mean, Tensor)
+    assert isinstance(new.running_var, Tensor)
+    channels = new.num_features
+    sums = torch.zeros(5, channels, dtype=torch.float64)  # u, u^2, z, u z, z^2 per channel
+    rows = 0
+    with torch.no_grad():
+        scale = (new.running_var.double() + new.eps).rsqrt()
+        old_inputs = layer_inputs(original, name, batches)
+        pairs = zip(old_inputs, layer_inputs(pruned, name, batches), strict=True)
+        for x_old, x_new in pairs:
+            z = output_rows(old(x_old), old).double()  # (rows, channels_original)
+            if kept is not None:
+                z = z[:, kept]
+            u = (output_rows(x_new, new).double() - new.running_mean.double()) * scale
+            sums += torch.stack([u.sum(0), (u * u).sum(0), z.sum(0), (u * z).sum(0),
+                                 (z * z).sum(0)])  # fmt: skip
+            rows += u.shape[0]
+    su, suu, sz, suz, szz = sums
+    n = float(rows)
+    var_u = suu - su * su / n
+    gain = torch.where(var_u > 1e-12 * n, (suz - su * sz / n) / var_u.clamp_min(1e-30), 0.0)
+    shift = (sz - gain * su) / n
+
+    def error(g: Tensor, b: Tensor) -> float:  # sum over rows of (z - g u - b)^2
+        return float((szz - 2 * g * suz - 2 * b * sz + g * g * suu + 2 * g * b * su
+                      + n * b * b).sum())  # fmt: skip
+
+    assert isinstance(new.weight, Tensor) and isinstance(new.bias, Tensor)
+    g0, b0 = new.weight.detach().double(), new.bias.detach().double()
+    total = max(float(szz.sum()), 1e-30)
+    before, after = error(g0, b0) / total, error(gain, shift) / total
+    if before <= 1e-12:
+        return None  # the input did not change (rounding only): nothing to fit
+    note = "per-channel scale and shift"
+    if after > before:
+        gain, shift, after, note = g0, b0, before, "a refit would not lower the error: kept"
+    with torch.no_grad():
+        new.weight.copy_(gain.to(new.weight.dtype))
+        new.bias.copy_(shift.to(new.bias.dtype))
+    return LayerFit(name, "least squares", before, after, rows, note)
+
+
+def _refit_layer(
+    original: nn.Module,
+    pruned: nn.Module,
+    name: str,
+    kept_outputs: Tensor | None,
+    batches: Sequence[Any],
+) -> LayerFit:
+    old, new = original.get_submodule(name), pruned.get_submodule(name)
+    weight = new.weight
+    assert isinstance(weight, Tensor)
+    out, columns = weight.shape[0], weight[0].numel()
+    has_bias = isinstance(new.bias, Tensor)
+    stats = Statistics(columns + int(has_bias), out)
+    with torch.no_grad():
+        old_inputs = layer_inputs(original, name, batches)
+        pairs = zip(old_inputs, layer_inputs(pruned, name, batches), strict=True)
+        for b, (x_old, x_new) in enumerate(pairs):
+            y = output_rows(old(x_old), old)  # (rows, out_original)
+            if kept_outputs is not None:
+                y = y[:, kept_outputs]
+            a = input_rows(new, x_new)  # (rows, columns)
+            if has_bias:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+            if len(batches) > 1:
+                stats.add(a, y, b % 2)
+            else:  # one batch: its two halves are the folds
+                for fold, (a_part, y_part) in enumerate(_split(a, y)):
+                    stats.add(a_part, y_part, fold)
+        current = weight.detach().reshape(out, -1).double().T  # (columns, out)
+        if has_bias:
+            assert isinstance(new.bias, Tensor)
+            current = torch.cat([current, new.bias.detach().double()[None]], dim=0)
+        solution, lam = ridge_refit(stats, columns)
+        total = max(float(stats.yy.sum()), 1e-30)
+        before, after = stats.error(current) / total, stats.error(solution) / total
+        note = f"ridge {lam:g}"
+        if after > before:
+            solution, after, note = current, before, "a refit would not lower the error: kept"
+        if stats.rows < columns:
+            note += f"; {stats.rows} rows for {columns} inputs (more calibration data helps)"
+        weight.copy_(solution[:columns].T.reshape(weight.shape).to(weight.dtype))
+        if has_bias:
+            assert isinstance(new.bias, Tensor)
+            new.bias.copy_(solution[columns].to(new.bias.dtype))
+    rows = stats.rows
+    del stats
+    return LayerFit(name, "least squares", before, after, rows, note)
+
+
+# -- sparse: SparseGPT ------------------------------------------------------------------------
+def obs_prune(
+    w: Tensor,
+    h: Tensor,
+    *,
+    mask: Tensor | None = None,
+    zeros: int | None = None,
+    nm: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SparseGPT on one (out, columns) weight with Hessian ``h`` (columns, columns).
+
+    Exactly one of: ``mask`` (bool, True = kept: held fixed), ``zeros`` (unstructured: that
+    many weights zeroed, spread over the column blocks in proportion), ``nm`` (n of every m
+    consecutive columns kept per row). Returns the updated weight (zero off the mask) and
+    the mask.
+    """
+    w, h = w.double().clone(), h.double().clone()
+    columns = w.shape[1]
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(columns, dtype=h.dtype) * PERCDAMP * float(torch.diagonal(h).mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    pruned = torch.zeros_like(w, dtype=torch.bool) if mask is None else ~mask.clone()
+    step = BLOCK if nm is None else nm[1] * math.ceil(BLOCK / nm[1])
+    for i1 in range(0, columns, step):
+        i2 = min(i1 + step, columns)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
+        d = torch.diagonal(hinv1)
+        if zeros is not None:  # this block's share of the zeros, cumulative so the total is exact
+            k = math.floor(zeros * i2 / columns + 1e-9) - math.floor(zeros * i1 / columns + 1e-9)
+            saliency = (w1 * w1 / (d * d)[None]).flatten()
+            block = torch.zeros(saliency.numel(), dtype=torch.bool)
+            block[torch.argsort(saliency, stable=True)[:k]] = True
+            pruned[:, i1:i2] = block.reshape(w1.shape)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                saliency = w1[:, i : i + m] ** 2 / d[i : i + m][None] ** 2
+                drop = torch.topk(saliency, m - n, dim=1, largest=False).indices
+                group = torch.zeros_like(saliency, dtype=torch.bool)
+                group.scatter_(1, drop, True)
+                pruned[:, i1 + i : i1 + i + m] = group
+            col = w1[:, i]
+            q = torch.where(pruned[:, i1 + i], torch.zeros_like(col), col)
+            q1[:, i] = q
+            e = (col - q) / d[i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None]
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w, ~pruned
+
+
+def _relative_error(w: Tensor, new: Tensor, h: Tensor) -> float:
+    """||(W - W') X||^2 / ||W X||^2 from H = X^T X."""
+    delta = (w - new).double()
+    total = float((w.double() * (w.double() @ h)).sum())
+    return float((delta * (delta @ h)).sum()) / max(total, 1e-30)
+
+
+def nm_columns(weight: Tensor) -> Tensor:
+    """Column permutation from the channel-major (in, *k) order of ``weight.reshape(out, -1)``
+    to the (*k, in) order of n:m groups (m consecutive input channels at one kernel position)."""
+    channels, kernel = weight.shape[1], math.prod(weight.shape[2:])
+    return torch.arange(channels * kernel).reshape(channels, kernel).T.reshape(-1)
+
+
+def sparsegpt(
+    model: nn.Module,
+    masks: dict[str, Tensor],
+    batches: Sequence[Any],
+    *,
+    adaptive: str | None,
+    nm: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Tensor], list[LayerFit]]:
+    """SparseGPT on every layer in ``masks`` (bool, True = kept), in forward order, in place.
+
+    ``adaptive``: "unstructured" or "n:m" chooses each layer's mask on the way (as many zeros
+    as its given mask has; the n:m pattern ``nm``); None keeps the given masks. The weights of
+    ``model`` are updated (zero off the masks) and the masks that hold are returned.
+    """
+    order, calls = call_order(model, list(masks), batches[0])
+    out = dict(masks)
+    fits = [
+        LayerFit(n, "skipped", math.nan, math.nan, 0, "not called in the forward")
+        for n in masks
+        if n not in calls
+    ]
+    for name in track(order, "SparseGPT", progress):
+        module = model.get_submodule(name)
+        why = rows_unsupported(module) or (
+            f"called {calls[name]} times per forward" if calls[name] != 1 else ""
+        )
+        if why:
+            fits.append(LayerFit(name, "skipped", math.nan, math.nan, 0, why))
+            continue
+        weight = _weight_tensor(module)
+        columns = weight[0].numel()
+        h = torch.zeros(columns, columns, dtype=torch.float64)
+        rows = 0
+        with torch.no_grad():
+            for x in layer_inputs(model, name, batches):
+                a = input_rows(module, x).double()
+                h += a.T @ a
+                rows += a.shape[0]
+        perm = nm_columns(weight) if adaptive == "n:m" else torch.arange(columns)
+        w = weight.detach().reshape(weight.shape[0], -1).double()[:, perm]
+        hp = h[perm][:, perm]
+        given = masks[name].reshape(weight.shape[0], -1)[:, perm]
+        if adaptive == "unstructured":
+            new, kept = obs_prune(w, hp, zeros=int((~given).sum()))
+        elif adaptive == "n:m":
+            assert nm is not None
+            new, kept = obs_prune(w, hp, nm=nm)
+        else:
+            new, kept = obs_prune(w, hp, mask=given)
+        before = _relative_error(w, w * given, hp)
+        after = _relative_error(w, new, hp)
+        note = "mask: OBS saliency" if adaptive else "mask: as given"
+        if after > before:
+            new, kept, after = w * given, given, before
+            note = "the update would not lower the error: plain mask kept"
+        inverse = torch.argsort(perm)
+        with torch.no_grad():
+            weight.copy_(new[:, inverse].reshape(weight.shape).to(weight.dtype))
+        out[name] = kept[:, inverse].reshape(weight.shape)
+        del h, hp
+        fits.append(LayerFit(name, "sparsegpt", before, after, rows, note))
+    return out, fits
+
+
+def _weight_tensor(module: nn.Module) -> Tensor:
+    """The tensor to write: the parametrization's original when the layer is masked."""
+    plist: Any = getattr(module, "parametrizations", None)
+    if plist is not None and "weight" in plist:
+        return plist["weight"].original
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
