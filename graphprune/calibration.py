@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -165,7 +164,3 @@ def call_order(
         for h in handles:
             h.remove()
     return order, calls
-
-
-def as_numpy(t: Tensor) -> np.ndarray:
-    return t.detach().double().cpu().numpy()
