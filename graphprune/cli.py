@@ -77,6 +77,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     flags = {
         "ratio": args.ratio,
         "target_macs": args.target_macs,
+        "target_latency": args.target_latency,
+        "target_latency_ms": args.target_latency_ms,
         "scope": args.scope,
         "importance": args.importance,
         "granularity": args.granularity,
@@ -91,12 +93,13 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         data["ignore"] = list(args.ignore)
     if args.include:
         data["include"] = list(args.include)
-    if data.get("target_macs") is not None and args.ratio is None:
+    targets = ("target_macs", "target_latency", "target_latency_ms")
+    if any(data.get(t) is not None for t in targets) and args.ratio is None:
         data.pop("ratio", None)
     if data.get("granularity") == "n:m":
         if args.ratio is None:
             data.pop("ratio", None)  # implied by n:m
-    elif "ratio" not in data and "target_macs" not in data:
+    elif "ratio" not in data and not any(data.get(t) is not None for t in targets):
         data["ratio"] = 0.5
     return Plan.from_dict(data)
 
@@ -138,7 +141,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     pruning = args.plan or any(
-        v is not None for v in (args.ratio, args.target_macs, args.granularity)
+        v is not None
+        for v in (
+            args.ratio,
+            args.target_macs,
+            args.target_latency,
+            args.target_latency_ms,
+            args.granularity,
+        )
     )
     target, baseline = model, None
     if args.load:  # a model saved by `graphprune compile -o`: rebuilt, not recompiled
@@ -279,6 +289,14 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="a plan file (.json or .yaml); flags override its keys")
     p.add_argument("--ratio", type=float, help="fraction of channels removed (default 0.5)")
     p.add_argument("--target-macs", type=float, help="fraction of MACs to keep instead")
+    p.add_argument(
+        "--target-latency",
+        type=float,
+        help="fraction of the measured onnxruntime latency to keep instead (channels)",
+    )
+    p.add_argument(
+        "--target-latency-ms", type=float, help="absolute onnxruntime latency budget instead"
+    )
     p.add_argument("--scope", choices=["local", "global"])
     p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm, wanda")
     p.add_argument(

@@ -87,6 +87,10 @@ def compile(
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
     check_model(model, example_inputs)
+    if plan.targets_latency:
+        return _compile_to_latency(
+            model, plan, example_inputs, calibration, loss_fn, inplace=inplace, strict=strict
+        )
     watch = Stopwatch()
     target = model if inplace else copy.deepcopy(model)
     with no_cache(target), no_cache(model):  # HF models: a KV cache output cannot be captured
@@ -218,6 +222,39 @@ def _compile_into(
     object.__setattr__(target, RECORD, record)
     object.__setattr__(target, REPORT, report)
     return target
+
+
+def _compile_to_latency(
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: ExampleInputs,
+    calibration: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+    *,
+    inplace: bool,
+    strict: bool,
+) -> nn.Module:
+    """``Plan(target_latency=...)``: per-unit widths from latency tables, measured and
+    corrected (:mod:`graphprune.latency_plan`); the report keeps the user's plan and says
+    what was predicted and measured."""
+    from graphprune.latency_plan import compile_to_latency
+
+    batches = list(calibration) if calibration is not None else None
+
+    def compile_copy(m: nn.Module, p: Plan, x: ExampleInputs, **kw: Any) -> nn.Module:
+        return compile(m, p, x, strict=strict, **kw)
+
+    pruned, concrete, outcome = compile_to_latency(
+        model, plan, example_inputs, compile_copy, calibration=batches, loss_fn=loss_fn
+    )
+    if inplace:  # the rounds ran on copies: rewrite the user's model with the chosen plan
+        pruned = compile(
+            model, concrete, example_inputs, calibration=batches, loss_fn=loss_fn, inplace=True
+        )
+    found = report(pruned)
+    found.plan = _plan_data(plan)
+    found.latency = outcome.to_dict()
+    return pruned
 
 
 def _refit(

@@ -31,6 +31,11 @@ class Plan:
 
     ratio: fraction of channels (or heads, or residual blocks) removed, in [0, 1).
     target_macs: instead of ``ratio``, the fraction of MACs to keep, in (0, 1].
+    target_latency: instead, the fraction of the original's measured onnxruntime latency to
+        keep, in (0, 1) (batch from the example inputs, ``latency_threads`` threads); or
+        ``target_latency_ms``, an absolute budget on this machine. Channels only: per-layer
+        widths are allocated from measured latency tables, then the compiled model is measured
+        and corrected (see :mod:`graphprune.latency_plan`).
     scope: "local" (the same ratio in every group) or "global" (channels ranked across groups by
         normalised importance, at most ``max_ratio`` of any group removed).
     importance: "l1", "l2", "bn_scale", "random", "taylor", "fisher"/"hessian", "fpgm",
@@ -63,6 +68,9 @@ class Plan:
 
     ratio: float | None = None
     target_macs: float | None = None
+    target_latency: float | None = None
+    target_latency_ms: float | None = None
+    latency_threads: int = 2
     scope: str = "local"
     importance: str | Callable[..., Any] = "l2"
     granularity: str = "channels"
@@ -101,11 +109,15 @@ class Plan:
             )
         if self.include:
             raise PlanError("include= selects the layers of a sparse plan; use ignore= here")
-        if (self.ratio is None) == (self.target_macs is None):
+        targets = [self.ratio, self.target_macs, self.target_latency, self.target_latency_ms]
+        if sum(t is not None for t in targets) != 1:
             raise PlanError(
-                "give exactly one of ratio= (fraction removed) or target_macs= "
-                "(fraction of MACs kept)"
+                "give exactly one of ratio= (fraction removed), target_macs= (fraction of MACs "
+                "kept), target_latency= (fraction of measured latency kept) or "
+                "target_latency_ms="
             )
+        if self.target_latency is not None or self.target_latency_ms is not None:
+            self._validate_latency()
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise PlanError(f"ratio={self.ratio} is outside [0, 1): it is the fraction removed")
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
@@ -131,10 +143,35 @@ class Plan:
             if not 0.0 <= value < 1.0:
                 raise PlanError(f"override {pattern!r}: ratio {value} is outside [0, 1)")
 
+    def _validate_latency(self) -> None:
+        if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
+            raise PlanError(
+                f"target_latency={self.target_latency} is outside (0, 1): it is the fraction of "
+                "the original's measured latency kept"
+            )
+        if self.target_latency_ms is not None and not self.target_latency_ms > 0:
+            raise PlanError(f"target_latency_ms={self.target_latency_ms} must be > 0")
+        if self.granularity != "channels":
+            raise PlanError(
+                f"latency targets allocate channel widths; granularity={self.granularity!r} "
+                "is not supported with them (use ratio= or target_macs=)"
+            )
+        if self.latency_threads < 1:
+            raise PlanError("latency_threads must be >= 1")
+
+    @property
+    def targets_latency(self) -> bool:
+        return self.target_latency is not None or self.target_latency_ms is not None
+
     def _validate_sparse(self) -> None:
         g = self.granularity
         if self.sparsity is not None:
             raise PlanError("a sparse plan cannot nest another: give one sparse plan")
+        if self.target_latency is not None or self.target_latency_ms is not None:
+            raise PlanError(
+                f"latency targets do not apply to granularity={g!r}: masks keep the dense "
+                "latency; give ratio="
+            )
         if self.target_macs is not None:
             raise PlanError(
                 f"target_macs does not apply to granularity={g!r}: zeroed weights keep the "

@@ -97,6 +97,7 @@ class CompileReport:
     sparsity: list[LayerSparsity] = field(default_factory=list)  # masks of a sparse plan
     config: dict[str, Any] = field(default_factory=dict)  # HF models: graphprune.hf.ConfigSync
     reconstruction: list[LayerFit] = field(default_factory=list)  # Plan(reconstruct=True)
+    latency: dict[str, Any] = field(default_factory=dict)  # latency_plan.LatencyOutcome
 
     @property
     def weight_sparsity(self) -> float:
@@ -198,11 +199,27 @@ class CompileReport:
                 lines += _wrap(f"{_shorten(fit.module, 32):<32} {detail}", width, 2)
             if len(self.reconstruction) > max_groups:
                 lines.append(f"  … {len(self.reconstruction) - max_groups} more layers")
+        if self.latency:
+            lines += _wrap(self._latency_line(), width)
         for n in self.notes:
             lines += _wrap(f"note: {n}", width)
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         lines += _wrap(f"stages: {stages}", width)
         return "\n".join(lines)
+
+    def _latency_line(self) -> str:
+        lat = self.latency
+        rounds = lat["rounds"]
+        base = lat["original_ms"]
+        measured = ", ".join(f"{r['measured']:.3f}" for r in rounds)
+        return (
+            f"latency (onnxruntime, measured): target {lat['target']:.3f} of {base:.3f} ms, "
+            f"predicted {lat['predicted']:.3f}, measured {lat['measured']:.3f} "
+            f"({lat['measured'] * base:.3f} ms), round {lat['chosen'] + 1} of {len(rounds)} "
+            f"(measured: {measured}); tables: "
+            f"{lat['table_ops_measured']} ops timed in {lat['table_seconds']:.1f} s, "
+            f"{lat['table_ops_cached']} from the cache; {lat['seconds']:.1f} s in all"
+        )
 
     def __str__(self) -> str:
         return self.table()

@@ -24,6 +24,7 @@ from graphprune.analysis import analyze
 from graphprune.capture import ExampleInputs, LabelledBatch, capture
 from graphprune.compile import compile
 from graphprune.importance import LossFn
+from graphprune.latency_plan import measure_ratio
 from graphprune.macs import count_macs, count_params
 from graphprune.passes.drop_layers import droppable_blocks
 from graphprune.pipeline.schedule import schedule_ratios
@@ -54,8 +55,10 @@ class StepRecord:
 class Pruner:
     """Prune ``model`` as ``plan`` says in ``steps`` steps following ``schedule``.
 
-    ``calibration``: batches for data-driven importance (taylor, fisher) and layer
-    contributions -- the first ``calibration_batches`` are used at each step. With a
+    ``calibration``: batches for data-driven importance (taylor, fisher, wanda), layer
+    contributions and reconstruction (``Plan(reconstruct=True)``: every step refits, sparse
+    steps after the first run SparseGPT with that step's nested masks) -- the first
+    ``calibration_batches`` are used at each step. With a
     ``loss_fn`` that takes ``(output, target)``, ``(inputs, target)`` pairs (a DataLoader's
     batches) are used as labelled batches (``labelled=None`` detects them; True/False forces).
     """
@@ -88,6 +91,13 @@ class Pruner:
         self._batches = _calibration(calibration, calibration_batches, loss_fn, labelled, progress)
         self._macs0 = count_macs(model, example_inputs)
         target = plan.ratio if plan.target_macs is None else 1.0 - plan.target_macs
+        self._latency_ms0 = 0.0
+        if plan.targets_latency:  # steps keep a scheduled share of the original's latency
+            _, self._latency_ms0 = measure_ratio(
+                model, model, example_inputs, plan.latency_threads, runs=10
+            )
+            keep = plan.target_latency or (plan.target_latency_ms or 0.0) / self._latency_ms0
+            target = 1.0 - keep
         self.ratios = schedule_ratios(target or 0.0, steps, schedule)
         self._units0 = self._units(model) if self._exact_groups else {}
         self._blocks0 = (
@@ -138,6 +148,16 @@ class Pruner:
         plan = self.plan
         if plan.is_sparse:
             return self._mask_to(step, ratio)
+        if plan.targets_latency:  # this step's share of the original latency, as a fraction
+            budget = (1.0 - ratio) * self._latency_ms0  # of the current model's
+            _, current = measure_ratio(
+                self.model, self.model, self.example_inputs, plan.latency_threads, runs=10
+            )
+            if budget >= 0.98 * current:
+                return self.model  # the schedule's step is met already
+            return self._compile(
+                dataclasses.replace(plan, target_latency=budget / current, target_latency_ms=None)
+            )
         if plan.target_macs is not None:
             keep = (1.0 - ratio) * self._macs0 / max(count_macs(self.model, self.example_inputs), 1)
             return self._compile(dataclasses.replace(plan, target_macs=min(1.0, keep)))

@@ -1,0 +1,149 @@
+"""Latency-targeted plans: tables, their cache, allocation, compile, Pruner, CLI."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.cli import build_parser, plan_from_args
+from graphprune.latency_plan import CostModel, PrunableUnit, TimedLayer, Width, allocate, cost_model
+from graphprune.latency_tables import LatencyCache, LayerTable, OpShape, cpu_name
+from graphprune.models import MODELS
+from graphprune.units import Unit
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("GRAPHPRUNE_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def _resnet() -> tuple[torch.nn.Module, torch.Tensor]:
+    spec = MODELS["resnet18"]
+    torch.manual_seed(0)
+    return spec.build().eval(), torch.randn(1, 3, 64, 64)
+
+
+def test_tables_are_measured_once_cached_on_disk_and_reused(cache_dir: Any) -> None:
+    model, x = _resnet()
+    plan = gp.Plan(target_latency=0.5)
+    first = LatencyCache()
+    costs = cost_model(model, plan, x, [x], None, first, progress=False)
+    assert first.measured > 0 and first.seconds > 0
+    assert len(costs.layers) >= 20  # every conv and the fc
+    stored = json.loads((cache_dir / "latency-tables.json").read_text())
+    assert len(stored) == first.measured
+    key = json.loads(next(iter(stored)))
+    assert key["threads"] == 2 and key["cpu"] == cpu_name() and "ort" in key
+    second = LatencyCache()
+    again = cost_model(model, plan, x, [x], None, second, progress=False)
+    assert second.measured == 0 and second.hits >= first.measured  # nothing timed again
+    for name, table in costs.tables.items():
+        np.testing.assert_array_equal(table.seconds, again.tables[name].seconds)
+    # a table interpolates between its measured widths and is exact on them
+    table = next(t for t in costs.tables.values() if len(t.ins) > 1 and len(t.outs) > 1)
+    assert table(table.ins[-1], table.outs[-1]) == pytest.approx(table.seconds[-1, -1])
+    mid = table((table.ins[0] + table.ins[1]) / 2, table.outs[0])
+    lo, hi = sorted((table.seconds[0, 0], table.seconds[1, 0]))
+    assert lo <= mid <= hi
+
+
+def _synthetic(importance: tuple[float, float]) -> CostModel:
+    """Two units of 64 channels feeding one layer each; seconds = in * out * 1e-6."""
+    layers, tables, units = [], {}, {}
+    widths = list(range(8, 65, 8))
+    seconds = np.array([[i * o * 1e-6 for o in widths] for i in widths])
+    for uid, weight in enumerate(importance):
+        unit = Unit(uid, uid, list(range(64)), [f"p{uid}"], [f"p{uid}"])
+        units[uid] = PrunableUnit(unit, widths, np.full(64, weight))
+        op = OpShape("linear", (1,))
+        layers.append(TimedLayer(f"p{uid}", op, Width(64.0), Width(0.0, {uid: 1.0})))
+        layers.append(TimedLayer(f"c{uid}", op, Width(0.0, {uid: 1.0}), Width(64.0)))
+        for name in (f"p{uid}", f"c{uid}"):
+            tables[name] = LayerTable(name, widths, widths, seconds)
+    return CostModel(layers, tables, units, {0: 64, 1: 64})
+
+
+def test_allocation_meets_the_budget_and_cuts_the_least_important_unit_first() -> None:
+    costs = _synthetic(importance=(0.1, 1.0))
+    kept = allocate(costs, 0.6)
+    assert costs.ratio(kept) <= 0.6
+    assert costs.ratio(kept) > 0.6 - 0.125 / 2  # stops at the first step under the budget
+    assert kept[0] < kept[1]  # unit 0 is ten times less important
+    assert all(k % 8 == 0 for k in kept.values())  # round_to steps
+    with pytest.raises(gp.PlanError, match=r"best achievable is 0\.125"):
+        allocate(costs, 0.05)  # floors: 8 of 64 channels -> 1/8 of the time
+
+
+def test_compile_to_a_latency_target_reports_prediction_and_measurement(cache_dir: Any) -> None:
+    model, x = _resnet()
+    pruned = gp.compile(model, gp.Plan(target_latency=0.75), x)
+    report = gp.report(pruned)
+    lat = report.latency
+    assert lat["target"] == 0.75 and lat["original_ms"] > 0
+    assert 1 <= len(lat["rounds"]) <= 4
+    for r in lat["rounds"]:
+        assert 0 < r["predicted"] <= r["budget"] + 1e-9  # the allocator met its budget
+        assert r["measured"] > 0 and 0 < r["macs_ratio"] < 1
+    assert lat["measured"] == lat["rounds"][lat["chosen"]]["measured"]
+    assert report.plan["target_latency"] == 0.75  # the user's plan, not the per-unit one
+    assert "latency (onnxruntime, measured)" in report.table()
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    assert report.macs_ratio < 1.0
+
+
+def test_unreachable_latency_names_the_best_achievable(cache_dir: Any) -> None:
+    model, x = _resnet()
+    with pytest.raises(gp.PlanError, match="best achievable is"):
+        gp.compile(model, gp.Plan(target_latency=0.01, max_ratio=0.5), x)
+
+
+def test_plan_validation_and_cli_flags() -> None:
+    plan = gp.Plan(target_latency=0.5, latency_threads=1)
+    assert gp.Plan.from_json(plan.to_json()) == plan
+    with pytest.raises(gp.PlanError, match="exactly one"):
+        gp.Plan(ratio=0.5, target_latency=0.5)
+    with pytest.raises(gp.PlanError, match="granularity"):
+        gp.Plan(target_latency=0.5, granularity="heads")
+    with pytest.raises(gp.PlanError, match="outside"):
+        gp.Plan(target_latency=1.5)
+    with pytest.raises(gp.PlanError, match="latency targets do not apply"):
+        gp.Plan(granularity="unstructured", ratio=0.5, target_latency=0.5)
+    args = build_parser().parse_args(["compile", "resnet18", "--target-latency", "0.5"])
+    parsed = plan_from_args(args)
+    assert parsed.target_latency == 0.5 and parsed.ratio is None
+    args = build_parser().parse_args(["compile", "resnet18", "--target-latency-ms", "3"])
+    assert plan_from_args(args).target_latency_ms == 3.0
+
+
+def test_pruner_steps_end_at_the_latency_target(
+    cache_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graphprune.pipeline import pruner as pruner_module
+
+    measured: list[float] = []  # the current model's ms, as each step measures it
+    real = pruner_module.measure_ratio
+
+    def recording(*args: Any, **kwargs: Any) -> tuple[float, float]:
+        ratio, ms = real(*args, **kwargs)
+        measured.append(ms)
+        return ratio, ms
+
+    monkeypatch.setattr(pruner_module, "measure_ratio", recording)
+    model, x = _resnet()
+    pruner = gp.Pruner(model, gp.Plan(target_latency=0.75), x, steps=2, progress=False)
+    planned: list[gp.Plan] = []
+    compile_step = pruner._compile
+    monkeypatch.setattr(pruner, "_compile", lambda p: planned.append(p) or compile_step(p))
+    final = pruner.run()
+    assert len(pruner.history) == 2 and planned
+    # the last step asks for 0.75 of the original's latency, as a fraction of the model it prunes
+    assert planned[-1].target_latency * measured[-1] == pytest.approx(0.75 * pruner._latency_ms0)
+    assert gp.report(final).latency["target"] == planned[-1].target_latency
+    assert pruner.history[-1].macs < pruner._macs0
