@@ -41,7 +41,8 @@ from graphprune.units import Unit, pruning_units
 
 ROUNDS = 4  # measured correction rounds at most
 TOLERANCE = 0.04  # |measured / target - 1| that ends the correction
-RUNS = 40  # interleaved timed runs per measurement
+RUNS = 30  # interleaved timed runs per block of a measurement
+BLOCKS = 5  # blocks per measurement: the ratio is the median of the blocks' ratios
 
 
 @dataclass
@@ -290,8 +291,10 @@ def measure_ratio(
     threads: int,
     runs: int = RUNS,
 ) -> tuple[float, float]:
-    """Measured latency of ``pruned`` over ``original`` (interleaved, batch of the example
-    inputs) and the original's median milliseconds."""
+    """Measured latency of ``pruned`` over ``original`` and the original's milliseconds:
+    ``BLOCKS`` blocks of ``runs`` interleaved runs (batch of the example inputs) on the same two
+    sessions, the median of the blocks' median ratios (one block's ratio wanders by about
+    +-5 % on a 2-core machine for a millisecond model; the median of five by less)."""
     from graphprune.onnx import make_feeds
     from graphprune.onnx.bench import benchmark
     from graphprune.onnx.export import export, input_names
@@ -306,10 +309,27 @@ def measure_ratio(
         batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
         feeds = make_feeds(example_inputs, input_names(original, example_inputs))
         report = benchmark(
-            paths[0], paths[1], feeds, batch_sizes=(batch,), threads=threads, runs=runs
+            paths[0], paths[1], feeds, batch_sizes=(batch,) * BLOCKS, threads=threads, runs=runs
         )
-    result = report.results[0]
-    return result.pruned.median_ms / result.baseline.median_ms, result.baseline.median_ms
+    ratios = [r.pruned.median_ms / r.baseline.median_ms for r in report.results]
+    return float(np.median(ratios)), float(
+        np.median([r.baseline.median_ms for r in report.results])
+    )
+
+
+def _next_budget(rounds: list[LatencyRound], target: float) -> float:
+    """The allocator budget for the next round: scaled by target/measured after one round;
+    after more, the secant through the two rounds closest to the target (measured latency is
+    close to linear in the budget), kept within half to twice the last budget."""
+    last = rounds[-1]
+    guess = last.budget * target / last.measured
+    near = sorted(rounds, key=lambda r: abs(r.measured - target))[:2]
+    if len(near) == 2 and abs(near[0].measured - near[1].measured) > 1e-3:
+        a, b = near
+        slope = (a.measured - b.measured) / (a.budget - b.budget) if a.budget != b.budget else 0
+        if slope > 0:
+            guess = a.budget + (target - a.measured) / slope
+    return min(0.999, max(0.5 * last.budget, min(2.0 * last.budget, guess)))
 
 
 def compile_to_latency(
@@ -329,7 +349,7 @@ def compile_to_latency(
     batches = calibration if calibration is not None else [example_inputs]
     costs = cost_model(model, plan, example_inputs, batches, loss_fn, cache, progress)
     threads = plan.latency_threads
-    _, original_ms = measure_ratio(model, model, example_inputs, threads, runs=10)
+    _, original_ms = measure_ratio(model, model, example_inputs, threads)
     target = plan.target_latency or (plan.target_latency_ms or 0.0) / original_ms
     if target >= 1.0:
         raise PlanError(
@@ -340,7 +360,13 @@ def compile_to_latency(
     rounds: list[LatencyRound] = []
     candidates: list[tuple[nn.Module, Plan]] = []
     for _ in range(ROUNDS):
-        kept = allocate(costs, budget)
+        try:
+            kept = allocate(costs, budget)
+        except PlanError:
+            if not rounds:
+                raise
+            break  # a corrected budget beyond the floors: the rounds so far are the best
+
         concrete = dataclasses.replace(
             plan, ratio=0.0, overrides=overrides_for(costs, kept), target_latency=None,
             target_latency_ms=None, scope="local",
@@ -354,7 +380,7 @@ def compile_to_latency(
         candidates.append((pruned, concrete))
         if abs(measured / target - 1) <= TOLERANCE:
             break
-        budget = min(0.999, budget * target / measured)
+        budget = _next_budget(rounds, target)
     chosen = min(range(len(rounds)), key=lambda r: abs(rounds[r].measured / target - 1))
     outcome = LatencyOutcome(
         target, original_ms, rounds, chosen, cache.measured, cache.hits, cache.seconds,
