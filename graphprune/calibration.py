@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from graphprune.capture import eval_mode, normalize_inputs
+from graphprune.capture import run_eval
 from graphprune.errors import InputError
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -70,16 +69,12 @@ def input_rows(module: nn.Module, x: Tensor) -> Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N * L, C * kh * kw)
 
 
-def output_rows(y: Tensor, module: nn.Module) -> Tensor:
-    """``(N, out)`` rows of a layer's output (conv: channels last)."""
+def channel_rows(t: Tensor, module: nn.Module) -> Tensor:
+    """``(N, channels)`` rows of a tensor ``module`` reads or writes: channels are the last dim
+    for a Linear, dim 1 for convs and norms."""
     if isinstance(module, nn.Linear):
-        return y.reshape(-1, y.shape[-1])
-    return y.movedim(1, -1).reshape(-1, y.shape[1])
-
-
-def _forward(model: nn.Module, batch: Any) -> None:
-    args, kwargs = normalize_inputs(batch)
-    model(*args, **kwargs)
+        return t.reshape(-1, t.shape[-1])
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
 def input_norms(
@@ -91,12 +86,7 @@ def input_norms(
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().double()
-            channels = (
-                x.reshape(-1, x.shape[-1])
-                if isinstance(module, nn.Linear)
-                else (x.movedim(1, -1).reshape(-1, x.shape[1]))
-            )  # (rows, in)
+            channels = channel_rows(args[0].detach().double(), module)  # (rows, in)
             total = (channels * channels).sum(0)
             sums[name] = sums[name] + total if name in sums else total
 
@@ -106,9 +96,8 @@ def input_norms(
     for name in names:
         handles.append(modules[name].register_forward_pre_hook(hook(name)))
     try:
-        with eval_mode(model), torch.no_grad():
-            for batch in batches:
-                _forward(model, batch)
+        for batch in batches:
+            run_eval(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -128,8 +117,7 @@ def layer_inputs(model: nn.Module, name: str, batches: Sequence[Any]) -> Iterato
         seen.clear()
         handle = module.register_forward_pre_hook(stop)
         try:
-            with eval_mode(model), torch.no_grad():
-                _forward(model, batch)
+            run_eval(model, batch)
         except _Reached:
             pass
         finally:
@@ -158,8 +146,7 @@ def call_order(
 
             handles.append(module.register_forward_pre_hook(count))
     try:
-        with eval_mode(model), torch.no_grad():
-            _forward(model, batch)
+        run_eval(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -164,7 +164,7 @@ def _compile_into(
     if sparse is not None:
         watch.restart()
         masks = compute_masks(target, sparse, batches=batches, loss_fn=loss_fn)
-        if plan.reconstruct or sparse.reconstruct:
+        if reconstruct:  # the plan's or its sparsity plan's flag: SparseGPT
             chosen, sparse_fits = sparsegpt(
                 target,
                 {name: m.mask for name, m in masks.layers.items()},
@@ -266,12 +266,12 @@ def _refit(
 ) -> list[LayerFit]:
     """Least-squares refit of the layers whose inputs were pruned and of the BatchNorms."""
     dims = set(setup.dg.member_dims())
+    kept: dict[int, Iterable[int]] = dict(resolution.kept)
 
     def output_index(name: str) -> torch.Tensor | None:
         fqn = f"{name}.weight"
         if (fqn, 0) not in dims:
             return None
-        kept: dict[int, Iterable[int]] = dict(resolution.kept)
         return torch.as_tensor(setup.dg.kept_positions(fqn, 0, kept))
 
     return refit_consumers(original, pruned, output_index, batches)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from graphprune.analysis import DependencyGraph, analyze
-from graphprune.capture import ExampleInputs, eval_mode, normalize_inputs
+from graphprune.capture import ExampleInputs, normalize_inputs, run_eval
 from graphprune.importance import LossFn, score_groups
 from graphprune.latency_tables import LatencyCache, OpShape, grid, measure_tables, op_shape
 from graphprune.plan import Plan, PlanError
@@ -98,6 +98,7 @@ class CostModel:
 
 
 def _input_shapes(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, tuple[int, ...]]:
+    """The input shape of every Linear/Conv1d/Conv2d on its first call."""
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, module in model.named_modules():
@@ -107,10 +108,8 @@ def _input_shapes(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, 
                 shapes.setdefault(name, tuple(args[0].shape))
 
             handles.append(module.register_forward_pre_hook(record))
-    args, kwargs = normalize_inputs(example_inputs)
     try:
-        with eval_mode(model), torch.no_grad():
-            model(*args, **kwargs)
+        run_eval(model, example_inputs)
     finally:
         for h in handles:
             h.remove()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -38,14 +38,15 @@ from torch import Tensor, nn
 
 from graphprune.calibration import (
     call_order,
+    channel_rows,
     input_rows,
     layer_inputs,
-    output_rows,
     rows_unsupported,
 )
 from graphprune.capture import tensor_aliases
 from graphprune.progress import track
 from graphprune.report import LayerFit
+from graphprune.sparsity.parametrize import stored_weight
 
 NORMS = nn.modules.batchnorm._BatchNorm
 RIDGE = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # lam / mean(diag(A^T A)) tried by validation
@@ -175,6 +176,22 @@ def refit_consumers(
     return fits
 
 
+def _targets(
+    original: nn.Module,
+    pruned: nn.Module,
+    name: str,
+    kept: Tensor | None,
+    batches: Sequence[Any],
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Per batch: the original layer's output rows on the original model's activations (its
+    ``kept`` output channels; None: all) and the pruned layer's input."""
+    old = original.get_submodule(name)
+    old_inputs = layer_inputs(original, name, batches)
+    for x_old, x_new in zip(old_inputs, layer_inputs(pruned, name, batches), strict=True):
+        y = channel_rows(old(x_old), old)  # (rows, channels of the original)
+        yield (y if kept is None else y[:, kept]), x_new
+
+
 def _refit_norm(
     original: nn.Module,
     pruned: nn.Module,
@@ -183,7 +200,7 @@ def _refit_norm(
     batches: Sequence[Any],
 ) -> LayerFit | None:
     """Per-channel least squares of a BatchNorm's weight and bias (None: nothing changed)."""
-    old, new = original.get_submodule(name), pruned.get_submodule(name)
+    new = pruned.get_submodule(name)
     assert isinstance(new, NORMS) and isinstance(new.running_mean, Tensor)
     assert isinstance(new.running_var, Tensor)
     channels = new.num_features
@@ -191,13 +208,9 @@ def _refit_norm(
     rows = 0
     with torch.no_grad():
         scale = (new.running_var.double() + new.eps).rsqrt()
-        old_inputs = layer_inputs(original, name, batches)
-        pairs = zip(old_inputs, layer_inputs(pruned, name, batches), strict=True)
-        for x_old, x_new in pairs:
-            z = output_rows(old(x_old), old).double()  # (rows, channels_original)
-            if kept is not None:
-                z = z[:, kept]
-            u = (output_rows(x_new, new).double() - new.running_mean.double()) * scale
+        for z, x_new in _targets(original, pruned, name, kept, batches):
+            z = z.double()
+            u = (channel_rows(x_new, new).double() - new.running_mean.double()) * scale
             sums += torch.stack([u.sum(0), (u * u).sum(0), z.sum(0), (u * z).sum(0),
                                  (z * z).sum(0)])  # fmt: skip
             rows += u.shape[0]
@@ -233,19 +246,14 @@ def _refit_layer(
     kept_outputs: Tensor | None,
     batches: Sequence[Any],
 ) -> LayerFit:
-    old, new = original.get_submodule(name), pruned.get_submodule(name)
+    new = pruned.get_submodule(name)
     weight = new.weight
     assert isinstance(weight, Tensor)
     out, columns = weight.shape[0], weight[0].numel()
     has_bias = isinstance(new.bias, Tensor)
     stats = Statistics(columns + int(has_bias), out)
     with torch.no_grad():
-        old_inputs = layer_inputs(original, name, batches)
-        pairs = zip(old_inputs, layer_inputs(pruned, name, batches), strict=True)
-        for b, (x_old, x_new) in enumerate(pairs):
-            y = output_rows(old(x_old), old)  # (rows, out_original)
-            if kept_outputs is not None:
-                y = y[:, kept_outputs]
+        for b, (y, x_new) in enumerate(_targets(original, pruned, name, kept_outputs, batches)):
             a = input_rows(new, x_new)  # (rows, columns)
             if has_bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
@@ -374,7 +382,7 @@ def sparsegpt(
         if why:
             fits.append(LayerFit(name, "skipped", math.nan, math.nan, 0, why))
             continue
-        weight = _weight_tensor(module)
+        weight = stored_weight(module)
         columns = weight[0].numel()
         h = torch.zeros(columns, columns, dtype=torch.float64)
         rows = 0
@@ -407,13 +415,3 @@ def sparsegpt(
         del h, hp
         fits.append(LayerFit(name, "sparsegpt", before, after, rows, note))
     return out, fits
-
-
-def _weight_tensor(module: nn.Module) -> Tensor:
-    """The tensor to write: the parametrization's original when the layer is masked."""
-    plist: Any = getattr(module, "parametrizations", None)
-    if plist is not None and "weight" in plist:
-        return plist["weight"].original
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    return weight

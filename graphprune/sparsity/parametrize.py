@@ -48,14 +48,23 @@ def apply_masks(model: nn.Module, masks: MaskSet) -> None:
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
 
 
+def stored_weight(module: nn.Module) -> Tensor:
+    """The weight tensor ``module`` stores: the parametrization's original when masked
+    (what an in-place update writes to), else ``module.weight``."""
+    plist: Any = getattr(module, "parametrizations", None)
+    if plist is not None and "weight" in plist:
+        original: Tensor = plist["weight"].original
+        return original
+    return weight_of(module)
+
+
 def update_masks(model: nn.Module, masks: MaskSet) -> None:
     """Replace the masks of already-masked layers (an iterative pruning step), in place."""
     current = _mask_modules(model)
     for name, layer in masks.layers.items():
         holder = current[name]
         holder.mask.copy_(layer.mask.to(holder.mask.device))
-        plist: Any = model.get_submodule(name).parametrizations
-        original = plist["weight"].original
+        original = stored_weight(model.get_submodule(name))
         with torch.no_grad():
             original.mul_(holder.mask)
 
