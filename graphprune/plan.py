@@ -56,7 +56,8 @@ class Plan:
     round_to: each layer's kept width is a multiple of this; a layer narrower than it is left
         whole. "auto" (the default) = this CPU's SIMD block (16 with AVX-512, 8 with AVX2),
         which keeps every conv in onnxruntime's blocked NCHWc layout (see README, "Measured
-        speed-up"); 1 = exact counts. Head counts are never rounded.
+        speed-up"); a grouped conv keeps whole blocks per conv group. 1 = exact counts. Head
+        counts are never rounded.
     min_channels: never keep fewer channels than this in a layer.
     reconstruct: after choosing what to remove, update the kept weights so each affected layer
         reproduces its original output on the calibration batches (one-shot, no training):
