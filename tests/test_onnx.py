@@ -105,3 +105,42 @@ def test_batch_one_example_still_exports_a_dynamic_batch(tmp_path: Path) -> None
     report = export_onnx(model, x, tmp_path / "vit.onnx")
     assert report.verification is not None and report.verification.ok
     assert {e.input_set for e in report.verification.errors} >= {"example", "batch 3"}
+
+
+def test_deployed_sessions_are_timed_one_at_a_time(tmp_path: Path) -> None:
+    """block_samples: spinning sessions (onnxruntime's default) never run alongside each other,
+    every model gets blocks * runs samples, and the block order rotates."""
+    from graphprune.onnx.runtime import session
+    from graphprune.timing import block_samples
+
+    spec = MODELS["resnet18"]
+    x = spec.example_inputs()
+    pruned = gp.compile(spec.build(), gp.Plan(ratio=0.5), x)
+    paths = {"original": tmp_path / "a.onnx", "pruned": tmp_path / "b.onnx"}
+    for key, model in (("original", spec.build()), ("pruned", pruned)):
+        export_onnx(model, x, paths[key], verify=False)
+    alive: list[str] = []
+    order: list[str] = []
+
+    class Runner:
+        def __init__(self, key: str) -> None:
+            assert not alive, f"{alive} still alive when {key} starts"
+            alive.append(key)
+            order.append(key)
+            self.sess = session(paths[key], 2, spinning=True)
+            self.feeds = {self.sess.get_inputs()[0].name: x[0].numpy()}
+
+        def __call__(self) -> object:
+            return self.sess.run(None, self.feeds)
+
+        def __del__(self) -> None:
+            alive.remove(order[-1])
+
+    samples = block_samples({k: (lambda k=k: Runner(k)) for k in paths}, blocks=4, runs=3, warmup=1)
+    assert {k: len(v) for k, v in samples.items()} == {"original": 12, "pruned": 12}
+    # rounds rotate (o p, p o) and every other cycle reverses (p o, o p)
+    assert order == ["original", "pruned", "pruned", "original", "pruned", "original"] + [
+        "original",
+        "pruned",
+    ]
+    assert all(t > 0 for v in samples.values() for t in v)
