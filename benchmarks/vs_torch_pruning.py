@@ -5,9 +5,17 @@ For each model (random init, batch 1, default input size): prune 50 % of the cha
 graphprune (``Plan(ratio=0.5, round_to=R)``, l2, local) and with Torch-Pruning 1.6
 (``MagnitudePruner``, p=2, ``pruning_ratio=0.5``, ``round_to=R``, the classifier ignored);
 export the original and both pruned models to ONNX, verify each against torch in
-onnxruntime, then time the three sessions interleaved in one process (2 threads, spinning
-off, denormals flushed). Prints MACs kept, measured speed-up over the original and efficiency
-(measured / MACs-ideal) for both libraries side by side. ``--equal-macs`` gives graphprune
+onnxruntime, then time the three in one process, two ways (2 threads, denormals flushed):
+
+- *deployed*: each session as onnxruntime runs it by default (intra-op threads spin between
+  ops), alone -- built, warmed and timed for a block of runs, then dropped -- in rotating
+  blocks (:func:`graphprune.timing.block_samples`);
+- *interleaved*: the three sessions alive together and timed call by call A B C, B C A, ...,
+  spinning off so that idle pools do not compete; each op then pays a thread wake-up
+  (~15 us), a fixed cost that weighs on small pruned models.
+
+Prints MACs kept, measured speed-up over the original and efficiency (measured / MACs-ideal)
+for both libraries side by side, per harness. ``--equal-macs`` gives graphprune
 ``target_macs`` = the MACs Torch-Pruning kept, so both run at the same size.
 
 Torch-Pruning is a benchmark-only dependency: ``pip install torch-pruning torchvision``.
@@ -38,7 +46,7 @@ from graphprune.macs import count_macs
 from graphprune.onnx import make_feeds
 from graphprune.onnx.runtime import session
 from graphprune.plan import simd_block
-from graphprune.timing import interleaved_samples
+from graphprune.timing import block_samples, interleaved_samples
 from tests.real_models import declare_torchvision_ops
 
 CONCAT = ["densenet121", "densenet169", "densenet201", "squeezenet1_0", "squeezenet1_1"]
@@ -83,8 +91,42 @@ def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float, round_to: int
     return pruned.eval()
 
 
+HARNESSES = ("deployed", "interleaved")
+
+
+def timings(
+    paths: dict[str, Path],
+    input_names: dict[str, list[str]],
+    x: torch.Tensor,
+    runs: int,
+    blocks: int,
+    threads: int,
+) -> dict[str, dict[str, float]]:
+    """Median ms of each model under both harnesses (see the module docstring)."""
+
+    def runner(key: str, spinning: bool) -> Any:
+        sess = session(paths[key], threads, spinning=spinning)
+        feeds = make_feeds(x, input_names[key])(sess, 1)
+        return lambda: sess.run(None, feeds)
+
+    builders = {key: (lambda k=key: runner(k, True)) for key in paths}
+    deployed = block_samples(builders, blocks=blocks, runs=max(runs // blocks, 3), warmup=3)
+    live = {key: runner(key, False) for key in paths}
+    interleaved = interleaved_samples(live, warmup=5, repeats=runs)
+    return {
+        harness: {key: statistics.median(v) * 1e3 for key, v in samples.items()}
+        for harness, samples in (("deployed", deployed), ("interleaved", interleaved))
+    }
+
+
 def measure(
-    name: str, ratio: float, round_to: int, runs: int, threads: int, equal_macs: bool
+    name: str,
+    ratio: float,
+    round_to: int,
+    runs: int,
+    blocks: int,
+    threads: int,
+    equal_macs: bool,
 ) -> dict[str, Any]:
     model, x = build(name)
     start = time.perf_counter()
@@ -103,25 +145,31 @@ def measure(
             key: gp.export_onnx(m, x, Path(tmp) / f"{key}.onnx", verify=True)
             for key, m in [("base", model), ("gp", ours), ("tp", theirs)]
         }
-        sessions = {key: session(r.exported.path, threads) for key, r in reports.items()}
-        runners = {}
-        for key, sess in sessions.items():
-            feeds = make_feeds(x, reports[key].exported.input_names)(sess, 1)
-            runners[key] = lambda s=sess, f=feeds: s.run(None, f)
-        samples = interleaved_samples(runners, warmup=5, repeats=runs)
-    ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
-    row: dict[str, Any] = {"model": name, "ms_base": ms["base"]}
+        ms = timings(
+            {key: Path(r.exported.path) for key, r in reports.items()},
+            {key: r.exported.input_names for key, r in reports.items()},
+            x,
+            runs,
+            blocks,
+            threads,
+        )
+    row: dict[str, Any] = {"model": name}
+    for harness in HARNESSES:
+        row[f"ms_base_{harness}"] = ms[harness]["base"]
     for key in ("gp", "tp"):
         ideal = macs["base"] / macs[key]
-        speedup = ms["base"] / ms[key]
         row[key] = {
             "macs_kept": macs[key] / macs["base"],
             "ideal": ideal,
-            "speedup": speedup,
-            "efficiency": speedup / ideal,
-            "ms": ms[key],
             "max_abs_error": reports[key].verification.max_abs,  # type: ignore[union-attr]
         }
+        for harness in HARNESSES:
+            speedup = ms[harness]["base"] / ms[harness][key]
+            row[key][harness] = {
+                "ms": ms[harness][key],
+                "speedup": speedup,
+                "efficiency": speedup / ideal,
+            }
     row["gp"]["compile_s"], row["tp"]["compile_s"] = gp_seconds, tp_seconds
     return row
 
@@ -131,7 +179,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--round-to", type=int, default=simd_block())
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=48, help="timed runs per model, per harness")
+    parser.add_argument("--blocks", type=int, default=6, help="deployed harness: blocks per model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument(
@@ -145,32 +194,49 @@ def main() -> None:
     print(
         f"{args.ratio:.0%} of channels, l2, local, round_to={args.round_to}"
         + (" (graphprune: target_macs = Torch-Pruning's)" if args.equal_macs else "")
-        + f"; onnxruntime CPU, {args.threads} threads, batch 1, {args.runs} interleaved runs of "
-        "original / "
-        "graphprune / Torch-Pruning; speed-up = original ms / pruned ms"
+        + f"; onnxruntime CPU, {args.threads} threads, batch 1, {args.runs} runs of each of "
+        "original / graphprune / Torch-Pruning per harness (deployed: "
+        f"{args.blocks} rotating blocks, spinning on, one session alive; interleaved: spinning "
+        "off, call by call); speed-up = original ms / pruned ms"
     )
     print(
-        f"{'model':<16} {'ms':>7} | {'gp MACs':>7} {'gp x':>6} {'eff':>5} | "
-        f"{'tp MACs':>7} {'tp x':>6} {'eff':>5} | gp >= tp"
+        f"{'':<16} {'':>7} | {'':>7} {'deployed':^25} | {'interleaved':^25} |"
+        f"\n{'model':<16} {'ms':>7} | {'MACs gp':>7} {'gp x':>6} {'eff':>5} "
+        f"{'tp x':>6} {'eff':>5} | {'gp x':>6} {'eff':>5} {'tp x':>6} {'eff':>5} | "
+        "MACs tp | gp >= tp"
     )
     rows = []
     for name in args.models.split(","):
-        r = measure(name, args.ratio, args.round_to, args.runs, args.threads, args.equal_macs)
+        r = measure(
+            name,
+            args.ratio,
+            args.round_to,
+            args.runs,
+            args.blocks,
+            args.threads,
+            args.equal_macs,
+        )
         rows.append(r)
         g, t = r["gp"], r["tp"]
+        cells = " | ".join(
+            f"{g[h]['speedup']:>5.2f}x {g[h]['efficiency']:>5.2f} "
+            f"{t[h]['speedup']:>5.2f}x {t[h]['efficiency']:>5.2f}"
+            for h in HARNESSES
+        )
+        wins = "/".join("yes" if g[h]["speedup"] >= t[h]["speedup"] else "NO" for h in HARNESSES)
         print(
-            f"{name:<16} {r['ms_base']:>7.2f} | {g['macs_kept']:>7.3f} {g['speedup']:>5.2f}x "
-            f"{g['efficiency']:>5.2f} | {t['macs_kept']:>7.3f} {t['speedup']:>5.2f}x "
-            f"{t['efficiency']:>5.2f} | {'yes' if g['speedup'] >= t['speedup'] else 'NO'}",
+            f"{name:<16} {r['ms_base_deployed']:>7.2f} | {g['macs_kept']:>7.3f} {cells} | "
+            f"{t['macs_kept']:>7.3f} | {wins}",
             flush=True,
         )
-    cnn = [r for r in rows]
-    for key, label in (("gp", "graphprune"), ("tp", "Torch-Pruning")):
-        print(
-            f"median efficiency, {label}: "
-            f"{statistics.median(r[key]['efficiency'] for r in cnn):.2f}; median speed-up "
-            f"{statistics.median(r[key]['speedup'] for r in cnn):.2f}x"
-        )
+    for harness in HARNESSES:
+        for key, label in (("gp", "graphprune"), ("tp", "Torch-Pruning")):
+            print(
+                f"{harness}: median efficiency, {label}: "
+                f"{statistics.median(r[key][harness]['efficiency'] for r in rows):.2f}; "
+                "median speed-up "
+                f"{statistics.median(r[key][harness]['speedup'] for r in rows):.2f}x"
+            )
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
 
