@@ -134,29 +134,31 @@ def test_grouped_convs_keep_whole_simd_blocks_per_group(name: str) -> None:
 
 
 def test_pruned_regnet_stays_in_onnxruntime_blocked_layout(tmp_path: object) -> None:
-    """Measured where it matters: onnxruntime's optimised graph of the pruned RegNetX-400MF
-    runs as many convs outside the NCHWc layout as the original's (none), and no layout
-    reorders are added."""
-    from collections import Counter
+    """Measured where it matters, onnxruntime's optimised graph: the pruned RegNetX-400MF
+    (round_to="auto") runs as many convs outside the NCHWc layout as the original (none) and
+    adds no layout reorders; with exact counts (round_to=1) export_onnx reports the convs that
+    left the layout and says how to fix it."""
     from pathlib import Path
 
-    import onnx
+    from graphprune.onnx.layout import measure_layout
 
+    tmp = Path(str(tmp_path))
     model, x = build("regnet_x_400mf")
-    pruned = gp.compile(model, gp.Plan(ratio=0.5), x)  # round_to="auto": this CPU's block
-    counts = {}
-    for key, m in (("original", model), ("pruned", pruned)):
-        optimized = Path(str(tmp_path)) / f"{key}.opt.onnx"
-        gp.export_onnx(m, x, Path(str(tmp_path)) / f"{key}.onnx", optimized_path=optimized)
-        nodes = onnx.load(str(optimized)).graph.node
-        counts[key] = Counter(
-            n.op_type for n in nodes if n.domain != "com.microsoft.nchwc" or "Reorder" in n.op_type
-        )
-    plain = {k: c["Conv"] + c["FusedConv"] for k, c in counts.items()}
-    reorders = {k: c["ReorderInput"] + c["ReorderOutput"] for k, c in counts.items()}
-    assert plain["pruned"] == plain["original"], counts
-    assert reorders["pruned"] == reorders["original"], counts
-    assert gp.report(pruned).macs_ratio < 0.4
+    auto = gp.compile(model, gp.Plan(ratio=0.5), x)  # this CPU's block
+    exact = gp.compile(model, gp.Plan(ratio=0.5, round_to=1), x)
+    report = gp.export_onnx(exact, x, tmp / "exact.onnx", baseline=model, bench_runs=3)
+    original, odd = report.baseline_layout, report.layout
+    assert original is not None and odd is not None
+    if original.blocked == 0:
+        pytest.skip("onnxruntime has no blocked conv layout on this CPU")
+    gp.export_onnx(auto, x, tmp / "auto.onnx", verify=False)
+    blocked = measure_layout(tmp / "auto.onnx")
+    assert (len(blocked.plain), blocked.reorders) == (len(original.plain), original.reorders)
+    assert blocked.convs == original.convs and gp.report(auto).macs_ratio < 0.4
+    assert len(odd.plain) > len(original.plain) and odd.reorders > original.reorders
+    assert "round_to='auto'" in report.table() and odd.plain[0] in report.table()
+    grouped = dict(exact.named_modules())[odd.plain[0]]  # named by module, not ONNX node
+    assert isinstance(grouped, nn.Conv2d) and grouped.groups > 1
 
 
 def test_densenet_concat_slices_are_units_with_their_offsets() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from graphprune.hf import without_cache
 from graphprune.macs import count_macs, count_params, si
 from graphprune.onnx.bench import BenchReport, benchmark
 from graphprune.onnx.export import ExportedModel, ExportError, export
+from graphprune.onnx.layout import Layout, layout_line, layout_warning, measure_layout
 from graphprune.onnx.quantize import INT8_TOLERANCE, QuantizationError
 from graphprune.onnx.quantize import quantize as quantize_onnx
 from graphprune.onnx.runtime import feeds, session
@@ -36,6 +38,8 @@ class ExportReport:
     quantized_bytes: int = 0
     quantized_verification: Verification | None = None
     latency: BenchReport | None = None
+    layout: Layout | None = None  # convs in onnxruntime's blocked layout, pruned model
+    baseline_layout: Layout | None = None  # the same for the original
     params: int = 0
     macs: int = 0
     baseline_params: int = 0
@@ -64,6 +68,8 @@ class ExportReport:
             "quantized_bytes": self.quantized_bytes,
             "quantized_verification": v(self.quantized_verification),
             "latency": self.latency.to_dict() if self.latency else None,
+            "layout": self.layout.to_dict() if self.layout else None,
+            "baseline_layout": self.baseline_layout.to_dict() if self.baseline_layout else None,
             "params": self.params,
             "macs": self.macs,
             "baseline_params": self.baseline_params,
@@ -107,6 +113,17 @@ class ExportReport:
             )
         if self.latency:
             lines.append(self.latency.table())
+        if self.layout and self.baseline_layout:
+            lines.append(layout_line(self.baseline_layout, self.layout))
+            warning = layout_warning(self.baseline_layout, self.layout)
+            if warning:
+                lines += textwrap.wrap(
+                    f"warning: {warning}",
+                    80,
+                    subsequent_indent="  ",
+                    break_on_hyphens=False,
+                    break_long_words=False,
+                )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -161,7 +178,9 @@ def export_onnx(
     ``verify``: compare onnxruntime with torch (raises :class:`VerificationError`).
     ``baseline``: the original model; its own export is verified too (so exporter problems
     show apart from pruning problems) and its latency is measured side by side with ``model``'s
-    (``bench_runs`` interleaved runs at ``batch_sizes``, default the example batch).
+    (``bench_runs`` interleaved runs at ``batch_sizes``, default the example batch), and
+    onnxruntime's layout of both is read (:mod:`graphprune.onnx.layout`: convs left outside
+    its blocked layout by the pruned widths are reported).
     ``quantize``: "dynamic" or "static" (calibrated on ``calibration`` batches, default the
     example inputs) writes ``<stem>.int8.onnx``, verified against torch at a looser tolerance.
     ``optimized_path``: also save onnxruntime's optimised graph there.
@@ -215,7 +234,9 @@ def export_onnx(
         report.baseline_macs = count_macs(baseline, example_inputs)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             base_path = Path(tmp) / "baseline.onnx"
-            export(baseline, example_inputs, base_path, dynamic_batch=dynamic_batch, opset=opset)
+            base_exported = export(
+                baseline, example_inputs, base_path, dynamic_batch=dynamic_batch, opset=opset
+            )
             if verify:
                 report.baseline_verification = check(baseline, base_path)
             if bench_runs > 0:
@@ -234,6 +255,10 @@ def export_onnx(
                     runs=bench_runs,
                     ideal_speedup=report.baseline_macs / max(report.macs, 1),
                 )
+                if not (exported.external_data or base_exported.external_data):
+                    # (an optimised graph over 2 GB cannot be written as one file)
+                    report.layout = measure_layout(path, threads)
+                    report.baseline_layout = measure_layout(base_path, threads)
     return report
 
 

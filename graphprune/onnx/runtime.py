@@ -31,6 +31,7 @@ def session(
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+        options.log_severity_level = 3  # not the "hardware-specific graph" warning it then logs
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
