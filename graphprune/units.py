@@ -170,7 +170,7 @@ def conv_group_inners(
 def held_groups(
     dg: DependencyGraph,
     groups: list[Group],
-    modules: dict[str, nn.Module],
+    conv_grouped: set[int],
     ratio: float = 0.5,
     block: int = 1,
 ) -> dict[int, str]:
@@ -178,7 +178,8 @@ def held_groups(
     (rule 2 of the module docstring). By default the outer factor (conv groups, norm groups)
     is held and channels are removed inside each part; where rounding to ``block`` would stop
     that (16 channels per group, block 16) but removing whole parts reaches the ratio, the
-    inner factors are held instead."""
+    inner factors are held instead. ``conv_grouped``: the inner factors that are channels
+    within conv groups (:func:`conv_group_inners`), which round per group."""
     eligible = {g.id for g in groups}
     sizes = {g.id: g.size for g in groups}
     pairs: dict[int, dict[int, str]] = defaultdict(dict)  # outer -> inner -> member label
@@ -191,7 +192,6 @@ def held_groups(
                     alone.add(factors[0])
                 for outer in factors[:-1]:
                     pairs[outer].setdefault(factors[-1], m.label())
-    conv_grouped = conv_group_inners(dg, groups, modules)
     held: dict[int, str] = {}
     for outer, inners in pairs.items():
         target = 1.0 - ratio
@@ -230,8 +230,8 @@ def pruning_units(
     """Partition every eligible group's channels into units (see the module docstring);
     ``ratio`` and ``block`` (the plan's ratio and rounding) choose which factor of a composite
     dim carries the ratio."""
-    held = held_groups(dg, groups, modules, ratio, block)
     conv_grouped = conv_group_inners(dg, groups, modules)
+    held = held_groups(dg, groups, conv_grouped, ratio, block)
     units: list[Unit] = []
     for g in groups:
         if g.id in held:

@@ -9,7 +9,7 @@ This reads onnxruntime's own optimised graph, so what it reports is what runs.
 
 from __future__ import annotations
 
-import json
+import ast
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,9 +50,9 @@ def module_names(model: onnx.ModelProto) -> dict[str, str]:
         scopes = next(
             (p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), ""
         )
-        try:
-            path = json.loads(scopes.replace("'", '"'))
-        except json.JSONDecodeError:
+        try:  # a Python list literal: ['', 'features', 'features.0', 'conv2d']
+            path = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
             continue
         if isinstance(path, list) and len(path) >= 2 and path[-2]:
             names[node.name] = str(path[-2])
