@@ -40,10 +40,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import graphprune as gp
+from graphprune.finetune.plots import plot_accuracy_vs_speedup, plot_kept_channels
 from graphprune.io import write_text_atomic
 from graphprune.models.cnn import BasicBlock, ResNet
 from graphprune.models.transformers import ViT
-from graphprune.pipeline.plots import plot_accuracy_vs_speedup, plot_kept_channels
 
 Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 RATIOS = (0.3, 0.5, 0.7)

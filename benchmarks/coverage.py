@@ -138,7 +138,7 @@ def _hf_granularities(gp: Any, model: Any, x: Any, row: dict[str, Any]) -> None:
             pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
             report = gp.report(pruned)
             row[f"{granularity}_macs_kept"] = report.macs_ratio
-            row["config_expressible"][granularity] = report.config.get("expressible")
+            row["config_expressible"][granularity] = (report.config or {}).get("expressible")
         except Exception as exc:
             row[f"{granularity}_error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
 
@@ -161,7 +161,7 @@ def run_one(spec: str) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             pruned = gp.compile(model, gp.Plan(ratio=0.5), x)
         report = gp.report(pruned)
-        row["expressible"] = report.config.get("expressible")
+        row["expressible"] = (report.config or {}).get("expressible")
         row.update(
             compiled=True,
             compile_s=time.perf_counter() - start,

@@ -20,8 +20,8 @@ import torch
 from torch.nn import functional as F
 
 import graphprune as gp
-from graphprune.latency_plan import measure_ratio
 from graphprune.models.cnn import BasicBlock, ResNet
+from graphprune.stages.latency import measure_ratio
 
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy import accuracy, batches, digits, recalibrate, train

@@ -35,10 +35,10 @@ from torch.nn import functional as F
 
 import graphprune as gp
 from graphprune.io import write_text_atomic
-from graphprune.latency_plan import measure_ratio
 from graphprune.models import MODELS
 from graphprune.models.cnn import BasicBlock, MobileNetV2, ResNet
 from graphprune.models.transformers import ViT
+from graphprune.stages.latency import measure_ratio
 
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy import accuracy, batches, digits, recalibrate, train

@@ -27,7 +27,7 @@ import torch
 import graphprune as gp
 from graphprune.io import write_text_atomic
 from graphprune.models.transformers import GPT
-from graphprune.sparsity.report import measure_sparsity
+from graphprune.onnx.sparse_report import measure_sparsity
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 BATCHES = (1, 32)

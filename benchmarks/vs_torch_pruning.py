@@ -42,11 +42,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphprune as gp
+from graphprune.analysis.macs import count_macs
 from graphprune.io import write_text_atomic
-from graphprune.macs import count_macs
 from graphprune.onnx import make_feeds
 from graphprune.onnx.runtime import session
-from graphprune.plan import simd_block
+from graphprune.planning.plan import simd_block
 from graphprune.timing import block_samples, interleaved_samples
 from tests.real_models import declare_torchvision_ops
 

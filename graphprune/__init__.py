@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from graphprune.analysis import DependencyGraph, Group, Member, analyze
 from graphprune.capture import LabelledBatch, capture
-from graphprune.compile import compile, report
+from graphprune.compile import compile
 from graphprune.errors import AnalysisError, CaptureError, GraphPruneError, InputError
+from graphprune.finetune import GroupLasso, Pruner, StepRecord, recalibrate_norms, rewind
 from graphprune.onnx import ExportError, ExportReport, VerificationError, export_onnx
 from graphprune.passes.base import PruneError
-from graphprune.pipeline import GroupLasso, Pruner, StepRecord, recalibrate_norms, rewind
-from graphprune.plan import Plan, PlanError
-from graphprune.report import CompileReport
-from graphprune.resolve import Resolution
+from graphprune.planning.plan import Plan, PlanError
+from graphprune.planning.resolve import Resolution
+from graphprune.report import CompileReport, report
 from graphprune.serialize import load, save
-from graphprune.sparsity import finalize, masked_layers, sparsify, sparsify_report
+from graphprune.sparsity import masked_layers, sparsify, sparsify_report
+from graphprune.stages.sparse import finalize
 
 __version__ = "0.1.0"
 

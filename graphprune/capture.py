@@ -8,22 +8,25 @@ module types. Capture never mutates the model: train/eval flags are restored aft
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import fx, nn
 
 from graphprune.errors import CaptureError, InputError
-from graphprune.hf import no_cache
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
 ExampleInputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _OWN_DIR = str(Path(__file__).parent)
@@ -125,6 +128,34 @@ def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
     for name, tensor in named:
         by_tensor.setdefault(id(tensor), []).append(name)
     return {name: names for names in by_tensor.values() for name in names}
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module | None) -> Iterator[None]:
+    """``config.use_cache=False`` while capturing or exporting: a KV cache is an output object
+    torch.export cannot flatten, and pruning does not need it."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        yield
+        return
+    saved = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = saved
+
+
+def without_cache(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn(model, ..., baseline=...)`` with both models' KV cache off (see no_cache)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        model = args[0] if args else kwargs.get("model")
+        with no_cache(model), no_cache(kwargs.get("baseline")):  # type: ignore[arg-type]
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -18,18 +18,24 @@ import torch
 from torch import nn
 
 from graphprune.analysis import analyze
-from graphprune.compile import compile, report
+from graphprune.analysis.macs import count_macs, count_params, si
+from graphprune.compile import compile
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.io import write_text_atomic
-from graphprune.plan import GRANULARITIES, Plan
-from graphprune.serialize import save
+from graphprune.models import ALL
+from graphprune.onnx import export_onnx
+from graphprune.onnx.export import export
+from graphprune.onnx.sparse_report import measure_sparsity
+from graphprune.planning.plan import GRANULARITIES, Plan
+from graphprune.report import report
+from graphprune.serialize import load, save
+from graphprune.stages.sparse import finalize
 
 
 def load_model(
     spec: str, input_shape: str | None, batch: int, tokens: int | None
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Build the model and example inputs named by ``spec`` (zoo name or ``pkg.mod:factory``)."""
-    from graphprune.models import ALL
 
     if ":" not in spec:
         if spec not in ALL:
@@ -136,8 +142,6 @@ def _progress(message: str) -> Any:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from graphprune.onnx import export_onnx
-    from graphprune.serialize import load
 
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     pruning = args.plan or any(
@@ -183,7 +187,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def report_line(model: nn.Module, pruned: nn.Module, inputs: Any) -> str:
     """``params 11.7 M -> 3.1 M, MACs 4.44 G -> 1.11 G (0.251 kept)``."""
-    from graphprune.macs import count_macs, count_params, si
 
     macs = count_macs(model, inputs), count_macs(pruned, inputs)
     return (
@@ -195,7 +198,6 @@ def report_line(model: nn.Module, pruned: nn.Module, inputs: Any) -> str:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from graphprune.onnx import export_onnx
 
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     with _progress("pruning"):
@@ -223,7 +225,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_sparsity(args: argparse.Namespace) -> int:
-    from graphprune.sparsity.report import measure_sparsity
 
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     plan = plan_from_args(args)
@@ -241,8 +242,6 @@ def _cmd_sparsity(args: argparse.Namespace) -> int:
         )
     print(result.table())
     if args.output:
-        from graphprune.onnx.export import export
-        from graphprune.sparsity.parametrize import finalize
 
         exported = export(finalize(masked), inputs, args.output, sparse_storage="auto")
         print(f"wrote {exported.path} ({exported.bytes / 1e6:.2f} MB, compact sparse storage)")
@@ -270,7 +269,6 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(_: argparse.Namespace) -> int:
-    from graphprune.models import ALL
 
     width = max(len(n) for n in ALL)
     for name, spec in ALL.items():

@@ -20,7 +20,7 @@ model class itself instead of a per-family table:
    report says which attribute differs and to use ``graphprune.save``/``graphprune.load``.
 
 The attention modules' own counts (``num_heads``, ``head_dim``, ``num_key_value_groups``, ...)
-follow the weights through the count relations of :mod:`graphprune.relations` like any
+follow the weights through the count relations of :mod:`graphprune.planning.relations` like any
 module's; whole layers are removed from the layer list (``layer_idx`` renumbered for the KV
 cache, per-layer config lists such as ``layer_types`` sliced). ``transformers`` is optional.
 """
@@ -29,25 +29,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import itertools
 import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-P = ParamSpec("P")
-R = TypeVar("R")
+from graphprune.capture import no_cache, run_eval
+from graphprune.dictview import DictView
 
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers")
 MAX_CANDIDATES = 64  # config combinations tried when inverting the shape map
 
 
 @dataclass
-class ConfigSync:
+class ConfigSync(DictView):
     """What :func:`sync_config` found and changed."""
 
     family: str  # the config's model_type
@@ -77,34 +75,6 @@ def is_pretrained(model: nn.Module) -> bool:
         and hasattr(type(model), "config_class")
         and hasattr(model, "base_model")
     )
-
-
-@contextlib.contextmanager
-def no_cache(model: nn.Module | None) -> Iterator[None]:
-    """``config.use_cache=False`` while capturing or exporting: a KV cache is an output object
-    torch.export cannot flatten, and pruning does not need it."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "use_cache"):
-        yield
-        return
-    saved = config.use_cache
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = saved
-
-
-def without_cache(fn: Callable[P, R]) -> Callable[P, R]:
-    """Run ``fn(model, ..., baseline=...)`` with both models' KV cache off (see no_cache)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        model = args[0] if args else kwargs.get("model")
-        with no_cache(model), no_cache(kwargs.get("baseline")):  # type: ignore[arg-type]
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 # -- the shape map ---------------------------------------------------------------------------
@@ -508,8 +478,6 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
 
 
 def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
-    from graphprune.capture import run_eval  # capture imports this module
-
     with no_cache(model):
         out = run_eval(model, example_inputs)
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -1,4 +1,5 @@
-"""Modules the rewriting passes put in place of ones that cannot express a pruned shape."""
+"""Modules the rewriting passes put in place of ones that cannot express a pruned shape, and
+the weight a layer stores (masked or not), which every stage that touches weights reads."""
 
 from __future__ import annotations
 
@@ -124,3 +125,20 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 m = m.view(B, self.num_heads, L, S)
             mask = m if mask is None else mask + m
         return mask
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """``module.weight`` (typed; masked layers return the masked weight)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor), type(weight)
+    return weight
+
+
+def stored_weight(module: nn.Module) -> Tensor:
+    """The weight tensor ``module`` stores: the parametrization's original when masked
+    (what an in-place update writes to), else ``module.weight``."""
+    plist: Any = getattr(module, "parametrizations", None)
+    if plist is not None and "weight" in plist:
+        original: Tensor = plist["weight"].original
+        return original
+    return weight_of(module)

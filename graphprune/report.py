@@ -1,14 +1,25 @@
-"""CompileReport: what compile did, measured — printable as a table, JSON-able."""
+"""CompileReport: what compile did, measured -- typed parts, printable as a table, JSON-able
+through ``to_dict()`` only."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-RECORD = "_graphprune_record"  # plain-data record of what compile did, used by save()/load()
-REPORT = "_graphprune_report"
+from torch import nn
+
+from graphprune.dictview import DictView
+from graphprune.errors import InputError
+from graphprune.hf import ConfigSync
+from graphprune.oneshot.reconstruct import LayerFit
+from graphprune.planning.resolve import Resolution, UnitOutcome
+
+REPORT_ATTRIBUTE = "_graphprune_report"  # where a compiled model carries its report
+
+UnitReport = UnitOutcome  # one pruning unit (a layer's output channels): kept of total
 
 
 def _shorten(text: str, width: int) -> str:
@@ -27,18 +38,6 @@ class GroupOutcome:
     kind: str
     kept: int
     total: int
-
-
-@dataclass
-class UnitReport:
-    """One pruning unit (a layer's output channels, or one concat slice): kept of total."""
-
-    name: str
-    group: int
-    kind: str
-    kept: int
-    total: int
-    multiplier: int = 1  # output channels per unit channel (conv groups held whole)
 
 
 @dataclass
@@ -63,23 +62,6 @@ class LayerSparsity:
 
 
 @dataclass
-class LayerFit:
-    """How reconstruction changed one layer's output on the calibration data.
-
-    Errors are relative: ||Y - Y_pruned||^2 / ||Y||^2 over every calibration row, where Y is
-    the original layer's output (structured: on the original model's activations) and
-    Y_pruned the pruned layer's, before and after its weights were updated.
-    """
-
-    module: str
-    method: str  # "least squares", "sparsegpt", or "skipped"
-    error_before: float
-    error_after: float
-    rows: int  # calibration rows (tokens or conv output positions) the fit used
-    note: str = ""
-
-
-@dataclass
 class CompileReport:
     plan: dict[str, Any]
     params_before: int
@@ -93,11 +75,11 @@ class CompileReport:
     changes: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    resolution: dict[str, Any] = field(default_factory=dict)  # Resolution.to_dict(): kept indices
+    resolution: Resolution = field(default_factory=Resolution)  # kept indices per group
     sparsity: list[LayerSparsity] = field(default_factory=list)  # masks of a sparse plan
-    config: dict[str, Any] = field(default_factory=dict)  # HF models: graphprune.hf.ConfigSync
+    config: ConfigSync | None = None  # Hugging Face models: what the config says now
     reconstruction: list[LayerFit] = field(default_factory=list)  # Plan(reconstruct=True)
-    latency: dict[str, Any] = field(default_factory=dict)  # latency_plan.LatencyOutcome
+    latency: LatencyOutcome | None = None  # Plan(target_latency=...): predicted and measured
 
     @property
     def weight_sparsity(self) -> float:
@@ -115,7 +97,8 @@ class CompileReport:
         return self.macs_after / max(self.macs_before, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data.update(config=data["config"] or {}, latency=data["latency"] or {})  # as ever
         data.update(params_ratio=self.params_ratio, macs_ratio=self.macs_ratio)
         return data
 
@@ -175,13 +158,13 @@ class CompileReport:
         for s in self.sparsity[:max_groups]:
             detail = s.skipped or f"{s.pattern:<12} {s.sparsity:>6.1%} of {tuple(s.shape)}"
             lines.append(f"  {s.module:<32} {detail}")
-        if self.config:
-            updates = ", ".join(f"{k}={v}" for k, v in self.config["changes"].items()) or "none"
-            lines.append(f"config ({self.config['family']}): {updates}")
+        if self.config is not None:
+            updates = ", ".join(f"{k}={v}" for k, v in self.config.changes.items()) or "none"
+            lines.append(f"config ({self.config.family}): {updates}")
             lines.append(
                 "  save_pretrained/from_pretrained rebuilds it"
-                if self.config["expressible"]
-                else f"  config cannot express it: {self.config['reason']}"
+                if self.config.expressible
+                else f"  config cannot express it: {self.config.reason}"
             )
         if self.reconstruction:
             fitted = [f for f in self.reconstruction if f.method != "skipped"]
@@ -199,27 +182,85 @@ class CompileReport:
                 lines += _wrap(f"{_shorten(fit.module, 32):<32} {detail}", width, 2)
             if len(self.reconstruction) > max_groups:
                 lines.append(f"  … {len(self.reconstruction) - max_groups} more layers")
-        if self.latency:
-            lines += _wrap(self._latency_line(), width)
+        if self.latency is not None:
+            lines += _wrap(self.latency.line(), width)
         for n in self.notes:
             lines += _wrap(f"note: {n}", width)
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         lines += _wrap(f"stages: {stages}", width)
         return "\n".join(lines)
 
-    def _latency_line(self) -> str:
-        lat = self.latency
-        rounds = lat["rounds"]
-        base = lat["original_ms"]
-        measured = ", ".join(f"{r['measured']:.3f}" for r in rounds)
-        return (
-            f"latency (onnxruntime, measured): target {lat['target']:.3f} of {base:.3f} ms, "
-            f"predicted {lat['predicted']:.3f}, measured {lat['measured']:.3f} "
-            f"({lat['measured'] * base:.3f} ms), round {lat['chosen'] + 1} of {len(rounds)} "
-            f"(measured: {measured}); tables: "
-            f"{lat['table_ops_measured']} ops timed in {lat['table_seconds']:.1f} s, "
-            f"{lat['table_ops_cached']} from the cache; {lat['seconds']:.1f} s in all"
-        )
-
     def __str__(self) -> str:
         return self.table()
+
+
+@dataclass
+class LatencyRound:
+    """One measure-and-correct round of a latency-targeted compile."""
+
+    budget: float  # the ratio the allocator was given
+    predicted: float
+    measured: float
+    macs_ratio: float
+
+
+@dataclass
+class LatencyOutcome(DictView):
+    """What a latency-targeted compile predicted and measured, round by round."""
+
+    target: float  # ratio of the original's measured latency
+    original_ms: float
+    rounds: list[LatencyRound]
+    chosen: int
+    table_ops_measured: int
+    table_ops_cached: int
+    table_seconds: float
+    seconds: float
+
+    @property
+    def measured(self) -> float:
+        return self.rounds[self.chosen].measured
+
+    @property
+    def predicted(self) -> float:
+        return self.rounds[self.chosen].predicted
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(measured=self.measured, predicted=self.predicted)
+        return data
+
+    def line(self) -> str:
+        base = self.original_ms
+        measured = ", ".join(f"{r.measured:.3f}" for r in self.rounds)
+        return (
+            f"latency (onnxruntime, measured): target {self.target:.3f} of {base:.3f} ms, "
+            f"predicted {self.predicted:.3f}, measured {self.measured:.3f} "
+            f"({self.measured * base:.3f} ms), round {self.chosen + 1} of {len(self.rounds)} "
+            f"(measured: {measured}); tables: {self.table_ops_measured} ops timed in "
+            f"{self.table_seconds:.1f} s, {self.table_ops_cached} from the cache; "
+            f"{self.seconds:.1f} s in all"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """The JSON form of a report field: parts by their own ``to_dict``, lists item by item."""
+    if isinstance(value, DictView):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def attach_report(model: nn.Module, report: CompileReport) -> None:
+    object.__setattr__(model, REPORT_ATTRIBUTE, report)  # a plain attribute, not a submodule
+
+
+def report(model: nn.Module) -> CompileReport:
+    """The report of the :func:`graphprune.compile` call that produced ``model``."""
+    found = getattr(model, REPORT_ATTRIBUTE, None)
+    if not isinstance(found, CompileReport):
+        raise InputError("this model was not produced by graphprune.compile (no report)")
+    return found

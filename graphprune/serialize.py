@@ -12,30 +12,28 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from graphprune.analysis import analyze_captured
-from graphprune.capture import ExampleInputs, capture
+from graphprune.capture import ExampleInputs, capture, no_cache
 from graphprune.errors import InputError
-from graphprune.hf import no_cache, sync_config
+from graphprune.hf import sync_config
 from graphprune.io import write_atomic
 from graphprune.kernels.sparse_modules import SPARSE_MODULES
+from graphprune.passes import structured_rewrite
 from graphprune.passes.base import PassContext, PassManager
 from graphprune.passes.drop_layers import DropLayers
-from graphprune.passes.slice_channels import SliceChannels
 from graphprune.passes.verify import make_verifier, output_shapes
-from graphprune.report import RECORD
-from graphprune.resolve import Resolution
+from graphprune.record import CompileRecord, attach_record, record_of
 from graphprune.sparsity.parametrize import register_placeholder_masks
-from graphprune.structured import attributes_for
+from graphprune.stages.freeze_retry import attributes_for
 
 
 def save(model: nn.Module, path: str | Path) -> None:
     """Write ``model``'s pruning record and weights to ``path`` (atomically)."""
-    record = getattr(model, RECORD, None)
+    record = record_of(model)
     if record is None:
         raise InputError(
             "this model was not produced by graphprune.compile; "
@@ -49,7 +47,7 @@ def save(model: nn.Module, path: str | Path) -> None:
             "force=sparsify_report(model).converted to skip re-measuring)"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {"graphprune": json.dumps(record), "state_dict": state}
+    payload = {"graphprune": json.dumps(record.to_json()), "state_dict": state}
     write_atomic(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
@@ -64,10 +62,7 @@ def load(model: nn.Module, path: str | Path, example_inputs: ExampleInputs) -> n
     return model
 
 
-SUPPORTED_FORMATS = (1, 2)  # 1: before pruning units (groups only); 2: with per-unit outcomes
-
-
-def read_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_file(path: Path) -> tuple[CompileRecord, dict[str, torch.Tensor]]:
     """The record and state_dict of a file written by :func:`save`; a clear InputError for a
     missing, corrupt or foreign file, or a record from a newer graphprune."""
     if not path.is_file():
@@ -87,56 +82,42 @@ def read_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             "checkpoint loads with torch.load / model.load_state_dict)"
         )
     try:
-        record = json.loads(payload["graphprune"])
+        data = json.loads(payload["graphprune"])
     except (TypeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: its pruning record is not valid JSON ({exc})") from None
-    check_format(record, str(path))
-    return record, payload["state_dict"]
+    return CompileRecord.from_json(data, str(path)), payload["state_dict"]
 
 
-def check_format(record: dict[str, Any], where: str) -> None:
-    """Refuse records this version cannot replay, saying which version wrote them."""
-    for step in [*record.get("previous", []), record]:
-        version = step.get("format", 1)
-        if version not in SUPPORTED_FORMATS:
-            raise InputError(
-                f"{where}: pruning record format {version} is newer than this graphprune "
-                f"reads ({', '.join(map(str, SUPPORTED_FORMATS))}); upgrade graphprune"
-            )
-
-
-def apply_record(model: nn.Module, record: dict[str, Any], example_inputs: ExampleInputs) -> None:
+def apply_record(model: nn.Module, record: CompileRecord, example_inputs: ExampleInputs) -> None:
     """Replay the passes of a compile record (and of the compiles before it) on an unpruned
     model."""
     with no_cache(model):
-        for earlier in record.get("previous", []):
-            _apply_one(model, earlier, example_inputs)
-        _apply_one(model, record, example_inputs)
+        for step in record.steps():
+            _apply_one(model, step, example_inputs)
     sync_config(model, None, example_inputs)  # HF: the config, as compile left it
-    object.__setattr__(model, RECORD, copy.deepcopy(record))
+    attach_record(model, copy.deepcopy(record))
 
 
-def _apply_one(model: nn.Module, record: dict[str, Any], example_inputs: ExampleInputs) -> None:
+def _apply_one(model: nn.Module, record: CompileRecord, example_inputs: ExampleInputs) -> None:
     reference = output_shapes(model, example_inputs)
-    if record["dropped"]:
+    if record.dropped:
         ctx = PassContext(model, example_inputs, None, None)
-        DropLayers(list(record["dropped"]))(ctx)
-    resolution = Resolution.from_dict(record["resolution"])
+        DropLayers(list(record.dropped))(ctx)
+    resolution = record.resolution
     if resolution.changed:
         captured = capture(model, example_inputs)
         dg = analyze_captured(captured)
         sizes = [g.size for g in dg.groups]
-        if sizes != record["group_sizes"]:
+        if sizes != record.group_sizes:
             raise InputError(
                 "the model given to load() is not the architecture that was pruned "
                 f"(its channel groups {sizes[:8]}… differ from the saved "
-                f"{record['group_sizes'][:8]}…); build it with the same factory"
+                f"{record.group_sizes[:8]}…); build it with the same factory"
             )
         attributes = resolution.attributes
-        if record.get("format", 1) < 2:  # saved before attribute values were recorded
+        if not record.stores_attributes:  # format 1: derive them as that release did
             attributes = attributes_for(model, example_inputs, captured, dg, resolution.kept)
         ctx = PassContext(model, example_inputs, captured, dg, resolution.kept, attributes)
-        PassManager([SliceChannels()], verify=make_verifier(reference))(ctx)
-    sparsity = record.get("sparsity") or {}
-    if sparsity.get("layers") and not sparsity.get("baked"):
-        register_placeholder_masks(model, list(sparsity["layers"]))  # filled by the state_dict
+        PassManager(structured_rewrite(), verify=make_verifier(reference))(ctx)
+    if record.sparsity.layers and not record.sparsity.baked:  # filled by the state_dict:
+        register_placeholder_masks(model, list(record.sparsity.layers))

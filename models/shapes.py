@@ -2,7 +2,7 @@
 
 Each reproduces one class of shape arithmetic that a rewrite has to follow (the timm/
 torchvision model it comes from in brackets). They are the fixtures of the count-relation
-tests; see :mod:`graphprune.relations`.
+tests; see :mod:`graphprune.planning.relations`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """The pass contract: ``Pass.__call__(ctx) -> PassResult``, run in order by a PassManager.
 
-Every pass leaves the model consistent (it runs); the manager re-verifies it after each pass
-(re-capture, shape constants, output shapes) and, when one fails, says which passes already ran.
+A structured rewrite is a sequence (:func:`graphprune.passes.structured_rewrite`): slice the
+tensors, then the module attributes that describe them, then the int attributes behind shape
+constants. The model is consistent only after the whole sequence, so the manager verifies it
+once at the end (re-capture, shape constants, output shapes) when any pass changed it; a
+failure names the pass and the passes that ran before it.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,11 +49,16 @@ class PassContext:
     # (module path, attribute) the forward's torch calls read; None: not traced
     read_attributes: set[tuple[str, str]] | None = None
 
+    @property
+    def prunes(self) -> bool:
+        """Some group keeps fewer channels than it has."""
+        sizes = {g.id: g.size for g in self.dg.groups}
+        return any(len(k) < sizes[g] for g, k in self.kept.items())
+
 
 @dataclass
 class PassResult:
     modified: bool
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Pass(Protocol):
@@ -65,26 +72,38 @@ Verifier = Callable[[PassContext], None]
 
 @dataclass
 class PassManager:
+    """Runs ``passes`` in order on one context, then verifies the result once."""
+
     passes: Sequence[Pass]
     verify: Verifier | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
     def __call__(self, ctx: PassContext) -> list[PassResult]:
         results: list[PassResult] = []
-        done: list[str] = []
         for p in self.passes:
-            start = time.perf_counter()
-            try:
-                result = p(ctx)
-                if result.modified and self.verify is not None:
-                    self.verify(ctx)
-            except PruneError as exc:
-                ran = ", ".join(done) or "none"
-                message = f"pass '{p.name}' failed (passes that ran before: {ran}): {exc}"
-                if isinstance(exc, RewriteFailure):
-                    raise RewriteFailure(message, line=exc.line, groups=exc.groups) from exc
-                raise PruneError(message) from exc
-            self.timings[p.name] = time.perf_counter() - start
-            results.append(result)
-            done.append(p.name)
+            results.append(self._run(p, ctx, [r.name for r in self.passes[: len(results)]]))
+        if self.verify is not None and any(r.modified for r in results):
+            self._run(_Verification(self.verify), ctx, [p.name for p in self.passes])
         return results
+
+    @staticmethod
+    def _run(p: Pass, ctx: PassContext, done: list[str]) -> PassResult:
+        try:
+            return p(ctx)
+        except PruneError as exc:
+            ran = ", ".join(done) or "none"
+            message = f"pass '{p.name}' failed (passes that ran before: {ran}): {exc}"
+            if isinstance(exc, RewriteFailure):
+                raise RewriteFailure(message, line=exc.line, groups=exc.groups) from exc
+            raise PruneError(message) from exc
+
+
+@dataclass
+class _Verification:
+    """The verifier as the sequence's last step, so its failures name the passes before it."""
+
+    check: Verifier
+    name: str = "verify"
+
+    def __call__(self, ctx: PassContext) -> PassResult:
+        self.check(ctx)
+        return PassResult(False)

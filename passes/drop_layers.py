@@ -166,7 +166,7 @@ class DropLayers:
         if remove_layers(ctx.model, self.blocks):  # an HF layer list: delete, renumber
             ctx.dropped.extend(self.blocks)
             ctx.changes.extend(f"{path}: removed from the layer list" for path in self.blocks)
-            return PassResult(True, {"dropped": list(self.blocks)})
+            return PassResult(True)
         io = block_io(ctx.model, self.blocks, ctx.example_inputs)
         for path in self.blocks:
             parent, _, child = path.rpartition(".")
@@ -175,4 +175,4 @@ class DropLayers:
             setattr(owner, child, SkipBlock(type(old).__name__, io[path].arity))
             ctx.dropped.append(path)
             ctx.changes.append(f"{path}: {type(old).__name__} -> SkipBlock (identity)")
-        return PassResult(bool(self.blocks), {"dropped": list(self.blocks)})
+        return PassResult(bool(self.blocks))

@@ -18,19 +18,17 @@ HEAD_KINDS = {"heads", "kv_heads"}
 
 
 @dataclass
-class PruneHeads:
+class PruneHeads(SliceChannels):
+    """SliceChannels for a heads plan: no attention may lose every head."""
+
     name: str = "prune_heads"
 
     def __call__(self, ctx: PassContext) -> PassResult:
         by_id = {g.id: g for g in ctx.dg.groups}
-        heads_left: dict[str, str] = {}
         for gid, kept in ctx.kept.items():
             group = by_id[gid]
             if len(kept) == group.size or group.kind not in HEAD_KINDS:
                 continue
             if not kept:
                 raise PruneError(f"group {gid} ({group.name}) would lose every head")
-            heads_left[group.name] = f"{len(kept)}/{group.size}"
-        result = SliceChannels()(ctx)
-        result.stats["heads_kept"] = heads_left
-        return result
+        return super().__call__(ctx)

@@ -1,6 +1,6 @@
 """Write the module attributes behind shape constants (``self.num_heads``, split-size lists).
 
-The relation solver (:mod:`graphprune.relations`) decides, from the provenance trace, which
+The relation solver (:mod:`graphprune.planning.relations`) decides, from the provenance trace, which
 module attributes feed which view/split/slice arguments and what each must become for the kept
 channels; this pass writes those values: plain ints, and single elements of tuple, list and
 ``torch.Size`` attributes (the container is rebuilt, its type kept). Sizes the forward derives
@@ -11,10 +11,11 @@ re-captures the model and compares every constant.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
-from graphprune.passes.base import PassContext
-from graphprune.passes.provenance import AttrKey, resolve_holder
+from graphprune.analysis.provenance import AttrKey, resolve_holder
+from graphprune.passes.base import PassContext, PassResult
 
 
 def _describe(path: str, name: str) -> str:
@@ -44,3 +45,17 @@ def write_attributes(ctx: PassContext, values: dict[AttrKey, int]) -> None:
 
 def update_shape_attributes(ctx: PassContext) -> None:
     write_attributes(ctx, ctx.attributes)
+
+
+@dataclass
+class UpdateShapeAttributes:
+    """Int attributes that produce shape constants (``self.n_head``) take the values the
+    resolution chose for them."""
+
+    name: str = "shape_attributes"
+
+    def __call__(self, ctx: PassContext) -> PassResult:
+        if not ctx.prunes:
+            return PassResult(False)
+        update_shape_attributes(ctx)
+        return PassResult(True)

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from graphprune.kernels.crossover import KernelTimes, square_block, time_layouts
 from graphprune.kernels.sparse_modules import SparseConv1x1, SparseLinear, is_pointwise
+from graphprune.modules import weight_of
 from graphprune.passes.base import PassContext, PassResult
-from graphprune.sparsity.masks import weight_of
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Sparsify:
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child, replacement)
                 ctx.changes.append(f"{name}: dense -> {decision.layout} ({decision.reason})")
-        return PassResult(bool(self.report.converted), {"converted": self.report.converted})
+        return PassResult(bool(self.report.converted))
 
     def _candidates(self, weight: Tensor) -> tuple[list[str], int | None]:
         layouts = ["csr"]

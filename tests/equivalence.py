@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import graphprune as gp
-from graphprune.compile import RECORD
 from graphprune.models.transformers import RMSNorm
 from graphprune.passes.tensors import get_tensor
-from graphprune.resolve import Resolution, is_output_dim
-from graphprune.units import pruning_units
+from graphprune.planning.resolve import Resolution, is_output_dim
+from graphprune.planning.units import pruning_units
+from graphprune.record import RECORD_ATTRIBUTE as RECORD
 
 EXACT_KINDS = {"channels", "heads", "kv_heads", "heads_per_kv"}
 

@@ -73,7 +73,7 @@ def test_report_table_and_changes() -> None:
     assert pruned.layer1[0].conv2.groups == 4
     assert all(u.kept / u.total == 0.5 for u in report.units)
     assert report.to_dict()["macs_ratio"] == pytest.approx(report.macs_ratio)
-    kept = gp.Resolution.from_dict(json.loads(json.dumps(report.resolution))).kept
+    kept = gp.Resolution.from_dict(json.loads(json.dumps(report.to_dict()["resolution"]))).kept
     assert all(len(kept[g.id]) == g.kept for g in report.groups)  # indices are plain data
     assert {"capture", "analyze", "score", "resolve"} <= set(report.seconds)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
-from graphprune.importance import CRITERIA, score_groups
+from graphprune.planning.importance import CRITERIA, score_groups
 
 
 class Tiny(nn.Module):

@@ -11,10 +11,18 @@ import torch
 
 import graphprune as gp
 from graphprune.cli import build_parser, plan_from_args
-from graphprune.latency_plan import CostModel, PrunableUnit, TimedLayer, Width, allocate, cost_model
-from graphprune.latency_tables import LatencyCache, LayerTable, OpShape, cpu_name
 from graphprune.models.cnn import BasicBlock, ResNet
-from graphprune.units import Unit
+from graphprune.onnx.op_latency import LatencyCache, cpu_name
+from graphprune.planning.latency.allocate import (
+    CostModel,
+    PrunableUnit,
+    TimedLayer,
+    Width,
+    allocate,
+    cost_model,
+)
+from graphprune.planning.latency.tables import LayerTable, OpShape
+from graphprune.planning.units import Unit
 
 
 @pytest.fixture
@@ -129,7 +137,7 @@ def test_plan_validation_and_cli_flags() -> None:
 def test_pruner_steps_end_at_the_latency_target(
     cache_dir: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from graphprune.pipeline import pruner as pruner_module
+    from graphprune.finetune import pruner as pruner_module
 
     measured: list[float] = []  # the current model's ms, as each step measures it
     real = pruner_module.measure_ratio

@@ -13,10 +13,10 @@ from torch import nn
 import graphprune as gp
 from graphprune.analysis import analyze
 from graphprune.cli import main as cli_main
-from graphprune.importance import score_groups
 from graphprune.models.cnn import BasicBlock, ResNet
 from graphprune.models.transformers import GPT
-from graphprune.reconstruct import Statistics
+from graphprune.oneshot.reconstruct import Statistics
+from graphprune.planning.importance import score_groups
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

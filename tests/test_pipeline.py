@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import graphprune as gp
+from graphprune.finetune import schedule_ratios
+from graphprune.finetune.plots import plot_accuracy_vs_speedup, plot_kept_channels
 from graphprune.models import MODELS
-from graphprune.pipeline import schedule_ratios
-from graphprune.pipeline.plots import plot_accuracy_vs_speedup, plot_kept_channels
 from tests.equivalence import outputs
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import graphprune as gp
-from graphprune.plan import keep_count
+from graphprune.planning.plan import keep_count
 
 
 @pytest.mark.parametrize(

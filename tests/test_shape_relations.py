@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 import graphprune as gp
+from graphprune.analysis.provenance import trace_shapes
 from graphprune.models.shapes import shape_models
-from graphprune.passes.provenance import trace_shapes
 from tests.equivalence import check_dead_channels, outputs
 
 PLAN = gp.Plan(ratio=0.5, round_to=1)

@@ -18,7 +18,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.models import MODELS
-from graphprune.units import pruning_units
+from graphprune.planning.units import pruning_units
 from tests.equivalence import outputs
 
 IMAGE = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))

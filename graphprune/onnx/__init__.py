@@ -14,9 +14,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from graphprune.capture import ExampleInputs, output_tensors
-from graphprune.hf import without_cache
-from graphprune.macs import count_macs, count_params, si
+from graphprune.analysis.macs import count_macs, count_params, si
+from graphprune.capture import ExampleInputs, output_tensors, without_cache
 from graphprune.onnx.bench import BenchReport, benchmark
 from graphprune.onnx.export import ExportedModel, ExportError, export
 from graphprune.onnx.layout import Layout, layout_line, layout_warning, measure_layout

@@ -13,7 +13,7 @@ from graphprune.capture import ExampleInputs, normalize_inputs, output_tensors
 from graphprune.errors import InputError
 from graphprune.passes.base import PassContext, PassManager, PruneError
 from graphprune.passes.sparsify import Sparsify, SparsifyReport, matrix_of
-from graphprune.sparsity.parametrize import finalize, is_masked
+from graphprune.sparsity.parametrize import bake_masks, is_masked
 
 SPARSIFY_REPORT = "_graphprune_sparsify"
 
@@ -83,7 +83,7 @@ def sparsify(
     """
     target = model if inplace else copy.deepcopy(model)
     if is_masked(target):
-        finalize(target)
+        bake_masks(target)
     first = normalize_inputs(example_inputs)
     tensors = [t for t in (*first[0], *first[1].values()) if isinstance(t, Tensor)]
     if not tensors:

@@ -11,7 +11,6 @@ keys of a layer are ``parametrizations.weight.original`` and ``parametrizations.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +18,8 @@ from torch.nn.utils import parametrize
 
 from graphprune.errors import InputError
 from graphprune.kernels.sparse_modules import densify
-from graphprune.report import RECORD
-from graphprune.sparsity.masks import MaskSet, weight_of
+from graphprune.modules import stored_weight, weight_of
+from graphprune.planning.masks import MaskSet
 
 
 class WeightMask(nn.Module):
@@ -46,16 +45,6 @@ def apply_masks(model: nn.Module, masks: MaskSet) -> None:
         with torch.no_grad():  # also zero the hidden original, so rewinds and bakes agree
             weight.mul_(mask)
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
-
-
-def stored_weight(module: nn.Module) -> Tensor:
-    """The weight tensor ``module`` stores: the parametrization's original when masked
-    (what an in-place update writes to), else ``module.weight``."""
-    plist: Any = getattr(module, "parametrizations", None)
-    if plist is not None and "weight" in plist:
-        original: Tensor = plist["weight"].original
-        return original
-    return weight_of(module)
 
 
 def update_masks(model: nn.Module, masks: MaskSet) -> None:
@@ -103,10 +92,10 @@ def masked_fraction(model: nn.Module) -> float:
     return 1.0 - sum(int(m.sum()) for m in masks) / total if total else 0.0
 
 
-def finalize(model: nn.Module) -> nn.Module:
+def bake_masks(model: nn.Module) -> nn.Module:
     """Bake the masks in: plain ``weight`` parameters with exact zeros, no parametrization.
 
-    In place; returns ``model``. Call it after fine-tuning, before export or sparse kernels.
+    In place; returns ``model`` (:func:`graphprune.finalize` also marks its record).
     """
     for name, module in model.named_modules():
         plist = getattr(module, "parametrizations", {})
@@ -119,9 +108,6 @@ def finalize(model: nn.Module) -> nn.Module:
             )
         _own_class(module)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    record: dict[str, Any] | None = getattr(model, RECORD, None)
-    if record is not None and record.get("sparsity"):
-        record["sparsity"]["baked"] = True
     return model
 
 
@@ -140,7 +126,7 @@ def _own_class(module: nn.Module) -> None:
 def dense_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with masks baked in and sparse-kernel layers dense again: what the
     exporter and the dense side of a measurement need (the original is not touched)."""
-    return densify(finalize(copy.deepcopy(model)))
+    return densify(bake_masks(copy.deepcopy(model)))
 
 
 def is_masked(model: nn.Module) -> bool:

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from graphprune.analysis import analyze
 from graphprune.capture import ExampleInputs
-from graphprune.plan import Plan
-from graphprune.resolve import eligible_groups
+from graphprune.planning.plan import Plan
+from graphprune.planning.resolve import eligible_groups
 
 
 class GroupLasso(nn.Module):

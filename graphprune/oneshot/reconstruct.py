@@ -31,22 +31,40 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from graphprune.calibration import (
+from graphprune.capture import tensor_aliases
+from graphprune.modules import stored_weight
+from graphprune.oneshot.calibration import (
     call_order,
     channel_rows,
     input_rows,
     layer_inputs,
     rows_unsupported,
 )
-from graphprune.capture import tensor_aliases
 from graphprune.progress import track
-from graphprune.report import LayerFit
-from graphprune.sparsity.parametrize import stored_weight
+
+
+@dataclass
+class LayerFit:
+    """How reconstruction changed one layer's output on the calibration data.
+
+    Errors are relative: ||Y - Y_pruned||^2 / ||Y||^2 over every calibration row, where Y is
+    the original layer's output (structured: on the original model's activations) and
+    Y_pruned the pruned layer's, before and after its weights were updated.
+    """
+
+    module: str
+    method: str  # "least squares", "sparsegpt", or "skipped"
+    error_before: float
+    error_after: float
+    rows: int  # calibration rows (tokens or conv output positions) the fit used
+    note: str = ""
+
 
 NORMS = nn.modules.batchnorm._BatchNorm
 RIDGE = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # lam / mean(diag(A^T A)) tried by validation

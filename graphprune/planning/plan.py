@@ -35,7 +35,7 @@ class Plan:
         keep, in (0, 1) (batch from the example inputs, ``latency_threads`` threads); or
         ``target_latency_ms``, an absolute budget on this machine. Channels only: per-layer
         widths are allocated from measured latency tables, then the compiled model is measured
-        and corrected (see :mod:`graphprune.latency_plan`).
+        and corrected (see :mod:`graphprune.stages.latency`).
     scope: "local" (the same ratio in every group) or "global" (channels ranked across groups by
         normalised importance, at most ``max_ratio`` of any group removed).
     importance: "l1", "l2", "bn_scale", "random", "taylor", "fisher"/"hessian", "fpgm",
@@ -64,7 +64,7 @@ class Plan:
         structured plans refit every layer whose inputs were pruned by ridge least squares
         (bias compensation included) and re-estimate BatchNorm statistics; sparse plans run
         SparseGPT (unstructured and n:m masks chosen by its OBS saliency). Applies to a nested
-        ``sparsity`` plan too. See :mod:`graphprune.reconstruct`.
+        ``sparsity`` plan too. See :mod:`graphprune.oneshot.reconstruct`.
     """
 
     ratio: float | None = None

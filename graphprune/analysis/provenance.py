@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
+from graphprune.analysis.registry import source_line
 from graphprune.capture import Captured, eval_mode, normalize_inputs, owning_module
 
 AttrKey = tuple[str, str, int]  # (module path, attribute name, index in a tuple/list or -1)
@@ -481,8 +482,6 @@ def link_read_tensors(
     same sum and sum of |x|; among equals, the node made at the same source line first).
     Unmatched tensors are left out: relations through them stay unknown.
     """
-    from graphprune.analysis.registry import source_line
-
     found: dict[int, str] = {}
     placeholders = [n for n in captured.graph.nodes if n.op == "placeholder"]
     by_fqn = {fqn: name for name, fqn in captured.state_fqn.items()}

@@ -1,8 +1,9 @@
 """Resolve a Plan and importance scores into concrete kept channel indices per group.
 
-1. **Units.** Each eligible group is split into pruning units (:mod:`graphprune.units`): the
-   channels one layer (or one set of layers) produces. Outer factors of composite outputs
-   (conv groups, norm groups) are held whole so that a ratio is never compounded.
+1. **Units.** Each eligible group is split into pruning units
+   (:mod:`graphprune.planning.units`): the channels one layer (or one set of layers)
+   produces. Outer factors of composite outputs (conv groups, norm groups) are held whole so
+   that a ratio is never compounded.
 2. **Local scope.** Every unit keeps ``keep_count(size, ratio)`` of its best-scoring channels:
    rounded *up* so that the layer width is a multiple of ``round_to`` (a unit narrower than
    ``round_to`` is left whole), never below ``min_channels``. ``overrides``/``ignore`` name the
@@ -25,8 +26,9 @@ import numpy as np
 from torch import nn
 
 from graphprune.analysis import DependencyGraph, Group
-from graphprune.plan import Plan, keep_count
-from graphprune.units import Unit, Units, is_output_dim, producers, pruning_units
+from graphprune.dictview import DictView
+from graphprune.planning.plan import Plan, keep_count
+from graphprune.planning.units import Unit, Units, is_output_dim, producers, pruning_units
 
 KINDS_FOR = {"channels": {"channels"}, "heads": {"heads", "kv_heads"}}
 
@@ -60,8 +62,8 @@ class UnitOutcome:
         return self.kept * self.multiplier, self.total * self.multiplier
 
 
-@dataclass
-class Resolution:
+@dataclass(eq=True)
+class Resolution(DictView):
     """Kept channel indices for every group a plan touches (plain data, JSON-able), and how
     many channels each unit kept."""
 

@@ -3,7 +3,7 @@
 Every shape constant of the export graph that follows a group (a view/reshape/expand size, a
 split size, a slice bound, conv groups, ...) is matched to the eager call that produced it
 (same source line, same module instance, same op, in order; see
-:mod:`graphprune.passes.provenance`). The provenance trace says how that call computed it: a
+:mod:`graphprune.analysis.provenance`). The provenance trace says how that call computed it: a
 literal, a module attribute, a tensor's shape, or arithmetic on those. A *relation* is then
 
     computed(pruned shapes, new attribute values) == needed(kept channels)
@@ -36,10 +36,11 @@ import numpy as np
 from torch import fx
 
 from graphprune.analysis import DependencyGraph
+from graphprune.analysis.arguments import argument_position
 from graphprune.analysis.graph import ShapeConstantUse
+from graphprune.analysis.provenance import AttrKey, DimKey, Expr, IntUse, ShapeTrace
 from graphprune.analysis.registry import flatten_args, source_line
 from graphprune.capture import Captured, owning_module
-from graphprune.passes.provenance import AttrKey, DimKey, Expr, IntUse, ShapeTrace
 
 Rows = list[tuple[tuple[int, int], ...]]
 _log = logging.getLogger(__name__)  # DEBUG: every drive, tie and freeze the solver decides
@@ -143,8 +144,6 @@ def _expr_for(c: ShapeConstantUse, node: fx.Node, use: IntUse) -> Expr | None:
     unknown)."""
     node_ints = _node_ints(node)
     if list(use.values) == node_ints:
-        from graphprune.passes.verify import argument_position
-
         position = argument_position(node, c.argument)
         if position is not None and 0 <= position < len(use.exprs):
             return use.exprs[position]

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.analysis import DependencyGraph, Group, Member
-from graphprune.calibration import input_norms, rows_unsupported
 from graphprune.capture import LabelledBatch, normalize_inputs
+from graphprune.oneshot.calibration import input_norms, rows_unsupported
 
 Tensors = dict[str, Tensor]
 LossFn = Callable[..., Tensor]  # loss_fn(output), or loss_fn(output, target) for LabelledBatch

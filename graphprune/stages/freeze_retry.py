@@ -2,9 +2,9 @@
 
 1. **Setup** (once per compile): capture, analysis, and -- when a shape constant follows a
    prunable group -- the provenance trace and the count relations
-   (:mod:`graphprune.relations`).
-2. **Resolve** the plan into kept channels per unit (:mod:`graphprune.resolve`), then let the
-   relation solver drive, tie or freeze groups and pick attribute values.
+   (:mod:`graphprune.planning.relations`).
+2. **Resolve** the plan into kept channels per unit (:mod:`graphprune.planning.resolve`),
+   then let the relation solver drive, tie or freeze groups and pick attribute values.
 3. **Rewrite and verify** on a copy of the original model: slice, update attributes,
    re-capture, compare every shape constant and the output shapes.
 4. **Freeze and retry.** A rewrite that fails freezes the groups whose channels reach the
@@ -27,19 +27,19 @@ import numpy as np
 from torch import nn
 
 from graphprune.analysis import DependencyGraph, Group, analyze_captured
+from graphprune.analysis.macs import count_macs
+from graphprune.analysis.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
+from graphprune.analysis.registry import source_line
 from graphprune.capture import Captured, ExampleInputs, capture
-from graphprune.importance import LossFn, score_groups
-from graphprune.macs import count_macs
+from graphprune.passes import structured_rewrite
 from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, RewriteFailure
 from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
-from graphprune.passes.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
-from graphprune.passes.prune_heads import PruneHeads
-from graphprune.passes.slice_channels import SliceChannels
 from graphprune.passes.verify import make_verifier, output_shapes
-from graphprune.plan import Plan, PlanError
-from graphprune.relations import Relation, build_relations, satisfy
-from graphprune.resolve import Resolution, candidate_groups, resolve
-from graphprune.units import Units, pruning_units
+from graphprune.planning.importance import LossFn, score_groups
+from graphprune.planning.plan import Plan, PlanError
+from graphprune.planning.relations import Relation, build_relations, satisfy
+from graphprune.planning.resolve import Resolution, candidate_groups, resolve
+from graphprune.planning.units import Units, pruning_units
 
 MAX_ROUNDS = 8  # freeze-and-retry rounds before giving up on what is left
 
@@ -261,7 +261,11 @@ def prune_channels(
     )
     lap("score")
     resolver = _Resolver(plan, s, groups, units, scores, modules, s.original, batches, loss_fn)
-    make: Callable[[], Pass] = PruneHeads if plan.granularity == "heads" else SliceChannels
+    heads = plan.granularity == "heads"
+
+    def make() -> list[Pass]:
+        return structured_rewrite(heads)
+
     verify = make_verifier(s.reference_shapes)
     frozen: dict[int, str] = {}
     first = not inplace
@@ -278,7 +282,7 @@ def prune_channels(
         if failure is None:
             if inplace:  # replay the rewrite that worked on the user's model
                 ctx = s.context(target, resolution)
-                PassManager([make()])(ctx)
+                PassManager(make())(ctx)
             notes = []
             if ratio > 0 and not resolution.changed:
                 notes.append(_nothing_pruned(plan, s.dg))
@@ -300,14 +304,14 @@ def _attempt(
     model: nn.Module,
     resolution: Resolution,
     s: Setup,
-    make: Callable[[], Pass],
+    make: Callable[[], list[Pass]],
     verify: Callable[[PassContext], None],
 ) -> tuple[PassContext, PruneError | None]:
     """Rewrite ``model`` as ``resolution`` says and verify it; the context and the failure
     (None when it worked)."""
     ctx = s.context(model, resolution)
     try:
-        PassManager([make()], verify=verify)(ctx)
+        PassManager(make(), verify=verify)(ctx)
     except PruneError as exc:
         return ctx, exc
     except Exception as exc:  # a pass that met a module it cannot rewrite: same treatment
@@ -335,8 +339,6 @@ def _culprits(failure: PruneError, resolution: Resolution, s: Setup) -> set[int]
 
 
 def _node_line(node: Any) -> str:
-    from graphprune.analysis.registry import source_line
-
     return source_line(node)
 
 
@@ -346,7 +348,7 @@ def _bisect(
     ratio: float,
     frozen: dict[int, str],
     s: Setup,
-    make: Callable[[], Pass],
+    make: Callable[[], list[Pass]],
     verify: Callable[[PassContext], None],
 ) -> set[int]:
     """A small set of changed groups whose pruning alone fails (halving: about 2·log2(n)
@@ -374,7 +376,7 @@ def _ratio_for_target(
     resolver: _Resolver,
     frozen: dict[int, str],
     s: Setup,
-    make: Callable[[], Pass],
+    make: Callable[[], list[Pass]],
 ) -> float:
     """``plan.ratio``, or the smallest ratio whose rewrite meets ``plan.target_macs``."""
     if plan.target_macs is None:
@@ -382,7 +384,7 @@ def _ratio_for_target(
 
     def macs_ratio(ratio: float) -> float:
         trial = copy.deepcopy(s.original)
-        PassManager([make()])(s.context(trial, resolver(ratio, frozen)))
+        PassManager(make())(s.context(trial, resolver(ratio, frozen)))
         return count_macs(trial, s.example_inputs) / max(s.macs_before, 1)
 
     return _bisect_ratio(plan, macs_ratio)

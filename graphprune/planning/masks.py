@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from graphprune.calibration import input_norms
 from graphprune.capture import tensor_aliases
-from graphprune.importance import LossFn, gradients
-from graphprune.plan import Plan
+from graphprune.modules import weight_of
+from graphprune.oneshot.calibration import input_norms
+from graphprune.planning.importance import LossFn, gradients
+from graphprune.planning.plan import Plan
 
 MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -263,8 +264,3 @@ def _nm_keep(matrix: np.ndarray, n: int, m: int) -> np.ndarray:
 
 
 # -- model facts ------------------------------------------------------------------------------
-def weight_of(module: nn.Module) -> Tensor:
-    """``module.weight`` (typed; masked layers return the masked weight)."""
-    weight = module.weight
-    assert isinstance(weight, Tensor), type(weight)
-    return weight

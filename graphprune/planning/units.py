@@ -34,7 +34,7 @@ import numpy as np
 from torch import nn
 
 from graphprune.analysis import DependencyGraph, Group, Member
-from graphprune.plan import keep_count
+from graphprune.planning.plan import keep_count
 
 
 @dataclass

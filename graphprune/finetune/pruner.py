@@ -21,20 +21,20 @@ from typing import Any
 from torch import nn
 
 from graphprune.analysis import analyze
+from graphprune.analysis.macs import count_macs, count_params
 from graphprune.capture import ExampleInputs, LabelledBatch, capture
 from graphprune.compile import compile
-from graphprune.importance import LossFn
-from graphprune.latency_plan import measure_ratio
-from graphprune.macs import count_macs, count_params
+from graphprune.finetune.schedule import schedule_ratios
+from graphprune.oneshot.reconstruct import sparsegpt
 from graphprune.passes.drop_layers import droppable_blocks
-from graphprune.pipeline.schedule import schedule_ratios
-from graphprune.plan import Plan, PlanError
+from graphprune.planning.importance import LossFn
+from graphprune.planning.masks import compute_masks
+from graphprune.planning.plan import Plan, PlanError
+from graphprune.planning.resolve import candidate_groups, unit_keep
+from graphprune.planning.units import Unit, pruning_units
 from graphprune.progress import track
-from graphprune.reconstruct import sparsegpt
-from graphprune.resolve import candidate_groups, unit_keep
-from graphprune.sparsity.masks import compute_masks
 from graphprune.sparsity.parametrize import masked_fraction, masked_layers, update_masks
-from graphprune.units import Unit, pruning_units
+from graphprune.stages.latency import measure_ratio
 
 FineTune = Callable[[nn.Module, int], dict[str, float] | None]
 

@@ -15,16 +15,16 @@ from torch import nn
 
 from graphprune.capture import ExampleInputs
 from graphprune.errors import InputError
-from graphprune.report import RECORD
+from graphprune.planning.masks import LayerMask, MaskSet
+from graphprune.record import CompileRecord, record_of
 from graphprune.serialize import apply_record
-from graphprune.sparsity.masks import LayerMask, MaskSet
 from graphprune.sparsity.parametrize import apply_masks, masked_layers, update_masks
 
 
 def rewind(pruned: nn.Module, early: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     """A copy of ``early`` (the *unpruned* model at an earlier checkpoint) pruned exactly as
     ``pruned`` was: same kept channels, same masks. ``early`` itself is not changed."""
-    record = getattr(pruned, RECORD, None)
+    record = record_of(pruned)
     if record is None:
         raise InputError("rewind needs a model produced by graphprune.compile (or a Pruner)")
     target = copy.deepcopy(early)
@@ -38,13 +38,12 @@ def rewind(pruned: nn.Module, early: nn.Module, example_inputs: ExampleInputs) -
     return target
 
 
-def _masks_of(pruned: nn.Module, record: dict) -> MaskSet:
+def _masks_of(pruned: nn.Module, record: CompileRecord) -> MaskSet:
     live = masked_layers(pruned)
     if live:
         return MaskSet({n: LayerMask(n, "rewind", m.clone()) for n, m in live.items()})
-    layers = (record.get("sparsity") or {}).get("layers", [])
     out = MaskSet()
-    for name in layers:  # finalized: the zeros are the mask
+    for name in record.sparsity.layers:  # finalized: the zeros are the mask
         weight = pruned.get_submodule(name).weight
         assert isinstance(weight, torch.Tensor)
         out.layers[name] = LayerMask(name, "rewind", weight.detach() != 0)
