@@ -104,6 +104,21 @@ class CompileReport:
 
     def table(self, max_groups: int = 20, width: int = 100) -> str:
         """The report as text: long names are shortened and prose wrapped to ``width``."""
+        lines = self._size_lines() + self._pruned_lines(max_groups, width)
+        if self.frozen:
+            lines.append(f"frozen (not pruned, with why): {len(self.frozen)} groups")
+            for f in self.frozen[:max_groups]:
+                lines += _wrap(f"group {f.id} ({f.channels} ch, {f.name}): {f.reason}", width, 2)
+        lines += self._sparsity_lines(max_groups) + self._config_lines()
+        lines += self._reconstruction_lines(max_groups, width)
+        if self.latency is not None:
+            lines += _wrap(self.latency.line(), width)
+        for n in self.notes:
+            lines += _wrap(f"note: {n}", width)
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+        return "\n".join(lines + _wrap(f"stages: {stages}", width))
+
+    def _size_lines(self) -> list[str]:
         rows = [
             ("", "before", "after", "after/before"),
             (
@@ -115,20 +130,22 @@ class CompileReport:
             ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", f"{self.macs_ratio:.3f}"),
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [
+        return [
             "  ".join(
                 c.rjust(w) if i else c.ljust(w)
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
             for r in rows
         ]
+
+    def _pruned_lines(self, max_groups: int, width: int) -> list[str]:
         changed = [g for g in self.groups if g.kept < g.total]
         pruned_units = [u for u in self.units if u.kept < u.total]
-        lines.append(
+        lines = [
             f"groups pruned: {len(changed)} of {len(self.groups)} eligible"
             + (f"; layers pruned: {len(pruned_units)} of {len(self.units)}" if self.units else "")
             + (f"; blocks dropped: {len(self.dropped)}" if self.dropped else "")
-        )
+        ]
         if self.units:
             lines.append(f"  {'kept/total':>11}  {'group':>5}  layer (unit)")
             for u in self.units[:max_groups]:
@@ -143,52 +160,51 @@ class CompileReport:
                 lines.append(f"  group {g.id:<3} {g.kind:<9} {g.kept:>5}/{g.total:<5} {g.name}")
             if len(changed) > max_groups:
                 lines.append(f"  … {len(changed) - max_groups} more")
-        for path in self.dropped:
-            lines.append(f"  dropped {path}")
-        if self.frozen:
-            lines.append(f"frozen (not pruned, with why): {len(self.frozen)} groups")
-            for f in self.frozen[:max_groups]:
-                lines += _wrap(f"group {f.id} ({f.channels} ch, {f.name}): {f.reason}", width, 2)
+        return lines + [f"  dropped {path}" for path in self.dropped]
+
+    def _sparsity_lines(self, max_groups: int) -> list[str]:
+        if not self.sparsity:
+            return []
         masked = [s for s in self.sparsity if s.shape]
-        if self.sparsity:
-            lines.append(
-                f"masked layers: {len(masked)} ({self.weight_sparsity:.1%} of their weights "
-                "zero; dense MACs unchanged: sparse kernels or storage, not dense speed)"
-            )
+        lines = [
+            f"masked layers: {len(masked)} ({self.weight_sparsity:.1%} of their weights "
+            "zero; dense MACs unchanged: sparse kernels or storage, not dense speed)"
+        ]
         for s in self.sparsity[:max_groups]:
             detail = s.skipped or f"{s.pattern:<12} {s.sparsity:>6.1%} of {tuple(s.shape)}"
             lines.append(f"  {s.module:<32} {detail}")
-        if self.config is not None:
-            updates = ", ".join(f"{k}={v}" for k, v in self.config.changes.items()) or "none"
-            lines.append(f"config ({self.config.family}): {updates}")
-            lines.append(
-                "  save_pretrained/from_pretrained rebuilds it"
-                if self.config.expressible
-                else f"  config cannot express it: {self.config.reason}"
+        return lines
+
+    def _config_lines(self) -> list[str]:
+        if self.config is None:
+            return []
+        updates = ", ".join(f"{k}={v}" for k, v in self.config.changes.items()) or "none"
+        return [
+            f"config ({self.config.family}): {updates}",
+            "  save_pretrained/from_pretrained rebuilds it"
+            if self.config.expressible
+            else f"  config cannot express it: {self.config.reason}",
+        ]
+
+    def _reconstruction_lines(self, max_groups: int, width: int) -> list[str]:
+        if not self.reconstruction:
+            return []
+        fitted = [f for f in self.reconstruction if f.method != "skipped"]
+        lines = [
+            f"reconstructed layers: {len(fitted)} of {len(self.reconstruction)} "
+            "(relative output error on the calibration data, before -> after)"
+        ]
+        for fit in self.reconstruction[:max_groups]:
+            detail = (
+                f"skipped: {fit.note}"
+                if fit.method == "skipped"
+                else f"{fit.method:<13} {fit.error_before:.2e} -> {fit.error_after:.2e}"
+                + (f"  ({fit.note})" if fit.note else "")
             )
-        if self.reconstruction:
-            fitted = [f for f in self.reconstruction if f.method != "skipped"]
-            lines.append(
-                f"reconstructed layers: {len(fitted)} of {len(self.reconstruction)} "
-                "(relative output error on the calibration data, before -> after)"
-            )
-            for fit in self.reconstruction[:max_groups]:
-                detail = (
-                    f"skipped: {fit.note}"
-                    if fit.method == "skipped"
-                    else f"{fit.method:<13} {fit.error_before:.2e} -> {fit.error_after:.2e}"
-                    + (f"  ({fit.note})" if fit.note else "")
-                )
-                lines += _wrap(f"{_shorten(fit.module, 32):<32} {detail}", width, 2)
-            if len(self.reconstruction) > max_groups:
-                lines.append(f"  … {len(self.reconstruction) - max_groups} more layers")
-        if self.latency is not None:
-            lines += _wrap(self.latency.line(), width)
-        for n in self.notes:
-            lines += _wrap(f"note: {n}", width)
-        stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
-        lines += _wrap(f"stages: {stages}", width)
-        return "\n".join(lines)
+            lines += _wrap(f"{_shorten(fit.module, 32):<32} {detail}", width, 2)
+        if len(self.reconstruction) > max_groups:
+            lines.append(f"  … {len(self.reconstruction) - max_groups} more layers")
+        return lines
 
     def __str__(self) -> str:
         return self.table()

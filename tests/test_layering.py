@@ -141,3 +141,16 @@ def test_stages_are_reached_through_the_driver_only(graph: nx.DiGraph) -> None:
     below = [m for m in graph if (s := stage_of(m)) is not None and s < RANK["graphprune.report"]]
     reach = {m: driver & nx.descendants(graph, m) for m in below}
     assert not any(reach.values()), {m: r for m, r in reach.items() if r}
+
+
+def test_no_function_over_80_lines() -> None:
+    """Short functions with one job each (the analyzer's rule tables would be the exception;
+    none needs it today)."""
+    long = []
+    for module, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, long

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -396,170 +396,205 @@ def _node_key(name: str, dim: int) -> str:
     return f"{name}[{dim}]"
 
 
-def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> DependencyGraph:
-    """Resolve the walk's atoms into groups, members, notes and shape constants."""
-    table = walked.table
-    memo: dict[int, tuple[int, ...]] = {}
-    space_memo: dict[int, tuple[int, ...]] = {}
+Rows = list[tuple[tuple[int, int], ...]]  # per position: the (group, channel) pairs it holds
+HEAD_KIND_PRIORITY = {"kv_heads": 4, "heads_per_kv": 3, "heads": 2, "head_dim": 1}
 
-    def spaces(atoms: np.ndarray) -> set[int]:
+
+class _Atoms:
+    """The walk's atom table, read as channel spaces and base roots (memoised)."""
+
+    def __init__(self, walked: Walked) -> None:
+        self.walked, self.table = walked, walked.table
+        self.memo: dict[int, tuple[int, ...]] = {}
+        self._spaces: dict[int, tuple[int, ...]] = {}
+
+    def roots(self, atom: int) -> tuple[int, ...]:
+        return self.table.base_of(atom, self.memo)
+
+    def space(self, root: int) -> int:
+        return self.table.find_space(self.table.space_of[root])
+
+    def spaces(self, atoms: np.ndarray) -> set[int]:
         out: set[int] = set()
         for a in np.unique(atoms).tolist():
-            found = space_memo.get(a)
+            found = self._spaces.get(a)
             if found is None:
-                found = tuple(table.find_space(table.space_of[r]) for r in table.base_of(a, memo))
-                space_memo[a] = found
+                found = tuple(self.space(r) for r in self.roots(a))
+                self._spaces[a] = found
             out.update(found)
         return out
 
+    def by_space(self, facts: list[tuple[np.ndarray, str]]) -> dict[int, list[str]]:
+        """Each fact's text under every space its atoms touch."""
+        out: dict[int, list[str]] = {}
+        for atoms, text in facts:
+            for s in self.spaces(atoms):
+                out.setdefault(s, []).append(text)
+        return out
+
+    def kinds(self) -> dict[int, str]:
+        """Attention kinds of spaces (a query head of GQA is (kv head, repeat))."""
+        kinds: dict[int, str] = {}
+
+        def mark(space: int, kind: str) -> None:
+            if HEAD_KIND_PRIORITY[kind] > HEAD_KIND_PRIORITY.get(kinds.get(space, ""), 0):
+                kinds[space] = kind
+
+        for atoms, kind in self.walked.facts.tags:
+            if kind != "heads":
+                for s in self.spaces(atoms):
+                    mark(s, kind)
+                continue
+            for a in np.unique(atoms).tolist():
+                roots = self.roots(a)
+                if len(roots) == 2:  # a query head is (kv head, repeat): grouped-query attention
+                    mark(self.space(roots[0]), "kv_heads")
+                    mark(self.space(roots[1]), "heads_per_kv")
+                else:
+                    for r in roots:
+                        mark(self.space(r), "heads")
+        return kinds
+
+    def state_rows(self, captured: Captured) -> dict[TensorDim, list[tuple[int, ...]]]:
+        """Per-position base channels of every parameter/buffer dim."""
+        rows: dict[TensorDim, list[tuple[int, ...]]] = {}
+        for node_name, fqn in captured.state_fqn.items():
+            layout = self.walked.values.get(node_name)
+            if isinstance(layout, list):
+                for d, atoms in enumerate(layout):
+                    rows[(fqn, d)] = [self.roots(a) for a in atoms.tolist()]
+        return rows
+
+
+@dataclass
+class _Numbering:
+    """Groups numbered by their first channel; each group's channels by creation order."""
+
+    atoms: _Atoms
+    channels: dict[int, list[int]]  # space -> its base roots
+    order: list[int]  # spaces in group-id order
+    group_of_space: dict[int, int]
+    index_of_root: dict[int, tuple[int, int]]  # root -> (group id, channel)
+
+    @classmethod
+    def of(
+        cls, atoms: _Atoms, state_rows: dict[TensorDim, list[tuple[int, ...]]], hidden: set[int]
+    ) -> _Numbering:
+        found: dict[int, list[int]] = {}
+        for rows in state_rows.values():
+            for row in rows:
+                for root in row:
+                    found.setdefault(atoms.space(root), []).append(root)
+        candidate = {s: sorted(set(c)) for s, c in found.items() if s not in hidden}
+        candidate = {s: c for s, c in candidate.items() if len(c) > 1}
+        order = sorted(candidate, key=lambda s: candidate[s][0])
+        group_of_space = {s: i for i, s in enumerate(order)}
+        index_of_root = {
+            root: (group_of_space[s], k)
+            for s, roots in candidate.items()
+            for k, root in enumerate(roots)
+        }
+        return cls(atoms, candidate, order, group_of_space, index_of_root)
+
+    def row(self, roots: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+        return tuple(self.index_of_root[r] for r in roots if r in self.index_of_root)
+
+    def rows(self, atoms: np.ndarray) -> Rows:
+        return [self.row(self.atoms.roots(a)) for a in atoms.tolist()]
+
+
+def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> DependencyGraph:
+    """Resolve the walk's atoms into groups, members, notes and shape constants."""
+    atoms = _Atoms(walked)
     hidden: set[int] = set()
-    for atoms in walked.facts.structural:
-        hidden |= spaces(atoms)
-    frozen: dict[int, list[str]] = {}
-    for atoms, reason in walked.facts.frozen:
-        for s in spaces(atoms):
-            frozen.setdefault(s, []).append(reason)
-    notes: dict[int, list[str]] = {}
-    for atoms, note in walked.facts.notes:
-        for s in spaces(atoms):
-            notes.setdefault(s, []).append(note)
-    kinds: dict[int, str] = {}
-    priority = {"kv_heads": 4, "heads_per_kv": 3, "heads": 2, "head_dim": 1}
+    for structural in walked.facts.structural:
+        hidden |= atoms.spaces(structural)
+    state_rows = atoms.state_rows(captured)
+    numbering = _Numbering.of(atoms, state_rows, hidden)
+    positions = {key: [numbering.row(r) for r in rows] for key, rows in state_rows.items()}
+    graph, node_groups = _inspection_graph(walked, atoms.spaces, numbering.group_of_space)
+    frozen, notes = atoms.by_space(walked.facts.frozen), atoms.by_space(walked.facts.notes)
+    kinds = atoms.kinds()
+    members = _members(captured, positions, len(numbering.order))
+    groups = [
+        Group(
+            id=i,
+            size=len(numbering.channels[s]),
+            members=members[i],
+            frozen_reasons=_unique(frozen.get(s, [])),
+            notes=_unique(notes.get(s, [])),
+            ops=_group_ops(graph, node_groups, i),
+            kind=kinds.get(s, "channels"),
+        )
+        for i, s in enumerate(numbering.order)
+    ]
+    diagnostics = [Diagnostic(n, op, reason) for n, op, reason in walked.facts.unsupported]
+    return DependencyGraph(
+        groups, graph, positions, _constants(walked, numbering), diagnostics, captured.aliases,
+        seconds, _node_rows(walked, numbering),
+    )  # fmt: skip
 
-    def mark(space: int, kind: str) -> None:
-        if priority[kind] > priority.get(kinds.get(space, ""), 0):
-            kinds[space] = kind
 
-    for atoms, kind in walked.facts.tags:
-        if kind != "heads":
-            for s in spaces(atoms):
-                mark(s, kind)
-            continue
-        for a in np.unique(atoms).tolist():
-            roots = table.base_of(a, memo)
-            if len(roots) == 2:  # a query head is (kv head, repeat): grouped-query attention
-                mark(table.find_space(table.space_of[roots[0]]), "kv_heads")
-                mark(table.find_space(table.space_of[roots[1]]), "heads_per_kv")
-            else:
-                for r in roots:
-                    mark(table.find_space(table.space_of[r]), "heads")
-
-    # per-position base channels of every parameter/buffer dim
-    state_rows: dict[TensorDim, list[tuple[int, ...]]] = {}
-    for node_name, fqn in captured.state_fqn.items():
-        layout = walked.values.get(node_name)
-        if not isinstance(layout, list):
-            continue
-        for d, atoms in enumerate(layout):
-            state_rows[(fqn, d)] = [table.base_of(a, memo) for a in atoms.tolist()]
-
-    # channels of each space: its base roots in creation order
-    channels: dict[int, list[int]] = {}
-    for rows in state_rows.values():
-        for row in rows:
-            for root in row:
-                channels.setdefault(table.find_space(table.space_of[root]), []).append(root)
-    candidate = {s: sorted(set(c)) for s, c in channels.items() if s not in hidden}
-    candidate = {s: c for s, c in candidate.items() if len(c) > 1}
-    order = sorted(candidate, key=lambda s: candidate[s][0])
-    group_of_space = {s: i for i, s in enumerate(order)}
-    index_of_root = {
-        root: (group_of_space[s], k)
-        for s, roots in candidate.items()
-        for k, root in enumerate(roots)
-    }
-
-    positions: dict[TensorDim, list[tuple[tuple[int, int], ...]]] = {}
-    for key, roots_per_position in state_rows.items():
-        positions[key] = [
-            tuple(index_of_root[r] for r in row if r in index_of_root) for row in roots_per_position
-        ]
-
-    aliases = captured.aliases
-    members: dict[int, list[Member]] = {i: [] for i in range(len(order))}
+def _members(
+    captured: Captured, positions: dict[TensorDim, Rows], n_groups: int
+) -> dict[int, list[Member]]:
+    """Each group's members: every (tensor, dim) with a position holding its channels."""
+    members: dict[int, list[Member]] = {i: [] for i in range(n_groups)}
     for (fqn, d), channel_rows in positions.items():
-        involved = sorted({g for row in channel_rows for g, _ in row})
-        for g in involved:
+        for g in sorted({g for row in channel_rows for g, _ in row}):
             index_map = np.array(
                 [next((c for gg, c in row if gg == g), -1) for row in channel_rows],
                 dtype=np.int64,
             )
-            members[g].append(
-                Member(
-                    fqn,
-                    d,
-                    index_map,
-                    fqn in captured.parameters,
-                    tuple(a for a in aliases.get(fqn, []) if a != fqn),
-                )
-            )
+            tied = tuple(a for a in captured.aliases.get(fqn, []) if a != fqn)
+            members[g].append(Member(fqn, d, index_map, fqn in captured.parameters, tied))
+    return members
 
-    graph, node_groups = _inspection_graph(walked, spaces, group_of_space)
-    groups: list[Group] = []
-    for i, s in enumerate(order):
-        ops = sorted(
-            {
-                f"{data['op']} ({data['module'] or '<root>'})"
-                for a, b, data in graph.edges(data=True)
-                if i in node_groups.get(a, ()) and i in node_groups.get(b, ())
-            }
-        )
-        groups.append(
-            Group(
-                id=i,
-                size=len(candidate[s]),
-                members=members[i],
-                frozen_reasons=_unique(frozen.get(s, [])),
-                notes=_unique(notes.get(s, [])),
-                ops=ops,
-                kind=kinds.get(s, "channels"),
-            )
-        )
 
+def _group_ops(graph: nx.MultiGraph, node_groups: dict[str, set[int]], group: int) -> list[str]:
+    """The ops (with their modules) whose both ends carry ``group``'s channels."""
+    return sorted(
+        {
+            f"{data['op']} ({data['module'] or '<root>'})"
+            for a, b, data in graph.edges(data=True)
+            if group in node_groups.get(a, ()) and group in node_groups.get(b, ())
+        }
+    )
+
+
+def _constants(walked: Walked, numbering: _Numbering) -> list[ShapeConstantUse]:
+    """Shape constants that depend on a group, with the channels of each of their units."""
     constants = []
     for c in walked.facts.shape_constants:
-        gids = sorted(group_of_space[s] for s in spaces(c.atoms) if s in group_of_space)
+        spaces = numbering.atoms.spaces(c.atoms)
+        gids = sorted(numbering.group_of_space[s] for s in spaces if s in numbering.group_of_space)
         if gids:
-            const_rows: list[tuple[tuple[int, int], ...]] = [
-                tuple(index_of_root[r] for r in table.base_of(a, memo) if r in index_of_root)
-                for a in c.atoms.tolist()
-            ]
-            constants.append(
-                ShapeConstantUse(
-                    c.node,
-                    c.op,
-                    c.module,
-                    c.argument,
-                    c.value,
-                    gids,
-                    c.per,
-                    c.source,
-                    const_rows,
-                )
+            rows = numbering.rows(c.atoms)
+            use = ShapeConstantUse(
+                c.node, c.op, c.module, c.argument, c.value, gids, c.per, c.source, rows
             )
-    diagnostics = [Diagnostic(n, op, reason) for n, op, reason in walked.facts.unsupported]
-    row_cache: dict[tuple[str, int], list[tuple[tuple[int, int], ...]] | None] = {}
+            constants.append(use)
+    return constants
 
-    def node_rows(node: str, dim: int) -> list[tuple[tuple[int, int], ...]] | None:
+
+def _node_rows(walked: Walked, numbering: _Numbering) -> Callable[[str, int], Rows | None]:
+    """(node, dim) -> the channels at each position of that node's output dim (memoised)."""
+    cache: dict[tuple[str, int], Rows | None] = {}
+
+    def node_rows(node: str, dim: int) -> Rows | None:
         key = (node, dim)
-        if key not in row_cache:
+        if key not in cache:
             layout = walked.values.get(node)
-            rows = None
-            if (
-                isinstance(layout, list)
+            cache[key] = (
+                numbering.rows(layout[dim])
+                if isinstance(layout, list)
                 and all(isinstance(a, np.ndarray) for a in layout)
                 and 0 <= dim < len(layout)
-            ):
-                rows = [
-                    tuple(index_of_root[r] for r in table.base_of(a, memo) if r in index_of_root)
-                    for a in layout[dim].tolist()
-                ]
-            row_cache[key] = rows
-        return row_cache[key]
+                else None
+            )
+        return cache[key]
 
-    return DependencyGraph(
-        groups, graph, positions, constants, diagnostics, aliases, seconds, node_rows
-    )
+    return node_rows
 
 
 def _inspection_graph(

@@ -1,8 +1,8 @@
 """Measured crossover: is a sparse kernel faster than dense for *this* weight, here?
 
 Whether CSR beats a dense GEMM depends on the shape, the number of rows, the sparsity and its
-pattern, the CPU and the thread count (DESIGN §7: CSR wins from ~90 % at batch 1 and from
-~60-80 % at batch 32 on the 2-core dev machine). So graphprune does not use a fixed threshold:
+pattern, the CPU and the thread count (the crossover moves with each; the README's sparsity
+section has measurements). So graphprune does not use a fixed threshold:
 it times dense and every applicable sparse layout on the layer's real weight and row count,
 interleaved, and keeps the median.
 """

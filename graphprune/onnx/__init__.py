@@ -190,75 +190,103 @@ def export_onnx(
     torch.set_flush_denormal(True)
     path = Path(path)
     exported = export(
-        model,
-        example_inputs,
-        path,
-        dynamic_batch=dynamic_batch,
-        opset=opset,
-        external_data=external_data,
-        sparse_storage=sparse_storage,
-    )
-    names_in, names_out = exported.input_names, exported.output_names
+        model, example_inputs, path, dynamic_batch=dynamic_batch, opset=opset,
+        external_data=external_data, sparse_storage=sparse_storage,
+    )  # fmt: skip
     report = ExportReport(
         exported, params=count_params(model), macs=count_macs(model, example_inputs)
     )
     if optimized_path is not None:  # onnxruntime writes its optimised graph at session start
         session(path, threads, optimized_path)
-
-    def check(exported_model: nn.Module, onnx_path: Path) -> Verification:
-        return verify_onnx(
-            exported_model,
-            onnx_path,
-            example_inputs,
-            names_in,
-            names_out,
-            dynamic_batch=exported.dynamic_batch,
-            atol=atol,
-            rtol=rtol,
-        )
-
+    check = _Checker(example_inputs, exported, atol, rtol)
     if verify:
         report.verification = check(model, path)
     if quantize is not None:
-        int8 = path.with_name(f"{path.stem}.int8.onnx")
-        quantize_onnx(
-            path, int8, quantize, calibration_feeds(example_inputs, names_in, calibration)
-        )
-        report.quantized, report.quantized_bytes = int8, int8.stat().st_size
-        report.quantized_verification = verify_int8(
-            model, int8, example_inputs, names_in, names_out, dynamic_batch
-        )
+        _quantize(report, model, example_inputs, quantize, calibration)
     if baseline is not None:
-        report.baseline_params = count_params(baseline)
-        report.baseline_macs = count_macs(baseline, example_inputs)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            base_path = Path(tmp) / "baseline.onnx"
-            base_exported = export(
-                baseline, example_inputs, base_path, dynamic_batch=dynamic_batch, opset=opset
-            )
-            if verify:
-                report.baseline_verification = check(baseline, base_path)
-            if bench_runs > 0:
-                example_batch = next(
-                    iter(
-                        input_sets(example_inputs, names_in, random=0, other_batch=None)["example"]
-                    )
-                ).shape[0]
-                sizes = batch_sizes or (example_batch,)
-                report.latency = benchmark(
-                    base_path,
-                    path,
-                    make_feeds(example_inputs, names_in),
-                    batch_sizes=sizes,
-                    threads=threads,
-                    runs=bench_runs,
-                    ideal_speedup=report.baseline_macs / max(report.macs, 1),
-                )
-                if not (exported.external_data or base_exported.external_data):
-                    # (an optimised graph over 2 GB cannot be written as one file)
-                    report.layout = measure_layout(path, threads)
-                    report.baseline_layout = measure_layout(base_path, threads)
+        options = _BaselineOptions(dynamic_batch, opset, bench_runs, batch_sizes, threads)
+        _beside_baseline(report, baseline, example_inputs, check if verify else None, options)
     return report
+
+
+@dataclass
+class _Checker:
+    """onnxruntime against torch for one exported signature (inputs, outputs, tolerance)."""
+
+    example_inputs: ExampleInputs
+    exported: ExportedModel
+    atol: float
+    rtol: float
+
+    def __call__(self, model: nn.Module, onnx_path: Path) -> Verification:
+        return verify_onnx(
+            model, onnx_path, self.example_inputs, self.exported.input_names,
+            self.exported.output_names, dynamic_batch=self.exported.dynamic_batch,
+            atol=self.atol, rtol=self.rtol,
+        )  # fmt: skip
+
+
+@dataclass
+class _BaselineOptions:
+    dynamic_batch: bool  # as asked for the pruned model's export
+    opset: int | None
+    runs: int  # interleaved runs per batch size (0: no measurement)
+    batch_sizes: tuple[int, ...] | None  # None: the example batch
+    threads: int
+
+
+def _quantize(
+    report: ExportReport,
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    mode: str,
+    calibration: list[Any] | None,
+) -> None:
+    """``<stem>.int8.onnx`` beside the export, verified against fp32 torch."""
+    exported = report.exported
+    path, names_in = exported.path, exported.input_names
+    int8 = path.with_name(f"{path.stem}.int8.onnx")
+    quantize_onnx(path, int8, mode, calibration_feeds(example_inputs, names_in, calibration))
+    report.quantized, report.quantized_bytes = int8, int8.stat().st_size
+    report.quantized_verification = verify_int8(
+        model, int8, example_inputs, names_in, exported.output_names, exported.dynamic_batch
+    )
+
+
+def _beside_baseline(
+    report: ExportReport,
+    baseline: nn.Module,
+    example_inputs: ExampleInputs,
+    check: _Checker | None,
+    timing: _BaselineOptions,
+) -> None:
+    """The original model exported the same way: verified (so exporter problems show apart
+    from pruning problems), timed side by side, and onnxruntime's layout of both read."""
+    exported = report.exported
+    path, names_in = exported.path, exported.input_names
+    report.baseline_params = count_params(baseline)
+    report.baseline_macs = count_macs(baseline, example_inputs)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        base_path = Path(tmp) / "baseline.onnx"
+        base_exported = export(
+            baseline, example_inputs, base_path, dynamic_batch=timing.dynamic_batch,
+            opset=timing.opset,
+        )  # fmt: skip
+        if check is not None:
+            report.baseline_verification = check(baseline, base_path)
+        if timing.runs <= 0:
+            return
+        sets = input_sets(example_inputs, names_in, random=0, other_batch=None)
+        example_batch = next(iter(sets["example"])).shape[0]
+        report.latency = benchmark(
+            base_path, path, make_feeds(example_inputs, names_in),
+            batch_sizes=timing.batch_sizes or (example_batch,), threads=timing.threads,
+            runs=timing.runs, ideal_speedup=report.baseline_macs / max(report.macs, 1),
+        )  # fmt: skip
+        if not (exported.external_data or base_exported.external_data):
+            # (an optimised graph over 2 GB cannot be written as one file)
+            report.layout = measure_layout(path, timing.threads)
+            report.baseline_layout = measure_layout(base_path, timing.threads)
 
 
 def verify_int8(

@@ -133,25 +133,10 @@ def export(
     packing = None
     path.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    note = ""
     try:
         tmp = workdir / path.name
-        attempts = _exporters(dynamic_batch, bool(kwargs))
-        for k, (label, dynamic, exporter) in enumerate(attempts):
-            try:
-                exporter(
-                    model, args, kwargs, dynamic, opset, names_in, names_out, tmp, use_external
-                )
-                break
-            except Exception as exc:
-                if k == len(attempts) - 1:
-                    raise
-                for produced in workdir.iterdir():
-                    produced.unlink()
-                note += f"{label} failed ({_first_line(exc)[:300]}); "
-        if note:
-            dynamic_batch = dynamic
-            note += f"exported with {attempts[k][0]}"
+        signature = _Signature(args, kwargs, names_in, names_out, opset, use_external)
+        dynamic_batch, note = _first_exporter_that_works(model, signature, dynamic_batch, tmp)
         if sparse_storage is not None:
             proto = onnx.load(str(tmp))
             packing = pack_sparse_weights(proto, storage=sparse_storage)
@@ -163,15 +148,7 @@ def export(
     except GraphPruneError:
         raise
     except Exception as exc:
-        reason = _first_line(exc)
-        hint = (
-            " (an op without an ONNX conversion is the usual cause: see the chained exception)"
-            if "Conversion" in type(exc).__name__
-            else ""
-        )
-        raise ExportError(
-            f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {reason}{hint}"
-        ) from exc
+        raise _export_error(model, exc) from exc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         for m, t in training.items():
@@ -188,6 +165,54 @@ def export(
 
 
 Exporter = Callable[..., None]
+
+
+@dataclass
+class _Signature:
+    """What every exporter is given besides the model, the batch mode and the file."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    names_in: list[str]
+    names_out: list[str]
+    opset: int | None
+    external_data: bool
+
+
+def _first_exporter_that_works(
+    model: nn.Module, signature: _Signature, dynamic_batch: bool, tmp: Path
+) -> tuple[bool, str]:
+    """Try the exporters in order until one writes ``tmp``; the batch mode it exported with
+    and a note naming those that failed (empty when the first worked)."""
+    attempts = _exporters(dynamic_batch, bool(signature.kwargs))
+    note = ""
+    for k, (label, dynamic, exporter) in enumerate(attempts):
+        try:
+            exporter(
+                model, signature.args, signature.kwargs, dynamic, signature.opset,
+                signature.names_in, signature.names_out, tmp, signature.external_data,
+            )  # fmt: skip
+        except Exception as exc:
+            if k == len(attempts) - 1:
+                raise
+            for produced in tmp.parent.iterdir():
+                produced.unlink()
+            note += f"{label} failed ({_first_line(exc)[:300]}); "
+            continue
+        return (dynamic, note + f"exported with {label}") if note else (dynamic_batch, "")
+    raise AssertionError("unreachable: the last exporter raises")
+
+
+def _export_error(model: nn.Module, exc: Exception) -> ExportError:
+    reason = _first_line(exc)
+    hint = (
+        " (an op without an ONNX conversion is the usual cause: see the chained exception)"
+        if "Conversion" in type(exc).__name__
+        else ""
+    )
+    return ExportError(
+        f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {reason}{hint}"
+    )
 
 
 def _exporters(dynamic_batch: bool, keyword: bool) -> list[tuple[str, bool, Exporter]]:

@@ -9,7 +9,7 @@ element, ``np.packbits``), plus a small constant subgraph that rebuilds W:
 
 Every input of that subgraph is an initializer, so onnxruntime folds it when the session starts:
 inference runs the dense kernels at dense speed with exact values. This buys file size, not
-speed (``../shared/DESIGN.md`` §7: 7.6x smaller at 90 % sparsity).
+speed (the README's sparsity section has the measured sizes).
 
 ONNX's own sparse tensor (values + int64 indices, 12 bytes per nonzero; stored as a
 ``Constant(sparse_value=...)``) is smaller than the bitmask only above ~98.4 % sparsity

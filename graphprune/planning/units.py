@@ -19,7 +19,7 @@ channels":
 3. **Grouped convs keep whole SIMD blocks per conv group.** onnxruntime runs a grouped conv in
    its blocked NCHWc layout only when each conv group's channels are a multiple of the block
    (RegNet's 16 per group with AVX-512); 8 per group falls back to a plain NCHW kernel with
-   layout reorders around it (RegNetX-400MF at 50 %: 1.44x instead of 1.80x faster). So the
+   layout reorders around it, which costs more than the pruned channels save. So the
    channels within a conv group round to ``block`` itself, not to ``block / groups``, and where
    that leaves no room inside a group, whole groups are removed (rule 2's inner factor held).
 """

@@ -46,8 +46,8 @@ def measure_ratio(
 ) -> tuple[float, float]:
     """Measured latency of ``pruned`` over ``original`` and the original's milliseconds:
     ``BLOCKS`` blocks of ``runs`` interleaved runs (batch of the example inputs) on the same two
-    sessions, the median of the blocks' median ratios (one block's ratio wanders by about
-    +-5 % on a 2-core machine for a millisecond model; the median of five by less)."""
+    sessions, the median of the blocks' median ratios (one block's ratio wanders with the
+    machine's other work; the median of several blocks much less)."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for name, m in (("original", original), ("pruned", pruned)):
