@@ -8,8 +8,10 @@ module types. Capture never mutates the model: train/eval flags are restored aft
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -158,6 +160,82 @@ def without_cache(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+# graphprune's work on a model runs one call at a time per process: torch.export keeps global
+# mode stacks that concurrent exports corrupt, and capture, the shape trace and calibration
+# briefly set modes and attributes on the model they read. Reentrant: compile calls analyze.
+_WORK_LOCK = threading.RLock()
+
+
+def serialized(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` holding graphprune's process-wide lock (see ``_WORK_LOCK``): calls from
+    several threads give the results they give alone, one after another."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _WORK_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def own_thread(hook: Callable[P, R]) -> Callable[P, R | None]:
+    """``hook`` for a module hook that only this thread's forwards fire: a forward another
+    thread runs on the same model at the same time passes through untouched and unrecorded."""
+    owner = threading.get_ident()
+
+    @functools.wraps(hook)
+    def scoped(*args: P.args, **kwargs: P.kwargs) -> R | None:
+        return hook(*args, **kwargs) if threading.get_ident() == owner else None
+
+    return scoped
+
+
+def shell_copy(model: nn.Module) -> nn.Module:
+    """New module objects around the same parameters, buffers and tensor attributes (no tensor
+    is copied). torch.export swaps a module's parameters for fake tensors while it traces, and
+    capture sets eval mode: on a shell, a forward another thread runs on ``model`` meanwhile
+    sees none of it. A model whose modules cannot be copied is used as it is."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        held = [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]
+        for value in held:
+            if isinstance(value, torch.Tensor):
+                memo[id(value)] = value
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:
+        return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, or an InputError saying which attribute cannot be copied."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # TypeError: cannot pickle '_thread.lock' object, ...
+        holder = next(
+            (
+                f"{path or '<root>'}.{name}"
+                for path, module in model.named_modules()
+                for name, value in vars(module).items()
+                if not name.startswith("_") and not _copyable(value)
+            ),
+            "an attribute",
+        )
+        raise InputError(
+            f"the model cannot be copied ({type(exc).__name__}: {exc}; {holder} holds it): "
+            "graphprune prunes a copy and tries rewrites on copies; keep locks, files and "
+            "sessions out of the module (or set them after pruning)"
+        ) from None
+
+
+def _copyable(value: Any) -> bool:
+    try:
+        copy.deepcopy(value)
+    except Exception:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode, every module's own mode restored after."""
@@ -233,11 +311,13 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     if not isinstance(model, nn.Module):
         raise InputError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
+    with no_cache(model):
+        shell = shell_copy(model)
     try:
         # no_grad: a forward's own no_grad regions (rotary tables) then need no
         # wrap_with_set_grad_enabled sub-graphs; HF: a KV cache cannot be flattened
-        with eval_mode(model), torch.no_grad(), no_cache(model), _quiet_torch_logs():
-            program = torch.export.export(model, args, kwargs, strict=False)
+        with eval_mode(shell), torch.no_grad(), no_cache(shell), _quiet_torch_logs():
+            program = torch.export.export(shell, args, kwargs, strict=False)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
         raise CaptureError(reason, source_line=_user_frame(exc), hint=_hint_for(str(exc))) from exc

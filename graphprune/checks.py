@@ -76,3 +76,34 @@ def check_model(model: nn.Module, example_inputs: ExampleInputs) -> None:
             + "\n  hint: pass inputs of the shape and dtype the model takes (a tensor, a tuple "
             "of positional inputs or a dict of keyword inputs), e.g. with a batch dimension"
         ) from None
+
+
+def check_calibration(model: nn.Module, batches: list[Any]) -> None:
+    """The first calibration batch must run like the example inputs do (one forward); a
+    ``(inputs, target)`` pair is named as such, with the wrapper that says so."""
+    if not batches:
+        raise InputError("calibration= is empty: pass at least one batch (or leave it out)")
+    batch = batches[0]
+    try:
+        normalize_inputs(batch)
+        run_eval(model, batch)
+    except Exception as exc:
+        pair = (
+            isinstance(batch, tuple | list)
+            and len(batch) == 2
+            and all(isinstance(t, torch.Tensor) for t in batch)
+        )
+        hint = (
+            "it looks like an (inputs, target) pair: pass gp.LabelledBatch(inputs, target) "
+            "(loss_fn then gets the target), or the inputs alone"
+            if pair
+            else "calibration batches take the form of the example inputs"
+        )
+        raise InputError(
+            f"the model does not run on calibration batch 0 {_describe(batch)}: "
+            f"{type(exc).__name__}: {_first(exc)}\n  hint: {hint}"
+        ) from None
+
+
+def _first(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""

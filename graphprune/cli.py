@@ -32,6 +32,19 @@ from graphprune.serialize import load, save
 from graphprune.stages.sparse import finalize
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``3,224,224`` -> (3, 224, 224); anything else is an InputError saying so."""
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise InputError(
+            f"--input-shape {text!r}: give positive ints separated by commas, e.g. 3,224,224"
+        )
+    return shape
+
+
 def load_model(
     spec: str, input_shape: str | None, batch: int, tokens: int | None
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -58,7 +71,7 @@ def load_model(
             raise InputError(f"'{spec}' returned {type(model).__name__}, not an nn.Module")
         if input_shape is None:
             raise InputError(f"'{spec}' needs --input-shape, e.g. --input-shape 3,224,224")
-    shape = tuple(int(s) for s in input_shape.split(","))
+    shape = parse_shape(input_shape)
     if tokens:
         return model, (torch.randint(0, tokens, (batch, *shape)),)
     return model, (torch.randn(batch, *shape),)
@@ -336,6 +349,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("analyze", help="print the groups of coupled channels of MODEL")
@@ -405,16 +419,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(run=_cmd_list)
+    for command in sub.choices.values():  # --debug after the command name works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. User errors (a bad plan, model, input or file) print one line and exit
+    2; ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except GraphPruneError as exc:
-        print(f"graphprune: error: {exc}", file=sys.stderr)
+    except (GraphPruneError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"graphprune: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if isinstance(exc, GraphPruneError) else f"{type(exc).__name__}: {text}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,6 @@ Latency targets wrap all of it in measured rounds (:mod:`graphprune.stages.laten
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
@@ -21,8 +20,8 @@ from typing import Any
 from torch import nn
 
 from graphprune.analysis.macs import count_macs, count_params
-from graphprune.capture import ExampleInputs, no_cache
-from graphprune.checks import check_model
+from graphprune.capture import ExampleInputs, copy_model, no_cache, serialized
+from graphprune.checks import check_calibration, check_model
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, sync_config
 from graphprune.planning.importance import LossFn
@@ -49,6 +48,7 @@ class Size:
         return cls(count_params(model), count_macs(model, example_inputs))
 
 
+@serialized
 def compile(
     model: nn.Module,
     plan: Plan,
@@ -85,9 +85,11 @@ def compile(
     job = CompileJob.of(
         model, plan, example_inputs, calibration, loss_fn, inplace=inplace, strict=strict
     )
+    if job.calibrated:
+        check_calibration(model, job.batches)
     if plan.targets_latency:
         return _compile_to_latency(job)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     with no_cache(target), no_cache(model):  # HF models: a KV cache output cannot be captured
         before = Size.of(target, example_inputs)
         plan.check_patterns(_names(target))

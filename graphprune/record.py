@@ -113,6 +113,7 @@ class CompileRecord(DictView):
             )
         try:
             sparsity = data.get("sparsity") or {}
+            _check_resolution(Resolution.from_dict(data["resolution"]))
             return cls(
                 plan=dict(data.get("plan") or {}),
                 resolution=Resolution.from_dict(data["resolution"]),  # format 1: no units
@@ -129,6 +130,16 @@ class CompileRecord(DictView):
                 f"{where}: the pruning record is malformed ({type(exc).__name__}: {exc}); "
                 "save the model again with graphprune.save"
             ) from None
+
+
+def _check_resolution(resolution: Resolution) -> None:
+    """Kept indices name channels of groups the record sizes, each once."""
+    for group, kept in resolution.kept.items():
+        size = resolution.sizes.get(group)
+        if size is None:
+            raise ValueError(f"group {group} has kept channels but no size")
+        if len(set(kept)) != len(kept) or any(not 0 <= c < size for c in kept):
+            raise ValueError(f"group {group}: kept channels outside 0..{size - 1} or repeated")
 
 
 def record_of(model: nn.Module) -> CompileRecord | None:

@@ -2,14 +2,17 @@
 
 The file holds the resolved plan (kept channel indices per group, dropped blocks, masked layers)
 as JSON and the ``state_dict`` (with the masks, until finalized) as plain tensors, in one
-``torch.save`` archive read back with ``weights_only=True``. Loading re-applies the same passes
-to a freshly built, unpruned model, checks that its analysis matches the one that was pruned,
-then loads the weights strictly.
+``torch.save`` archive read back with ``weights_only=True``, followed by a SHA-256 footer of
+the archive: a file changed, truncated or extended after it was written is refused. Loading
+re-applies the same passes to a freshly built, unpruned model, checks that its analysis matches
+the one that was pruned, then loads the weights strictly.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from graphprune.analysis import analyze_captured
-from graphprune.capture import ExampleInputs, capture, no_cache
+from graphprune.capture import ExampleInputs, capture, no_cache, serialized
 from graphprune.errors import InputError
 from graphprune.hf import sync_config
 from graphprune.io import write_atomic
@@ -29,6 +32,9 @@ from graphprune.passes.verify import make_verifier, output_shapes
 from graphprune.record import CompileRecord, attach_record, record_of
 from graphprune.sparsity.parametrize import register_placeholder_masks
 from graphprune.stages.freeze_retry import attributes_for
+
+FOOTER_MAGIC = b"GPSHA256"  # then the SHA-256 of everything before it
+INTEGRITY = "sha256-footer"
 
 
 def save(model: nn.Module, path: str | Path) -> None:
@@ -47,10 +53,23 @@ def save(model: nn.Module, path: str | Path) -> None:
             "force=sparsify_report(model).converted to skip re-measuring)"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {"graphprune": json.dumps(record.to_json()), "state_dict": state}
-    write_atomic(Path(path), lambda tmp: torch.save(payload, tmp))
+    payload = {
+        "graphprune": json.dumps(record.to_json()),
+        "state_dict": state,
+        "integrity": INTEGRITY,  # a file that says this and has no valid footer is refused
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    footer = FOOTER_MAGIC + hashlib.sha256(body).digest()
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(body + footer)
+
+    write_atomic(Path(path), write)
 
 
+@serialized
 def load(model: nn.Module, path: str | Path, example_inputs: ExampleInputs) -> nn.Module:
     """Prune the freshly built, unpruned ``model`` as recorded in ``path`` and load its weights.
 
@@ -58,7 +77,14 @@ def load(model: nn.Module, path: str | Path, example_inputs: ExampleInputs) -> n
     """
     record, state = read_file(Path(path))
     apply_record(model, record, example_inputs)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys, size mismatches
+        detail = " ".join(str(exc).split())[:400]
+        raise InputError(
+            f"{path}: its weights do not fit the model its record rebuilds ({detail}); "
+            "build the model with the factory that was pruned, or save it again"
+        ) from None
     return model
 
 
@@ -67,8 +93,9 @@ def read_file(path: Path) -> tuple[CompileRecord, dict[str, torch.Tensor]]:
     missing, corrupt or foreign file, or a record from a newer graphprune."""
     if not path.is_file():
         raise InputError(f"{path}: no such file (write it with graphprune.save)")
+    body, checked = _checked_body(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, zip/EOF errors, weights_only refusals
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
@@ -81,11 +108,36 @@ def read_file(path: Path) -> tuple[CompileRecord, dict[str, torch.Tensor]]:
             f"{path} is not a file written by graphprune.save (a plain state_dict or model "
             "checkpoint loads with torch.load / model.load_state_dict)"
         )
+    if payload.get("integrity") == INTEGRITY and not checked:
+        raise InputError(_damaged(path, "its checksum footer is missing or damaged"))
     try:
         data = json.loads(payload["graphprune"])
     except (TypeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: its pruning record is not valid JSON ({exc})") from None
     return CompileRecord.from_json(data, str(path)), payload["state_dict"]
+
+
+def _checked_body(path: Path) -> tuple[bytes, bool]:
+    """The archive inside ``path`` and whether its checksum footer was found and matched
+    (files of earlier releases have none; a mismatch is refused here)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    size = len(FOOTER_MAGIC) + hashlib.sha256().digest_size
+    body, footer = data[:-size], data[-size:]
+    if not footer.startswith(FOOTER_MAGIC):
+        return data, False
+    if hashlib.sha256(body).digest() != footer[len(FOOTER_MAGIC) :]:
+        raise InputError(_damaged(path, "its content does not match the checksum saved with it"))
+    return body, True
+
+
+def _damaged(path: Path, why: str) -> str:
+    return (
+        f"{path}: {why} (the file was changed, truncated or extended after graphprune.save "
+        "wrote it); save the model again"
+    )
 
 
 def apply_record(model: nn.Module, record: CompileRecord, example_inputs: ExampleInputs) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from graphprune.capture import Captured, normalize_inputs, run_eval
+from graphprune.capture import Captured, normalize_inputs, own_thread, run_eval
 from graphprune.hf import layer_paths, remove_layers
 from graphprune.modules import SkipBlock
 from graphprune.passes.base import PassContext, PassResult
@@ -94,7 +94,8 @@ def block_io(model: nn.Module, blocks: list[str], example_inputs: Any) -> dict[s
         return record
 
     handles = [
-        model.get_submodule(b).register_forward_hook(hook(b), with_kwargs=True) for b in blocks
+        model.get_submodule(b).register_forward_hook(own_thread(hook(b)), with_kwargs=True)
+        for b in blocks
     ]
     try:
         run_eval(model, example_inputs)
@@ -145,7 +146,8 @@ def block_contributions(
         return record
 
     for b in blocks:
-        handles.append(model.get_submodule(b).register_forward_hook(hook(b), with_kwargs=True))
+        block = model.get_submodule(b)
+        handles.append(block.register_forward_hook(own_thread(hook(b)), with_kwargs=True))
     try:
         with torch.no_grad():
             for batch in batches:

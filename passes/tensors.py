@@ -19,11 +19,20 @@ def get_tensor(model: nn.Module, fqn: str) -> Tensor:
 
 
 def replace_tensor(model: nn.Module, fqns: list[str], value: Tensor) -> None:
-    """Put ``value`` at every FQN in ``fqns`` (aliases of one tensor stay one tensor)."""
+    """Put ``value`` at every FQN in ``fqns`` (aliases of one tensor stay one tensor).
+
+    A parameter keeps its ``nn.Parameter`` object (its data is swapped, its stale gradient
+    dropped): an optimizer built before an in-place compile still holds the model's
+    parameters. Its per-parameter state (momentum, Adam moments) has the old shapes: build
+    the optimizer again, or clear its state, before it takes a step with state.
+    """
     module, name = owner(model, fqns[0])
     old = getattr(module, name)
+    new: Tensor
     if isinstance(old, nn.Parameter):
-        new: Tensor = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        old.data = value.detach().clone()
+        old.grad = None
+        new = old
     else:
         new = value.detach().clone()
     for fqn in fqns:

@@ -9,7 +9,7 @@ from torch import nn
 from graphprune.analysis.graph import DependencyGraph, Group, Member, build
 from graphprune.analysis.registry import rule
 from graphprune.analysis.walk import walk
-from graphprune.capture import Captured, ExampleInputs, capture
+from graphprune.capture import Captured, ExampleInputs, capture, serialized
 
 
 def analyze_captured(captured: Captured) -> DependencyGraph:
@@ -21,6 +21,7 @@ def analyze_captured(captured: Captured) -> DependencyGraph:
     return dg
 
 
+@serialized
 def analyze(model: nn.Module, example_inputs: ExampleInputs) -> DependencyGraph:
     """Capture ``model`` on ``example_inputs`` and group its coupled channels."""
     return analyze_captured(capture(model, example_inputs))

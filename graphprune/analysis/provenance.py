@@ -36,7 +36,14 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from graphprune.analysis.registry import source_line
-from graphprune.capture import Captured, eval_mode, normalize_inputs, owning_module
+from graphprune.capture import (
+    Captured,
+    eval_mode,
+    normalize_inputs,
+    own_thread,
+    owning_module,
+    shell_copy,
+)
 
 AttrKey = tuple[str, str, int]  # (module path, attribute name, index in a tuple/list or -1)
 DimKey = tuple[int, int]  # (read tensor number, dimension)
@@ -421,7 +428,10 @@ def trace_shapes(model: nn.Module, example_inputs: Any) -> ShapeTrace:
     """Run ``model`` once (eval, no grad) with traced attributes and shape reads; see the
     module docstring. The model is left exactly as it was. A forward that cannot run with
     traced ints (code that insists on ``type(x) is int``) is traced again with the modules'
-    own attributes only; if that fails too, the trace has ``error`` set."""
+    own attributes only; if that fails too, the trace has ``error`` set. The run swaps
+    attributes and modes on a shell copy (:func:`graphprune.capture.shell_copy`), so a forward
+    another thread runs on ``model`` meanwhile is untouched."""
+    model = shell_copy(model)
     trace = _trace(model, example_inputs, objects=True)
     return trace if not trace.error else _trace(model, example_inputs, objects=False)
 
@@ -449,8 +459,8 @@ def _trace(model: nn.Module, example_inputs: Any, objects: bool) -> ShapeTrace:
 
     originals = _swap_attributes(model, attributes)
     hooks = [
-        torch.nn.modules.module.register_module_forward_pre_hook(enter),
-        torch.nn.modules.module.register_module_forward_hook(leave),
+        torch.nn.modules.module.register_module_forward_pre_hook(own_thread(enter)),
+        torch.nn.modules.module.register_module_forward_hook(own_thread(leave)),
     ]
     try:
         with eval_mode(model), torch.no_grad(), recorder:

@@ -8,12 +8,10 @@ and applied to the early weights, which are then retrained with the mask in plac
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from graphprune.capture import ExampleInputs
+from graphprune.capture import ExampleInputs, copy_model, serialized
 from graphprune.errors import InputError
 from graphprune.planning.masks import LayerMask, MaskSet
 from graphprune.record import CompileRecord, record_of
@@ -21,13 +19,14 @@ from graphprune.serialize import apply_record
 from graphprune.sparsity.parametrize import apply_masks, masked_layers, update_masks
 
 
+@serialized
 def rewind(pruned: nn.Module, early: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     """A copy of ``early`` (the *unpruned* model at an earlier checkpoint) pruned exactly as
     ``pruned`` was: same kept channels, same masks. ``early`` itself is not changed."""
     record = record_of(pruned)
     if record is None:
         raise InputError("rewind needs a model produced by graphprune.compile (or a Pruner)")
-    target = copy.deepcopy(early)
+    target = copy_model(early)
     apply_record(target, record, example_inputs)  # kept channels; placeholder masks if masked
     masks = _masks_of(pruned, record)
     if masks.layers:

@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from graphprune.capture import run_eval
+from graphprune.capture import own_thread, run_eval
 from graphprune.errors import InputError
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -94,7 +94,7 @@ def input_norms(
 
     modules = dict(model.named_modules())
     for name in names:
-        handles.append(modules[name].register_forward_pre_hook(hook(name)))
+        handles.append(modules[name].register_forward_pre_hook(own_thread(hook(name))))
     try:
         for batch in batches:
             run_eval(model, batch)
@@ -115,7 +115,7 @@ def layer_inputs(model: nn.Module, name: str, batches: Sequence[Any]) -> Iterato
 
     for batch in batches:
         seen.clear()
-        handle = module.register_forward_pre_hook(stop)
+        handle = module.register_forward_pre_hook(own_thread(stop))
         try:
             run_eval(model, batch)
         except _Reached:
@@ -144,7 +144,7 @@ def call_order(
                 if calls[name] == 1:
                     order.append(name)
 
-            handles.append(module.register_forward_pre_hook(count))
+            handles.append(module.register_forward_pre_hook(own_thread(count)))
     try:
         run_eval(model, batch)
     finally:

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphprune.capture import normalize_inputs
+from graphprune.capture import normalize_inputs, serialized
 from graphprune.errors import InputError
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
+@serialized
 def recalibrate_norms(
     model: nn.Module,
     batches: Iterable[Any],

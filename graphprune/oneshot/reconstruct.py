@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from graphprune.capture import tensor_aliases
+from graphprune.capture import eval_mode, tensor_aliases
 from graphprune.modules import stored_weight
 from graphprune.oneshot.calibration import (
     call_order,
@@ -206,7 +206,8 @@ def _targets(
     old = original.get_submodule(name)
     old_inputs = layer_inputs(original, name, batches)
     for x_old, x_new in zip(old_inputs, layer_inputs(pruned, name, batches), strict=True):
-        y = channel_rows(old(x_old), old)  # (rows, channels of the original)
+        with eval_mode(old), torch.no_grad():  # a BatchNorm in train mode would update stats
+            y = channel_rows(old(x_old), old)  # (rows, channels of the original)
         yield (y if kept is None else y[:, kept]), x_new
 
 

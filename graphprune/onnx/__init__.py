@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import tempfile
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from torch import nn
 
 from graphprune.analysis.macs import count_macs, count_params, si
-from graphprune.capture import ExampleInputs, output_tensors, without_cache
+from graphprune.capture import ExampleInputs, output_tensors, serialized, without_cache
 from graphprune.onnx.bench import BenchReport, benchmark
 from graphprune.onnx.export import ExportedModel, ExportError, export
 from graphprune.onnx.layout import Layout, layout_line, layout_warning, measure_layout
 from graphprune.onnx.quantize import INT8_TOLERANCE, QuantizationError
 from graphprune.onnx.quantize import quantize as quantize_onnx
-from graphprune.onnx.runtime import feeds, session
+from graphprune.onnx.runtime import denormals_flushed, feeds, session
 from graphprune.onnx.verify import FP32_TOLERANCE, Verification, VerificationError, input_sets
 from graphprune.onnx.verify import verify as verify_onnx
 
@@ -151,7 +154,9 @@ def calibration_feeds(
     return out
 
 
+@serialized
 @without_cache  # HF models: exported (and verified) without their KV cache
+@denormals_flushed
 def export_onnx(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -187,26 +192,55 @@ def export_onnx(
     standard ONNX that onnxruntime decodes at session start -- a smaller file, dense speed;
     the packed file is what gets verified and benchmarked.
     """
-    torch.set_flush_denormal(True)
-    path = Path(path)
-    exported = export(
-        model, example_inputs, path, dynamic_batch=dynamic_batch, opset=opset,
-        external_data=external_data, sparse_storage=sparse_storage,
-    )  # fmt: skip
-    report = ExportReport(
-        exported, params=count_params(model), macs=count_macs(model, example_inputs)
-    )
-    if optimized_path is not None:  # onnxruntime writes its optimised graph at session start
-        session(path, threads, optimized_path)
-    check = _Checker(example_inputs, exported, atol, rtol)
-    if verify:
-        report.verification = check(model, path)
-    if quantize is not None:
-        _quantize(report, model, example_inputs, quantize, calibration)
-    if baseline is not None:
-        options = _BaselineOptions(dynamic_batch, opset, bench_runs, batch_sizes, threads)
-        _beside_baseline(report, baseline, example_inputs, check if verify else None, options)
+    final = Path(path)
+    with _staged(final) as path:  # written, verified and measured beside ``final``, then moved
+        exported = export(
+            model, example_inputs, path, dynamic_batch=dynamic_batch, opset=opset,
+            external_data=external_data, sparse_storage=sparse_storage,
+        )  # fmt: skip
+        report = ExportReport(
+            exported, params=count_params(model), macs=count_macs(model, example_inputs)
+        )
+        if optimized_path is not None:  # onnxruntime writes its optimised graph at start
+            session(path, threads, optimized_path)
+        check = _Checker(example_inputs, exported, atol, rtol)
+        if verify:
+            report.verification = check(model, path)
+        if quantize is not None:
+            _quantize(report, model, example_inputs, quantize, calibration)
+        if baseline is not None:
+            options = _BaselineOptions(dynamic_batch, opset, bench_runs, batch_sizes, threads)
+            _beside_baseline(report, baseline, example_inputs, check if verify else None, options)
+    exported.path = final
+    if report.quantized is not None:
+        report.quantized = final.with_name(report.quantized.name)
     return report
+
+
+@contextlib.contextmanager
+def _staged(final: Path) -> Iterator[Path]:
+    """A path named like ``final`` in a fresh folder beside it. When the block succeeds, every
+    file in the folder (the model, its external data, the int8 model) replaces its namesake
+    beside ``final``; when verification fails, nothing beside ``final`` changes and the failed
+    export is kept in ``<stem>.unverified/`` (named in the error); on any other error the
+    folder is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield stage / final.name
+    except VerificationError as exc:
+        kept = final.with_name(f"{final.stem}.unverified")
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(stage, kept)
+        raise VerificationError(
+            f"{exc}\n{final} was left as it was; the export that failed is in {kept}/"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    for produced in sorted(stage.iterdir()):
+        os.replace(produced, final.parent / produced.name)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from graphprune.onnx.runtime import session
+from graphprune.onnx.runtime import denormals_flushed, session
 from graphprune.timing import interleaved_samples
 
 Feeds = dict[str, np.ndarray]
@@ -120,6 +120,7 @@ def interleaved(
     return Latency.of(samples["a"]), Latency.of(samples["b"])
 
 
+@denormals_flushed
 def benchmark(
     baseline: str | Path,
     pruned: str | Path,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from graphprune.capture import ExampleInputs, normalize_inputs
+from graphprune.capture import ExampleInputs, normalize_inputs, run_eval, serialized
 from graphprune.errors import GraphPruneError
 from graphprune.kernels.sparse_modules import SPARSE_MODULES
 from graphprune.onnx.sparse_storage import PackingReport, pack_sparse_weights
@@ -64,9 +64,7 @@ def input_names(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
 
 
 def output_names(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
-    args, kwargs = normalize_inputs(example_inputs)
-    with torch.no_grad():
-        out = model(*args, **kwargs)
+    out = run_eval(model, example_inputs)  # eval: a BatchNorm in train mode would update stats
     if isinstance(out, torch.Tensor):
         return ["output"]
     if isinstance(out, dict):
@@ -97,6 +95,7 @@ def quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@serialized
 def export(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -143,6 +142,7 @@ def export(
             onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
         checked = onnx.load(str(tmp), load_external_data=False)
+        _check_opset(checked, opset)
         for produced in workdir.iterdir():  # the model, and its .data file if any
             os.replace(produced, path.parent / produced.name)
     except GraphPruneError:
@@ -153,9 +153,7 @@ def export(
         shutil.rmtree(workdir, ignore_errors=True)
         for m, t in training.items():
             m.train(t)
-    opset_found = max(
-        (o.version for o in checked.opset_import if o.domain in ("", "ai.onnx")), default=0
-    )
+    opset_found = _opset(checked)
     size = path.stat().st_size + sum(
         f.stat().st_size for f in path.parent.glob(path.name + "*.data")
     )
@@ -201,6 +199,20 @@ def _first_exporter_that_works(
             continue
         return (dynamic, note + f"exported with {label}") if note else (dynamic_batch, "")
     raise AssertionError("unreachable: the last exporter raises")
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _check_opset(model: onnx.ModelProto, asked: int | None) -> None:
+    """An opset the exporter could not produce is an error, never a silent substitute."""
+    found = _opset(model)
+    if asked is not None and found != asked:
+        raise ExportError(
+            f"opset={asked} was asked but torch.onnx wrote opset {found} (it cannot produce "
+            f"{asked} for this model); pass opset=None for the exporter's choice"
+        )
 
 
 def _export_error(model: nn.Module, exc: Exception) -> ExportError:

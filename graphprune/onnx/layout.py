@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from graphprune.onnx.runtime import session
+from graphprune.onnx.runtime import denormals_flushed, session
 
 BLOCKED_DOMAIN = "com.microsoft.nchwc"
 CONV_OPS = {"Conv", "FusedConv"}
@@ -76,6 +76,7 @@ def layout_of(model: onnx.ModelProto, names: dict[str, str] | None = None) -> La
     return Layout(convs, blocked, reorders, plain)
 
 
+@denormals_flushed
 def measure_layout(path: str | Path, threads: int = 2) -> Layout:
     """Let onnxruntime optimise the model at ``path`` for this CPU and read its layout."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.io import write_text_atomic
-from graphprune.onnx.runtime import session
+from graphprune.onnx.runtime import denormals_flushed, session
 from graphprune.planning.latency.tables import LayerTable, OpShape, TableSpec
 from graphprune.progress import track
 from graphprune.timing import interleaved_samples
@@ -157,6 +157,7 @@ def time_op(op: OpShape, cin: int, cout: int, threads: int, overhead: float = 0.
     return max(raw - overhead, 0.1 * raw)
 
 
+@denormals_flushed
 def measure_tables(
     layers: Iterable[TableSpec],
     threads: int,

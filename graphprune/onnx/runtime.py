@@ -4,17 +4,24 @@ Idle intra-op threads spin by default, so two live sessions timed A B A B distor
 spinning is off unless asked for (``spinning=True``: onnxruntime's default, as a deployed
 session runs; time such sessions one at a time, :func:`graphprune.timing.block_samples`).
 Random-init networks produce subnormal floats that run 10-100x slower on x86: they are
-flushed to zero (in ORT and in torch, for the reference outputs).
+flushed to zero (in ORT, and in torch while it computes the reference outputs).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 import torch
+
+from graphprune.errors import InputError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def session(
@@ -32,7 +39,14 @@ def session(
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
         options.log_severity_level = 3  # not the "hardware-specific graph" warning it then logs
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # InvalidProtobuf, NoSuchFile, Fail: one clear error
+        reason = " ".join(str(exc).split())[:300]
+        raise InputError(
+            f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {reason}); it may be "
+            "truncated or not an ONNX model: export it again"
+        ) from None
 
 
 def feeds(
@@ -44,5 +58,23 @@ def feeds(
     return {n: by_name[n].detach().cpu().numpy() for n in expected}
 
 
-def flush_denormals() -> Any:
-    return torch.set_flush_denormal(True)
+def _flushing() -> bool:
+    """Whether torch flushes subnormal floats now (torch has no getter: a subnormal probe)."""
+    return bool((torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() == 0.0)
+
+
+def denormals_flushed(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with torch flushing subnormals (random-init weights make them; they are
+    10-100x slower on x86 and onnxruntime's sessions flush them too), then restore the
+    process's own setting: graphprune changes no global state a user can see."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        before = _flushing()
+        torch.set_flush_denormal(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_flush_denormal(before)
+
+    return wrapper

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from graphprune.capture import ExampleInputs, normalize_inputs
+from graphprune.capture import ExampleInputs, normalize_inputs, serialized
 from graphprune.kernels.sparse_modules import SPARSE_MODULES
 from graphprune.onnx import make_feeds
 from graphprune.onnx.bench import BatchResult, BenchReport, benchmark, interleaved
 from graphprune.onnx.export import export
+from graphprune.onnx.runtime import denormals_flushed
 from graphprune.onnx.sparse_storage import storage_choice
 from graphprune.onnx.verify import verify
 from graphprune.passes.sparsify import LayerDecision, matrix_of
@@ -160,6 +161,8 @@ def layer_storage(
     return out
 
 
+@serialized
+@denormals_flushed
 def measure_sparsity(
     model: nn.Module,
     example_inputs: ExampleInputs,

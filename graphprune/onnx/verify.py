@@ -22,7 +22,7 @@ from torch import nn
 
 from graphprune.capture import ExampleInputs, normalize_inputs, output_tensors
 from graphprune.errors import GraphPruneError
-from graphprune.onnx.runtime import feeds, session
+from graphprune.onnx.runtime import denormals_flushed, feeds, session
 
 FP32_TOLERANCE = (1e-4, 1e-3)  # (atol, rtol) suited to fp32 kernels that reorder sums
 
@@ -112,6 +112,7 @@ def _torch_outputs(
     return [o.detach().float().cpu().numpy() for o in output_tensors(model, inputs)]
 
 
+@denormals_flushed
 def verify(
     model: nn.Module,
     path: str | Path,
@@ -125,7 +126,6 @@ def verify(
     raise_on_error: bool = True,
 ) -> Verification:
     """Compare torch and onnxruntime on several input sets; raise if they disagree."""
-    torch.set_flush_denormal(True)
     _, kwargs = normalize_inputs(example_inputs)
     training = {m: m.training for m in model.modules()}
     model.eval()

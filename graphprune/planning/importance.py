@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from graphprune.analysis import DependencyGraph, Group, Member
 from graphprune.capture import LabelledBatch, normalize_inputs
 from graphprune.oneshot.calibration import input_norms, rows_unsupported
+from graphprune.planning.plan import PlanError
 
 Tensors = dict[str, Tensor]
 LossFn = Callable[..., Tensor]  # loss_fn(output), or loss_fn(output, target) for LabelledBatch
@@ -235,15 +236,36 @@ def score_groups(
         consumers = {m.module for g in groups for m in g.members if is_consumer(m, modules)}
         norms = input_norms(model, sorted(consumers), batches)
     inputs = ScoringInputs(tensors, grads, modules, np.random.default_rng(seed), norms)
+    if callable(criterion):  # the user's function gets copies: it cannot change the weights
+        own = {n: t.clone() for n, t in tensors.items()}
+        own_grads = {n: [g.clone() for g in gs] for n, gs in grads.items()}
     scores: dict[int, np.ndarray] = {}
     for g in groups:
         if callable(criterion):
-            values = np.asarray(criterion(g, tensors, grads), dtype=np.float64)
+            values = _as_scores(criterion(g, own, own_grads), g)
         else:
             values = CRITERIA[criterion](g, inputs)
         if values.shape != (g.size,):
-            raise ValueError(
-                f"importance for group {g.id} returned shape {values.shape}, expected ({g.size},)"
+            raise PlanError(
+                f"importance for group {g.id} ({g.name}) returned shape {values.shape}, "
+                f"expected ({g.size},): one score per channel"
             )
         scores[g.id] = values
     return scores
+
+
+def _as_scores(values: Any, group: Group) -> np.ndarray:
+    try:
+        if isinstance(values, Tensor):
+            values = values.detach().cpu().double().numpy()
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PlanError(
+            f"the importance callable returned {type(values).__name__} for group {group.id} "
+            f"({group.name}), not numbers ({exc}); return one float per channel"
+        ) from None
+
+
+def nonfinite_groups(scores: dict[int, np.ndarray]) -> dict[int, int]:
+    """Group id -> how many of its channels scored NaN or inf."""
+    return {g: int((~np.isfinite(s)).sum()) for g, s in scores.items() if not np.isfinite(s).all()}

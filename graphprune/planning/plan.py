@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
+
+import yaml as _yaml
 
 from graphprune.errors import GraphPruneError
 from graphprune.io import write_text_atomic
@@ -92,6 +95,7 @@ class Plan:
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
+        self._check_types()
         if isinstance(self.sparsity, dict):  # from JSON
             self.sparsity = Plan.from_dict(self.sparsity)
         self.nm, self.block = list(self.nm), list(self.block)
@@ -143,6 +147,19 @@ class Plan:
         for pattern, value in self.overrides.items():
             if not 0.0 <= value < 1.0:
                 raise PlanError(f"override {pattern!r}: ratio {value} is outside [0, 1)")
+
+    def _check_types(self) -> None:
+        """Every field of the type it is read as, before any value is used (a string where a
+        list of globs belongs is one glob, never split into characters)."""
+        for name in ("ignore", "include"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        for name, (check, accepted) in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not check(value):
+                raise PlanError(
+                    f"Plan {name}={value!r} ({type(value).__name__}): expected {accepted}"
+                )
 
     def _validate_latency(self) -> None:
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
@@ -284,6 +301,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan is a mapping of keys to values, not {type(data).__name__}")
+        if not all(isinstance(k, str) for k in data):
+            raise PlanError(f"plan keys are names; got {sorted(map(repr, data))}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -295,34 +316,99 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"a plan's JSON does not parse ({exc})") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         """Write JSON (or YAML for .yaml/.yml) atomically."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+            write_text_atomic(path, _yaml.safe_dump(self.to_dict(), sort_keys=False))
         else:
             write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """A plan from a JSON or YAML (.yaml/.yml) file; every problem is a PlanError that
+        names the file."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such plan file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{path}: cannot read the plan ({exc})") from None
+        return cls.from_text(text, yaml=path.suffix in (".yaml", ".yml"), where=str(path))
 
-            data = yaml.safe_load(text)
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise PlanError(f"{path}: not valid JSON ({exc})") from exc
+    @classmethod
+    def from_text(cls, text: str, *, yaml: bool = False, where: str = "plan") -> Plan:
+        """A plan from JSON (or YAML) text."""
+        try:
+            data = _yaml.safe_load(text) if yaml else json.loads(text)
+        except (json.JSONDecodeError, _yaml.YAMLError) as exc:
+            kind = "YAML" if yaml else "JSON"
+            reason = " ".join(str(exc).split())
+            raise PlanError(f"{where}: not valid {kind} ({reason})") from None
         if not isinstance(data, dict):
-            raise PlanError(f"{path}: a plan is a mapping of keys to values")
-        return cls.from_dict(data)
+            raise PlanError(f"{where}: a plan is a mapping of keys to values")
+        try:
+            return cls.from_dict(data)
+        except PlanError as exc:
+            raise PlanError(f"{where}: {exc}") from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _globs(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+
+
+def _ratios(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _number(r) for k, r in value.items()
+    )
+
+
+def _pair(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 2 and all(map(_integer, value))
+
+
+# field -> (check, what the message says is accepted)
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "ratio": (lambda v: v is None or _number(v), "a number in [0, 1) or None"),
+    "target_macs": (lambda v: v is None or _number(v), "a number in (0, 1] or None"),
+    "target_latency": (lambda v: v is None or _number(v), "a number in (0, 1) or None"),
+    "target_latency_ms": (lambda v: v is None or _number(v), "a number of milliseconds or None"),
+    "latency_threads": (_integer, "an int >= 1"),
+    "scope": (lambda v: isinstance(v, str), f"one of {SCOPES}"),
+    "importance": (lambda v: isinstance(v, str) or callable(v), "a criterion name or a callable"),
+    "granularity": (lambda v: isinstance(v, str), f"one of {GRANULARITIES}"),
+    "ignore": (_globs, "a list of module-name globs"),
+    "include": (_globs, "a list of module-name globs"),
+    "overrides": (
+        _ratios,
+        "a mapping of module-name glob -> ratio",
+    ),
+    "round_to": (lambda v: _integer(v) or v == "auto", "an int >= 1 or 'auto'"),
+    "min_channels": (_integer, "an int >= 1"),
+    "max_ratio": (_number, "a number in (0, 1]"),
+    "seed": (_integer, "an int"),
+    "nm": (_pair, "[n, m], two ints"),
+    "block": (_pair, "[rows, cols], two ints"),
+    "sparsity": (
+        lambda v: v is None or isinstance(v, Plan | dict), "a sparse Plan (or its mapping) or None"
+    ),
+    "reconstruct": (lambda v: isinstance(v, bool), "True or False"),
+}
 
 
 def simd_block() -> int:

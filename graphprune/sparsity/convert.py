@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from graphprune.capture import ExampleInputs, normalize_inputs, output_tensors
+from graphprune.capture import (
+    ExampleInputs,
+    copy_model,
+    normalize_inputs,
+    output_tensors,
+    own_thread,
+    serialized,
+)
 from graphprune.errors import InputError
 from graphprune.passes.base import PassContext, PassManager, PruneError
 from graphprune.passes.sparsify import Sparsify, SparsifyReport, matrix_of
@@ -48,7 +54,7 @@ def layer_rows(
             r = x.numel() // x.shape[-1] if isinstance(mod, nn.Linear) else x.numel() // x.shape[1]
             rows.setdefault(name, []).append(int(r))
 
-        handles.append(module.register_forward_hook(hook))
+        handles.append(module.register_forward_hook(own_thread(hook)))
     try:
         with torch.no_grad():
             for b in batch_sizes:
@@ -60,6 +66,7 @@ def layer_rows(
     return {n: sorted(set(r)) for n, r in rows.items()}
 
 
+@serialized
 def sparsify(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -81,7 +88,7 @@ def sparsify(
     against the dense model on the example inputs; :func:`sparsify_report` says what was done.
     The converted modules are for inference (their weights are buffers).
     """
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     if is_masked(target):
         bake_masks(target)
     first = normalize_inputs(example_inputs)

@@ -16,9 +16,9 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -30,12 +30,13 @@ from graphprune.analysis import DependencyGraph, Group, analyze_captured
 from graphprune.analysis.macs import count_macs
 from graphprune.analysis.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
 from graphprune.analysis.registry import source_line
-from graphprune.capture import Captured, ExampleInputs, capture
+from graphprune.capture import Captured, ExampleInputs, capture, copy_model
+from graphprune.checks import GraphPruneWarning
 from graphprune.passes import structured_rewrite
 from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, RewriteFailure
 from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
 from graphprune.passes.verify import make_verifier, output_shapes
-from graphprune.planning.importance import LossFn, score_groups
+from graphprune.planning.importance import LossFn, nonfinite_groups, score_groups
 from graphprune.planning.plan import Plan, PlanError
 from graphprune.planning.relations import Relation, build_relations, satisfy
 from graphprune.planning.resolve import Resolution, candidate_groups, resolve
@@ -260,6 +261,7 @@ def prune_channels(
         s.original, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
     )
     lap("score")
+    unranked = _nonfinite_note(scores, dg)
     resolver = _Resolver(plan, s, groups, units, scores, modules, s.original, batches, loss_fn)
     heads = plan.granularity == "heads"
 
@@ -273,7 +275,7 @@ def prune_channels(
         ratio = _ratio_for_target(plan, resolver, frozen, s, make)
         resolution = resolver(ratio, frozen)
         lap("resolve")
-        model = target if first else copy.deepcopy(s.original)
+        model = target if first else copy_model(s.original)
         first = False
         if not resolution.changed and resolution.frozen and ratio > 0:
             break  # the relations froze everything the plan would prune
@@ -283,7 +285,7 @@ def prune_channels(
             if inplace:  # replay the rewrite that worked on the user's model
                 ctx = s.context(target, resolution)
                 PassManager(make())(ctx)
-            notes = []
+            notes = [unranked] if unranked else []
             if ratio > 0 and not resolution.changed:
                 notes.append(_nothing_pruned(plan, s.dg))
             return Outcome(ctx.model, ctx, resolution, groups, notes)
@@ -298,6 +300,26 @@ def prune_channels(
             resolution = resolver(ratio, frozen)
             break
     raise PruneError(_nothing_left(plan, resolution.frozen, dg))
+
+
+def _nonfinite_note(scores: dict[int, np.ndarray], dg: DependencyGraph) -> str:
+    """A warning and a report note naming the groups whose scores are NaN or inf (NaN or
+    overflowing weights or gradients, or a criterion that made them): their order is not a
+    ranking, and the user must know which groups it touched."""
+    bad = nonfinite_groups(scores)
+    if not bad:
+        return ""
+    for g in bad:  # NaN sorts nowhere: rank it explicitly, as +inf (-inf stays last)
+        scores[g] = np.nan_to_num(scores[g], nan=np.inf, posinf=np.inf, neginf=-np.inf)
+    listed = ", ".join(f"group {g} ({dg.group(g).name}: {n})" for g, n in sorted(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    note = (
+        f"importance scores are NaN or inf in {len(bad)} group(s): {listed}{more} channels; "
+        "NaN and +inf channels were ranked most important (kept first), -inf least; fix the "
+        "weights, gradients or criterion for a real ranking"
+    )
+    warnings.warn(note, GraphPruneWarning, stacklevel=2)
+    return note
 
 
 def _attempt(
@@ -356,7 +378,7 @@ def _bisect(
 
     def fails(subset: list[int]) -> bool:
         trial = resolver(ratio, frozen, only=set(subset))
-        return _attempt(copy.deepcopy(s.original), trial, s, make, verify)[1] is not None
+        return _attempt(copy_model(s.original), trial, s, make, verify)[1] is not None
 
     candidates = list(changed)
     while len(candidates) > 1:
@@ -383,24 +405,41 @@ def _ratio_for_target(
         return plan.ratio or 0.0
 
     def macs_ratio(ratio: float) -> float:
-        trial = copy.deepcopy(s.original)
+        trial = copy_model(s.original)
         PassManager(make())(s.context(trial, resolver(ratio, frozen)))
         return count_macs(trial, s.example_inputs) / max(s.macs_before, 1)
 
     return _bisect_ratio(plan, macs_ratio)
 
 
+MACS_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # ratios tried first
+
+
 def _bisect_ratio(plan: Plan, macs_ratio: Callable[[float], float]) -> float:
-    lo, hi = 0.0, 0.95
-    reached = macs_ratio(hi)
-    if reached > (plan.target_macs or 1.0):
+    """The smallest ratio found whose rewrite keeps at most ``target_macs`` of the MACs.
+
+    MACs need not fall monotonically with the ratio (rounding to ``round_to``,
+    ``min_channels`` and the count relations make them jump), so a grid of ratios is measured
+    first; the answer is bisected between the first grid ratio that meets the target and the
+    one before it. Out of reach only when no grid ratio meets it (the least kept is named).
+    """
+    target = plan.target_macs or 1.0
+    reached: dict[float, float] = {}
+    for ratio in MACS_GRID:
+        reached[ratio] = macs_ratio(ratio)
+        if reached[ratio] <= target:
+            break
+    else:
+        best = min(reached, key=lambda r: reached[r])
         raise PlanError(
-            f"target_macs={plan.target_macs} is out of reach: removing 95% of "
-            f"what the plan may prune keeps {reached:.3f} of the MACs"
+            f"target_macs={plan.target_macs} is out of reach: the fewest MACs any ratio up to "
+            f"0.95 keeps is {reached[best]:.3f} (at ratio {best})"
         )
-    for _ in range(12):
+    hi = ratio
+    lo = max((r for r in MACS_GRID if r < hi), default=0.0)
+    for _ in range(8):
         mid = (lo + hi) / 2
-        if macs_ratio(mid) <= (plan.target_macs or 1.0):
+        if macs_ratio(mid) <= target:
             hi = mid
         else:
             lo = mid
@@ -486,7 +525,7 @@ def prune_layers(
     if plan.target_macs is not None:
 
         def macs_ratio(r: float) -> float:
-            trial = copy.deepcopy(s.original)
+            trial = copy_model(s.original)
             PassManager(passes(r))(s.context(trial, Resolution()))
             return count_macs(trial, s.example_inputs) / max(s.macs_before, 1)
 

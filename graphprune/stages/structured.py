@@ -7,7 +7,6 @@ and verify, freeze and retry); this stage turns its outcome into the report's pa
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphprune.capture import copy_model
 from graphprune.oneshot.reconstruct import LayerFit, refit_consumers
 from graphprune.planning.resolve import Resolution
 from graphprune.report import FrozenGroup, GroupOutcome
@@ -43,7 +43,7 @@ def prune_structure(job: CompileJob, target: nn.Module, macs_before: int) -> Str
     if plan.is_sparse:
         return StructuredResult(target)
     # the original's layer outputs are the refit's targets (inplace rewrites the model itself)
-    original = copy.deepcopy(job.model) if job.inplace and plan.reconstruct else job.model
+    original = copy_model(job.model) if job.inplace and plan.reconstruct else job.model
     job.watch.restart()
     # the user's model is only read (trials rewrite copies; inplace replays at the end)
     setup = freeze_retry.setup(job.model, job.example_inputs, macs_before, job.watch.lap)

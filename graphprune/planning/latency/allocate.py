@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from graphprune.analysis import DependencyGraph, analyze
-from graphprune.capture import ExampleInputs, run_eval
+from graphprune.capture import ExampleInputs, own_thread, run_eval
 from graphprune.planning.importance import LossFn, score_groups
 from graphprune.planning.latency.tables import OpShape, TableSource, grid, op_shape
 from graphprune.planning.plan import Plan, PlanError
@@ -96,7 +96,7 @@ def _input_shapes(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, 
             def record(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
                 shapes.setdefault(name, tuple(args[0].shape))
 
-            handles.append(module.register_forward_pre_hook(record))
+            handles.append(module.register_forward_pre_hook(own_thread(record)))
     try:
         run_eval(model, example_inputs)
     finally:
