@@ -66,7 +66,10 @@ def load_model(
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise InputError(f"cannot load '{spec}': {exc}") from exc
-        model = factory()
+        try:
+            model = factory()
+        except Exception as exc:  # the user's factory: its error, as one line
+            raise InputError(f"'{spec}' failed to build the model: {type(exc).__name__}: {exc}")
         if not isinstance(model, nn.Module):
             raise InputError(f"'{spec}' returned {type(model).__name__}, not an nn.Module")
         if input_shape is None:

@@ -239,7 +239,7 @@ def test_an_optimizer_made_before_an_inplace_compile_trains_the_pruned_model() -
         loss = nn.functional.mse_loss(model(*VECTORS), target)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
 
 
