@@ -69,7 +69,9 @@ def load_model(
         try:
             model = factory()
         except Exception as exc:  # the user's factory: its error, as one line
-            raise InputError(f"'{spec}' failed to build the model: {type(exc).__name__}: {exc}")
+            raise InputError(
+                f"'{spec}' failed to build the model: {type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(model, nn.Module):
             raise InputError(f"'{spec}' returned {type(model).__name__}, not an nn.Module")
         if input_shape is None:
