@@ -34,7 +34,7 @@ from graphprune.sparsity.parametrize import register_placeholder_masks
 from graphprune.stages.freeze_retry import attributes_for
 
 FOOTER_MAGIC = b"GPSHA256"  # then the SHA-256 of everything before it
-INTEGRITY = "sha256-footer"
+ZIP_END = b"PK\x05\x06"  # a zip archive's end-of-central-directory record (22 bytes + comment)
 
 
 def save(model: nn.Module, path: str | Path) -> None:
@@ -53,11 +53,7 @@ def save(model: nn.Module, path: str | Path) -> None:
             "force=sparsify_report(model).converted to skip re-measuring)"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {
-        "graphprune": json.dumps(record.to_json()),
-        "state_dict": state,
-        "integrity": INTEGRITY,  # a file that says this and has no valid footer is refused
-    }
+    payload = {"graphprune": json.dumps(record.to_json()), "state_dict": state}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     body = buffer.getvalue()
@@ -93,7 +89,7 @@ def read_file(path: Path) -> tuple[CompileRecord, dict[str, torch.Tensor]]:
     missing, corrupt or foreign file, or a record from a newer graphprune."""
     if not path.is_file():
         raise InputError(f"{path}: no such file (write it with graphprune.save)")
-    body, checked = _checked_body(path)
+    body = _checked_body(path)
     try:
         payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, zip/EOF errors, weights_only refusals
@@ -108,8 +104,6 @@ def read_file(path: Path) -> tuple[CompileRecord, dict[str, torch.Tensor]]:
             f"{path} is not a file written by graphprune.save (a plain state_dict or model "
             "checkpoint loads with torch.load / model.load_state_dict)"
         )
-    if payload.get("integrity") == INTEGRITY and not checked:
-        raise InputError(_damaged(path, "its checksum footer is missing or damaged"))
     try:
         data = json.loads(payload["graphprune"])
     except (TypeError, json.JSONDecodeError) as exc:
@@ -117,20 +111,35 @@ def read_file(path: Path) -> tuple[CompileRecord, dict[str, torch.Tensor]]:
     return CompileRecord.from_json(data, str(path)), payload["state_dict"]
 
 
-def _checked_body(path: Path) -> tuple[bytes, bool]:
-    """The archive inside ``path`` and whether its checksum footer was found and matched
-    (files of earlier releases have none; a mismatch is refused here)."""
+def _checked_body(path: Path) -> bytes:
+    """The archive inside ``path``, checked: with a footer, against its SHA-256; without one
+    (files of earlier releases), it must end where its zip archive ends, so a damaged footer,
+    a cut or an extension is refused either way."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     size = len(FOOTER_MAGIC) + hashlib.sha256().digest_size
     body, footer = data[:-size], data[-size:]
-    if not footer.startswith(FOOTER_MAGIC):
-        return data, False
-    if hashlib.sha256(body).digest() != footer[len(FOOTER_MAGIC) :]:
-        raise InputError(_damaged(path, "its content does not match the checksum saved with it"))
-    return body, True
+    if footer.startswith(FOOTER_MAGIC):
+        if hashlib.sha256(body).digest() != footer[len(FOOTER_MAGIC) :]:
+            raise InputError(_damaged(path, "its content does not match its saved checksum"))
+        return body
+    if ZIP_END in data and not _ends_as_zip(data):  # (no zip at all: torch.load says so)
+        raise InputError(_damaged(path, "bytes follow the end of its archive"))
+    return data
+
+
+def _ends_as_zip(data: bytes) -> bool:
+    """Some end-of-central-directory record ends exactly where ``data`` ends."""
+    end = data.rfind(ZIP_END)
+    while end >= 0:
+        if end + 22 <= len(data):
+            comment = int.from_bytes(data[end + 20 : end + 22], "little")
+            if end + 22 + comment == len(data):
+                return True
+        end = data.rfind(ZIP_END, 0, end)
+    return False
 
 
 def _damaged(path: Path, why: str) -> str:
