@@ -460,7 +460,9 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
         except Exception:  # the rebuilt value breaks the forward: it was read after all
             after = []
         if _same(before, after):
-            return True, "", [f"{p or '<root>'}.{n}: {old} -> {new}" for p, n, old, new in stale]
+            why = _rebuilt_outputs_differ(model, saved, example_inputs)
+            changed = [f"{p or '<root>'}.{n}: {old} -> {new}" for p, n, old, new in stale]
+            return not why, why, changed
         for path, name, old, _ in stale:
             setattr(modules[path], name, old)
     if differences:
@@ -474,7 +476,44 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
             ),
             [],
         )
-    return True, "", []
+    why = _rebuilt_outputs_differ(model, saved, example_inputs)
+    return not why, why, []
+
+
+REBUILD_CHECK_BYTES = 4 << 30  # larger models: shapes and attributes checked, outputs not
+
+
+def _rebuilt_outputs_differ(model: nn.Module, config: Any, example_inputs: Any) -> str:
+    """'' when a model built from ``config`` on the CPU (module construction derives values
+    from it, as ``from_pretrained`` does: scale buffers, rotary tables) and loaded with the
+    pruned weights gives the pruned model's outputs on ``example_inputs``; else why not."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if example_inputs is None or weights > REBUILD_CHECK_BYTES:
+        return ""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        with contextlib.redirect_stdout(None):
+            fresh = type(model)(copy.deepcopy(config)).to(dtype)
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        expected, found = _outputs(model, example_inputs), _outputs(fresh, example_inputs)
+    except Exception as exc:
+        return (
+            f"a model built from the synced config does not take the pruned weights "
+            f"({type(exc).__name__}: {str(exc).strip()[:200]}) (use graphprune.save/load)"
+        )
+    if _same(expected, found):
+        return ""
+    gap = max(
+        (float((a.double() - b.double()).abs().max()) for a, b in zip(expected, found, strict=False)
+         if a.shape == b.shape),
+        default=float("inf"),
+    )  # fmt: skip
+    return (
+        "a model built from the synced config and loaded with the pruned weights computes "
+        f"other outputs (largest difference {gap:.3g}): a value the modelling code derives "
+        "from the config when it builds the model differs from the pruned model's (use "
+        "graphprune.save/load)"
+    )
 
 
 def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:

@@ -55,6 +55,9 @@ SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
     "roberta": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
     "deberta-v2": ("AutoModel", {"channels": False, "layers": True}),  # heads folded in bmm
     "gemma2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),  # eager, capped
+    # the embedding scale is a buffer sqrt(hidden_size) made at construction: a rebuilt
+    # channels-pruned model computes other outputs, so the config claim is refused
+    "gemma3_text": ("AutoModelForCausalLM", {"channels": False, "heads": True, "layers": True}),
     "phi3": ("AutoModel", {"channels": True, "heads": False, "layers": True}),  # head_dim derived
     "gpt_neox": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
     "t5": ("T5EncoderModel", {"channels": True, "heads": True, "layers": True}),

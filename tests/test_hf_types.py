@@ -101,3 +101,17 @@ def test_an_inexpressible_config_keeps_only_what_the_tensors_agree_on() -> None:
     assert config["changes"] == {"num_key_value_heads": 1}
     head_dim = pruned.config.hidden_size // 4  # one kv head of the original width
     assert pruned.layers[0].self_attn.k_proj.out_features == head_dim
+
+
+def test_a_config_claim_is_checked_on_outputs_not_shapes(tmp_path: Path) -> None:
+    """Gemma 3 scales its embeddings by a buffer, sqrt(hidden_size), made when the model is
+    built: a model rebuilt from the channels-pruned config has every shape and attribute
+    right and still computes something else. The claim is refused, and rightly so."""
+    model = hf_models.build("gemma3_text", "AutoModelForCausalLM")
+    x = hf_models.example_inputs(model)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5), x)
+    config = gp.report(pruned).config
+    assert not config["expressible"] and "computes other outputs" in config["reason"]
+    pruned.save_pretrained(tmp_path / "hf")
+    rebuilt = type(pruned).from_pretrained(tmp_path / "hf").eval()
+    assert not torch.allclose(outputs(rebuilt, x), outputs(pruned, x), atol=1e-5)
