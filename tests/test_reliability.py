@@ -24,6 +24,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.checks import GraphPruneWarning
+from graphprune.models import MODELS
 from graphprune.onnx.runtime import _flushing
 from graphprune.planning.plan import Plan
 from graphprune.stages.freeze_retry import _bisect_ratio
@@ -325,7 +326,7 @@ ENTRY_POINTS: dict[str, Callable[[nn.Module, Path], Any]] = {
     "sparse": lambda m, _: gp.compile(m, gp.Plan(granularity="unstructured", ratio=0.5), IMAGES),
     "sparsegpt": lambda m, _: gp.compile(m, gp.Plan(granularity="n:m", reconstruct=True), IMAGES),
     "target_macs": lambda m, _: gp.compile(m, gp.Plan(target_macs=0.6, round_to=1), IMAGES),
-    "layers_analyze": lambda m, _: gp.analyze(m, IMAGES),
+    "analyze": lambda m, _: gp.analyze(m, IMAGES),
     "export_onnx": lambda m, tmp: gp.export_onnx(
         gp.compile(m, gp.Plan(ratio=0.5), IMAGES), IMAGES, tmp / "m.onnx", baseline=m,
         bench_runs=2,
@@ -343,6 +344,17 @@ def test_entry_points_leave_the_model_and_the_process_as_they_were(
     model[0].bias.requires_grad_(False)  # a flag the user set must survive too
     model_before, process_before = _model_state(model), _process_state()
     ENTRY_POINTS[entry](model, tmp_path)
+    assert _same(_model_state(model), model_before)
+    assert _process_state() == process_before
+
+
+@pytest.mark.parametrize("granularity", ["heads", "layers", "channels"])
+def test_transformer_plans_leave_the_model_and_the_process_as_they_were(granularity: str) -> None:
+    spec = MODELS["gpt"]
+    model, x = spec.build().train(), spec.example_inputs()
+    model_before, process_before = _model_state(model), _process_state()
+    plan = gp.Plan(ratio=0.5, granularity=granularity, reconstruct=granularity != "layers")
+    gp.compile(model, plan, x)
     assert _same(_model_state(model), model_before)
     assert _process_state() == process_before
 
