@@ -257,15 +257,31 @@ def test_a_criterion_that_writes_to_its_tensors_does_not_touch_the_weights() -> 
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-def test_nonfinite_scores_are_reported_per_group() -> None:
-    def nan_scores(group: gp.Group, tensors: Any, grads: Any) -> np.ndarray:
-        scores = np.arange(group.size, dtype=float)
-        scores[0] = np.nan
-        return scores
+def _nan_scores(group: gp.Group, tensors: Any, grads: Any) -> np.ndarray:
+    scores = np.arange(group.size, dtype=float)
+    scores[0] = np.nan
+    return scores
 
+
+def test_nonfinite_scores_are_refused_naming_the_groups() -> None:
+    with pytest.raises(gp.PlanError, match=r"NaN or inf in \d+ group\(s\): group 0"):
+        gp.compile(small_mlp(), gp.Plan(ratio=0.5, importance=_nan_scores), VECTORS)
+
+
+def test_gradients_that_overflow_are_refused() -> None:
+    def huge(output: torch.Tensor) -> torch.Tensor:
+        return (output * 1e30).pow(2).sum()  # overflows float32: inf gradients
+
+    with pytest.raises(gp.PlanError, match="NaN or inf"):
+        gp.compile(small_mlp(), gp.Plan(ratio=0.5, importance="taylor"), VECTORS, loss_fn=huge)
+
+
+def test_nonfinite_scores_are_ranked_when_the_plan_says_so() -> None:
+    plan = gp.Plan(ratio=0.5, importance=_nan_scores, nonfinite="rank", round_to=1)
     with pytest.warns(GraphPruneWarning, match=r"NaN or inf in \d+ group"):
-        pruned = gp.compile(small_mlp(), gp.Plan(ratio=0.5, importance=nan_scores), VECTORS)
+        pruned = gp.compile(small_mlp(), plan, VECTORS)
     assert any("NaN or inf" in n and "group 0" in n for n in gp.report(pruned).notes)
+    assert all(0 in k for k in gp.report(pruned).resolution.kept.values())  # NaN kept first
 
 
 def test_macs_targets_do_not_assume_macs_fall_with_the_ratio() -> None:

@@ -21,6 +21,7 @@ STRUCTURED = ("channels", "heads", "layers")
 SPARSE = ("unstructured", "n:m", "block")  # masks on weights: storage, not dense speed
 GRANULARITIES = STRUCTURED + SPARSE
 IMPORTANCES = ("l1", "l2", "bn_scale", "random", "taylor", "fisher", "hessian", "fpgm", "wanda")
+NONFINITE = ("error", "rank")  # what to do with NaN/inf scores the weights do not explain
 SPARSE_IMPORTANCES = ("l1", "l2", "random", "taylor", "fisher", "hessian", "wanda")
 
 
@@ -68,6 +69,10 @@ class Plan:
         (bias compensation included) and re-estimate BatchNorm statistics; sparse plans run
         SparseGPT (unstructured and n:m masks chosen by its OBS saliency). Applies to a nested
         ``sparsity`` plan too. See :mod:`graphprune.oneshot.reconstruct`.
+    nonfinite: what to do with NaN/inf importance scores that the weights do not explain (a
+        criterion or gradients that overflowed): "error" (the default: refuse, naming the
+        groups) or "rank" (NaN and +inf kept first, -inf removed first, with a warning).
+        Scores made NaN by NaN weights are always ranked so, with a warning.
     """
 
     ratio: float | None = None
@@ -89,6 +94,7 @@ class Plan:
     include: list[str] = field(default_factory=list)
     sparsity: Plan | None = None
     reconstruct: bool = False
+    nonfinite: str = "error"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -408,6 +414,7 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v is None or isinstance(v, Plan | dict), "a sparse Plan (or its mapping) or None"
     ),
     "reconstruct": (lambda v: isinstance(v, bool), "True or False"),
+    "nonfinite": (lambda v: v in NONFINITE, f"one of {NONFINITE}"),
 }
 
 

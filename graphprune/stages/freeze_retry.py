@@ -261,7 +261,7 @@ def prune_channels(
         s.original, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
     )
     lap("score")
-    unranked = _nonfinite_note(scores, dg)
+    unranked = _nonfinite_note(scores, dg, s.original, plan)
     resolver = _Resolver(plan, s, groups, units, scores, modules, s.original, batches, loss_fn)
     heads = plan.granularity == "heads"
 
@@ -302,21 +302,36 @@ def prune_channels(
     raise PruneError(_nothing_left(plan, resolution.frozen, dg))
 
 
-def _nonfinite_note(scores: dict[int, np.ndarray], dg: DependencyGraph) -> str:
-    """A warning and a report note naming the groups whose scores are NaN or inf (NaN or
-    overflowing weights or gradients, or a criterion that made them): their order is not a
-    ranking, and the user must know which groups it touched."""
+def _nonfinite_note(
+    scores: dict[int, np.ndarray], dg: DependencyGraph, model: nn.Module, plan: Plan
+) -> str:
+    """Scores that are NaN or inf are not a ranking. Where the group's own weights are NaN or
+    inf (the model check warned already), or the plan says ``nonfinite="rank"``, they are
+    ranked explicitly (NaN and +inf kept first, -inf removed first) with a warning and a
+    report note naming the groups; otherwise (a criterion or gradients that overflowed) the
+    plan refuses, naming them."""
     bad = nonfinite_groups(scores)
     if not bad:
         return ""
-    for g in bad:  # NaN sorts nowhere: rank it explicitly, as +inf (-inf stays last)
-        scores[g] = np.nan_to_num(scores[g], nan=np.inf, posinf=np.inf, neginf=-np.inf)
     listed = ", ".join(f"group {g} ({dg.group(g).name}: {n})" for g, n in sorted(bad.items())[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    where = f"importance scores are NaN or inf in {len(bad)} group(s): {listed}{more} channels"
+    state = dict(model.state_dict(keep_vars=False))
+    from_weights = all(
+        any(not state[m.fqn].isfinite().all() for m in dg.group(g).members if m.fqn in state)
+        for g in bad
+    )
+    if plan.nonfinite != "rank" and not from_weights:
+        raise PlanError(
+            f"{where}; a criterion or gradients that overflow give no ranking: fix them (a "
+            "loss_fn on the right scale, finite scores from a callable), or pass "
+            "Plan(nonfinite='rank') to keep NaN/+inf channels first and remove -inf first"
+        )
+    for g in bad:  # NaN sorts nowhere: rank it explicitly, as +inf (-inf stays last)
+        scores[g] = np.nan_to_num(scores[g], nan=np.inf, posinf=np.inf, neginf=-np.inf)
     note = (
-        f"importance scores are NaN or inf in {len(bad)} group(s): {listed}{more} channels; "
-        "NaN and +inf channels were ranked most important (kept first), -inf least; fix the "
-        "weights, gradients or criterion for a real ranking"
+        f"{where}; NaN and +inf channels were ranked most important (kept first), -inf least; "
+        "fix the weights, gradients or criterion for a real ranking"
     )
     warnings.warn(note, GraphPruneWarning, stacklevel=2)
     return note
