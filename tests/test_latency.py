@@ -163,9 +163,13 @@ def test_pruner_steps_end_at_the_latency_target(
     assert budgets[-1] == pytest.approx(0.75 * pruner._latency_ms0)
     for plan, current in planned:
         assert any(plan.target_latency * current == pytest.approx(b) for b in budgets)
+    # a step that did not compile found its budget met already (within the 2 % it allows) by
+    # its own measurement of the current model (measured[0] is the original's, at the start)
+    currents = measured[1 : 1 + len(budgets)]
+    for budget, current in zip(budgets, currents, strict=True):
+        if not any(plan.target_latency * c == pytest.approx(budget) for plan, c in planned):
+            assert 0.98 * current <= budget
     if len(planned) == 2:  # the last step compiled to the target itself
         assert planned[-1][0].target_latency * planned[-1][1] == pytest.approx(budgets[-1])
-    else:  # or found it met already (within the 2 % it allows)
-        assert 0.98 * measured[-1] <= budgets[-1]
     assert gp.report(final).latency["target"] == planned[-1][0].target_latency
     assert pruner.history[-1].macs < pruner._macs0

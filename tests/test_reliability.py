@@ -24,6 +24,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.checks import GraphPruneWarning
+from graphprune.cli import main as cli_main
 from graphprune.models import MODELS
 from graphprune.onnx.runtime import _flushing
 from graphprune.planning.plan import Plan
@@ -451,16 +452,24 @@ def test_a_thread_running_the_model_does_not_change_the_compile() -> None:
         ["compile", "resnet18", "--input-shape", "3,x,16"],
         ["compile", "resnet18", "--plan", "/nonexistent/plan.yaml"],
         ["compile", "no_such_model"],
+        ["compile", "torch.nn:Identity", "--input-shape", "0,4"],
     ],
 )
-def test_the_cli_prints_one_line_for_user_errors(args: list[str]) -> None:
+def test_the_cli_prints_one_line_for_user_errors(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("graphprune: error:") and err.count("\n") == 1
+    assert "Traceback" not in err
+    with pytest.raises(gp.GraphPruneError):  # --debug: the exception itself, with its trace
+        cli_main(["--debug", *args])
+
+
+def test_the_cli_module_runs_without_a_traceback() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "graphprune.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "graphprune.cli", "compile", "resnet18", "--input-shape", "3,x"],
+        capture_output=True,
+        text=True,
     )
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert done.stderr.startswith("graphprune: error:") and done.stderr.count("\n") == 1
-    debug = subprocess.run(
-        [sys.executable, "-m", "graphprune.cli", "--debug", *args], capture_output=True, text=True
-    )
-    assert "Traceback" in debug.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
