@@ -113,10 +113,11 @@ class CompileRecord(DictView):
             )
         try:
             sparsity = data.get("sparsity") or {}
-            _check_resolution(Resolution.from_dict(data["resolution"]))
+            resolution = Resolution.from_dict(data["resolution"])  # format 1: no units
+            _check_resolution(resolution)
             return cls(
                 plan=dict(data.get("plan") or {}),
-                resolution=Resolution.from_dict(data["resolution"]),  # format 1: no units
+                resolution=resolution,
                 group_sizes=[int(s) for s in data.get("group_sizes", [])],
                 dropped=[str(p) for p in data.get("dropped", [])],
                 changes=[str(c) for c in data.get("changes", [])],

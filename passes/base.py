@@ -107,3 +107,18 @@ class _Verification:
     def __call__(self, ctx: PassContext) -> PassResult:
         self.check(ctx)
         return PassResult(False)
+
+
+@dataclass
+class AttributePass:
+    """A step after slicing that brings attributes in line with the tensors (``update``);
+    nothing to do when no group is pruned."""
+
+    name: str
+    update: Callable[[PassContext], None]
+
+    def __call__(self, ctx: PassContext) -> PassResult:
+        if not ctx.prunes:
+            return PassResult(False)
+        self.update(ctx)
+        return PassResult(True)

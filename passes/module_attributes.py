@@ -19,12 +19,10 @@ sliced tensors, and replace modules that cannot express the new shapes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from graphprune.modules import PrunedMultiheadAttention
-from graphprune.passes.base import PassContext, PassResult
+from graphprune.passes.base import PassContext
 
 
 def _constant(ctx: PassContext, module: str, argument: str) -> int | None:
@@ -184,17 +182,3 @@ def _update_mha(ctx: PassContext, path: str, module: nn.MultiheadAttention) -> N
         ("head_dim", inner // heads),
     ]:
         _set(ctx, path, module, attr, value)
-
-
-@dataclass
-class UpdateModuleAttributes:
-    """The module attributes that describe sliced tensors (in/out_channels, groups,
-    num_features, normalized_shape, num_heads, ...) take the tensors' new sizes."""
-
-    name: str = "module_attributes"
-
-    def __call__(self, ctx: PassContext) -> PassResult:
-        if not ctx.prunes:
-            return PassResult(False)
-        update_module_attributes(ctx)
-        return PassResult(True)

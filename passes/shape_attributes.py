@@ -11,11 +11,10 @@ re-captures the model and compares every constant.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 from graphprune.analysis.provenance import AttrKey, resolve_holder
-from graphprune.passes.base import PassContext, PassResult
+from graphprune.passes.base import PassContext
 
 
 def _describe(path: str, name: str) -> str:
@@ -45,17 +44,3 @@ def write_attributes(ctx: PassContext, values: dict[AttrKey, int]) -> None:
 
 def update_shape_attributes(ctx: PassContext) -> None:
     write_attributes(ctx, ctx.attributes)
-
-
-@dataclass
-class UpdateShapeAttributes:
-    """Int attributes that produce shape constants (``self.n_head``) take the values the
-    resolution chose for them."""
-
-    name: str = "shape_attributes"
-
-    def __call__(self, ctx: PassContext) -> PassResult:
-        if not ctx.prunes:
-            return PassResult(False)
-        update_shape_attributes(ctx)
-        return PassResult(True)
