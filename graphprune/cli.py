@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphprune.advise import advise, default_candidates, plot_advice
 from graphprune.analysis import analyze
 from graphprune.analysis.macs import count_macs, count_params, si
 from graphprune.compile import compile
@@ -25,6 +26,7 @@ from graphprune.io import write_text_atomic
 from graphprune.models import ALL
 from graphprune.onnx import export_onnx
 from graphprune.onnx.export import export
+from graphprune.onnx.runtimes import get_runtime
 from graphprune.onnx.sparse_report import measure_sparsity
 from graphprune.planning.plan import GRANULARITIES, Plan
 from graphprune.report import report
@@ -286,6 +288,50 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def random_batches(inputs: tuple[torch.Tensor, ...], count: int, seed: int) -> list[Any]:
+    """``count`` batches shaped like ``inputs``: normal floats, integers in the inputs' range
+    (token ids) -- calibration for a model the CLI built with random weights."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype.is_floating_point:
+            return torch.randn(t.shape, generator=generator, dtype=t.dtype)
+        high = max(int(t.max()) + 1, 2)
+        return torch.randint(0, high, t.shape, generator=generator, dtype=t.dtype)
+
+    return [tuple(like(t) for t in inputs) for _ in range(count)]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
+    runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())
+    first = next((r for r in runtimes if get_runtime(r).available()), "onnxruntime")
+    candidates = default_candidates(
+        latency_targets=_floats(args.latency_targets), sparsities=_floats(args.sparsities),
+        runtime=first, threads=args.threads, two_four=not args.no_2_4,
+    )  # fmt: skip
+    out = Path(args.out)
+    advice = advise(
+        model, inputs, calibration=random_batches(inputs, args.calibration_batches, seed=1),
+        runtimes=runtimes, threads=args.threads, budget_s=args.budget_s, candidates=candidates,
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), runs=args.runs,
+        out=out, tolerance=args.tolerance,
+    )  # fmt: skip
+    print(advice.table())
+    advice.save_json(out / "advice.json")
+    written = [out / "advice.json"]
+    try:
+        written.append(plot_advice(advice, out / "advice.png", title=f"advise {args.model}"))
+    except ImportError:  # matplotlib is the plots extra
+        print("no plot: pip install 'graphprune[plots]' (matplotlib)", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in written) + f" and the ONNX files in {out}/")
+    return 0
+
+
 def _cmd_list(_: argparse.Namespace) -> int:
 
     width = max(len(n) for n in ALL)
@@ -350,6 +396,29 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--min-channels", type=int, help="never keep fewer channels in a layer")
     p.add_argument("--ignore", action="append", metavar="GLOB", help="module glob to keep")
+
+
+def _advise_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "advise",
+        help="build every kind of pruning of MODEL (one-shot), export, verify and time each on "
+        "the runtimes; tables, Pareto front and a recommendation",
+    )
+    _model_args(p)
+    p.add_argument("--runtimes", default="onnxruntime,openvino", help="comma-separated")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget-s", type=float, default=900.0, help="time budget in seconds")
+    p.add_argument("--latency-targets", default="0.75,0.5,0.35",
+                   help="structured candidates: fractions of the original latency")  # fmt: skip
+    p.add_argument("--sparsities", default="0.5,0.75,0.9", help="unstructured candidates")
+    p.add_argument("--no-2-4", action="store_true", help="no 2:4 candidate")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
+    p.add_argument("--runs", type=int, default=30, help="interleaved runs at batch 1")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="random batches like the example input (a quarter held back)")  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=0.01, help="quality loss accepted")
+    p.add_argument("--out", default="out/advise", help="folder for the files and advice")
+    p.set_defaults(run=_cmd_advise)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="also write the compact ONNX model here")
     p.add_argument("--json", help="also write the report as JSON here")
     p.set_defaults(run=_cmd_sparsity)
+
+    _advise_parser(sub)
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(run=_cmd_list)

@@ -232,6 +232,7 @@ class LatencyOutcome(DictView):
     table_ops_cached: int
     table_seconds: float
     seconds: float
+    runtime: str = "onnxruntime"  # where it was measured (Plan.latency_runtime)
 
     @property
     def measured(self) -> float:
@@ -250,7 +251,7 @@ class LatencyOutcome(DictView):
         base = self.original_ms
         measured = ", ".join(f"{r.measured:.3f}" for r in self.rounds)
         return (
-            f"latency (onnxruntime, measured): target {self.target:.3f} of {base:.3f} ms, "
+            f"latency ({self.runtime}, measured): target {self.target:.3f} of {base:.3f} ms, "
             f"predicted {self.predicted:.3f}, measured {self.measured:.3f} "
             f"({self.measured * base:.3f} ms), round {self.chosen + 1} of {len(self.rounds)} "
             f"(measured: {measured}); tables: {self.table_ops_measured} ops timed in "

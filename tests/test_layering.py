@@ -42,7 +42,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [  # in pipeline order; longest pref
     ("records", ("graphprune.report", "graphprune.record")),
     ("stages", ("graphprune.stages",)),
     ("driver", ("graphprune.compile",)),
-    ("workflows", ("graphprune.serialize", "graphprune.finetune")),
+    ("workflows", ("graphprune.serialize", "graphprune.finetune", "graphprune.advise")),
     ("interface", ("graphprune.cli", "graphprune.models")),
 ]
 RANK = {prefix: i for i, (_, prefixes) in enumerate(STAGES) for prefix in prefixes}

@@ -15,6 +15,7 @@ import graphprune as gp
 from graphprune.finetune import schedule_ratios
 from graphprune.finetune.plots import plot_accuracy_vs_speedup, plot_kept_channels
 from graphprune.models import MODELS
+from tests.digits import digits_cnn
 from tests.equivalence import outputs
 
 
@@ -122,45 +123,6 @@ def test_pruner_chains_records_so_load_replays_every_step(tmp_path: Path) -> Non
 
 
 # -- BatchNorm recalibration on real data -----------------------------------------------------
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    return images, torch.tensor(digits.target)
-
-
-def _digits_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    images, labels = _digits()
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1400], order[1400:]
-    torch.manual_seed(0)
-
-    def block(i: int, o: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()
-        )
-
-    model = nn.Sequential(
-        block(1, 32),
-        block(32, 32),
-        nn.MaxPool2d(2),
-        block(32, 64),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    model.train()
-    for _ in range(4):
-        for i in range(0, 1400, 64):
-            idx = train[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
-            opt.step()
-    return model.eval(), images, labels, test
-
-
 def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
@@ -168,7 +130,7 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
 
 
 def test_recalibration_restores_accuracy_after_pruning() -> None:
-    model, images, labels, test = _digits_cnn()
+    model, images, labels, test = digits_cnn()
     assert _accuracy(model, images[test], labels[test]) > 95.0
     pruned = gp.compile(model, gp.Plan(ratio=0.5, importance="l1"), (images[:2],))
     stale = _accuracy(pruned, images[test], labels[test])
@@ -244,7 +206,7 @@ def test_group_lasso_is_the_sum_of_coupled_channel_norms() -> None:
 
 
 def test_group_lasso_training_shrinks_whole_channels() -> None:
-    model, images, labels, test = _digits_cnn()
+    model, images, labels, test = digits_cnn()
     x = (images[:2],)
     reg = gp.GroupLasso(model, x, strength=5e-3)
     before = torch.cat(reg.channel_norms(model))

@@ -10,7 +10,7 @@ from graphprune.io import write_atomic
 from graphprune.report import CompileReport
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never opens a window
@@ -19,18 +19,18 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     suffix = path.suffix.lstrip(".") or "png"
     write_atomic(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120, bbox_inches="tight"))
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_kept_channels(report: CompileReport, path: str | Path, title: str = "") -> Path:
     """Per layer (pruning unit): output channels (or heads) kept vs total, as horizontal bars;
     per group for reports without units."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [(u.name, u.kept * u.multiplier, u.total * u.multiplier) for u in report.units] or [
         (g.name.replace(".weight", ""), g.kept, g.total) for g in report.groups
     ]
@@ -44,7 +44,7 @@ def plot_kept_channels(report: CompileReport, path: str | Path, title: str = "")
     ax.set_xlabel("output channels")
     ax.legend(loc="lower right")
     ax.set_title(title or f"kept channels per layer (MACs kept {report.macs_ratio:.2f})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_speedup(
@@ -55,7 +55,7 @@ def plot_accuracy_vs_speedup(
 ) -> Path:
     """``points``: (label, measured speed-up, accuracy %); labels sharing the text before
     ' @' are drawn as one series (e.g. 'fine-tuned @0.5')."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[tuple[float, float, str]]] = {}
     for label, speedup, accuracy in points:
@@ -75,4 +75,4 @@ def plot_accuracy_vs_speedup(
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

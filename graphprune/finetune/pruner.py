@@ -93,7 +93,9 @@ class Pruner:
         target = plan.ratio if plan.target_macs is None else 1.0 - plan.target_macs
         self._latency_ms0 = 0.0
         if plan.targets_latency:  # steps keep a scheduled share of the original's latency
-            _, self._latency_ms0 = measure_ratio(model, model, example_inputs, plan.latency_threads)
+            _, self._latency_ms0 = measure_ratio(
+                model, model, example_inputs, plan.latency_threads, runtime=plan.latency_runtime
+            )
             keep = plan.target_latency or (plan.target_latency_ms or 0.0) / self._latency_ms0
             target = 1.0 - keep
         self.ratios = schedule_ratios(target or 0.0, steps, schedule)
@@ -149,8 +151,9 @@ class Pruner:
         if plan.targets_latency:  # this step's share of the original latency, as a fraction
             budget = (1.0 - ratio) * self._latency_ms0  # of the current model's
             _, current = measure_ratio(
-                self.model, self.model, self.example_inputs, plan.latency_threads
-            )
+                self.model, self.model, self.example_inputs, plan.latency_threads,
+                runtime=plan.latency_runtime,
+            )  # fmt: skip
             if budget >= 0.98 * current:
                 return self.model  # the schedule's step is met already
             return self._compile(

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from torch import nn
 
 from graphprune.analysis.macs import count_macs, count_params, si
@@ -133,9 +132,10 @@ class ExportReport:
 
 
 def make_feeds(example_inputs: ExampleInputs, names: list[str]) -> Any:
-    """``(session, batch) -> feeds`` built from the example inputs' shapes and dtypes."""
+    """``(loaded, batch) -> feeds`` built from the example inputs' shapes and dtypes (for an
+    onnxruntime session or any :class:`graphprune.onnx.runtimes.Loaded` model)."""
 
-    def build(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    def build(sess: Any, batch: int) -> dict[str, np.ndarray]:
         sets = input_sets(example_inputs, names, random=1, other_batch=batch)
         tensors = sets.get(f"batch {batch}", sets["random 1"])
         return feeds(sess, names, tensors)

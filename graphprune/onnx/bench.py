@@ -1,10 +1,11 @@
-"""Latency of a baseline and a pruned ONNX model in onnxruntime, measured side by side.
+"""Latency of a baseline and a pruned ONNX model, measured side by side in one runtime.
 
-Both sessions live in one process with the same thread count; runs alternate A B, B A, ... so
-drift (thermal, other load) hits both equally; after a warm-up the median and p90 of each are
-reported. speedup = t_baseline / t_pruned, next to the ideal speedup MACs_baseline / MACs_pruned
-(efficiency = speedup / ideal). Memory is the process RSS growth while a session is created and
-first run, a proxy for its footprint.
+Both models live in one process, loaded by one :mod:`graphprune.onnx.runtimes` runtime
+(onnxruntime by default) with the same thread count; runs alternate A B, B A, ... so drift
+(thermal, other load) hits both equally; after a warm-up the median and p90 of each are
+reported. speedup = t_baseline / t_pruned, next to the ideal speedup MACs_baseline /
+MACs_pruned (efficiency = speedup / ideal). Memory is the process RSS growth while a model is
+loaded and first run, a proxy for its footprint.
 """
 
 from __future__ import annotations
@@ -16,13 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
-
-from graphprune.onnx.runtime import denormals_flushed, session
+from graphprune.onnx.runtime import denormals_flushed
+from graphprune.onnx.runtimes import Feeds, Loaded, Runtime, get_runtime, load_checked
 from graphprune.timing import interleaved_samples
-
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass
@@ -124,7 +121,7 @@ def interleaved(
 def benchmark(
     baseline: str | Path,
     pruned: str | Path,
-    make_feeds: Callable[[ort.InferenceSession, int], Feeds],
+    make_feeds: Callable[[Loaded, int], Feeds],
     *,
     batch_sizes: tuple[int, ...] = (1, 16),
     threads: int = 2,
@@ -132,16 +129,19 @@ def benchmark(
     runs: int = 50,
     ideal_speedup: float | None = None,
     labels: tuple[str, str] = ("baseline", "pruned"),
+    runtime: Runtime | None = None,
 ) -> BenchReport:
-    """Interleaved latency of two models; ``make_feeds(session, batch)`` builds the inputs."""
+    """Interleaved latency of two models in ``runtime`` (default onnxruntime's CPU provider);
+    ``make_feeds(loaded, batch)`` builds the inputs."""
+    runtime = runtime or get_runtime("onnxruntime")
     memory = []
     sessions = []
     for path in (baseline, pruned):
         before = _rss_mb()
-        sess = session(path, threads)
-        sess.run(None, make_feeds(sess, batch_sizes[0]))
+        loaded = load_checked(runtime, path, threads)
+        loaded.run(make_feeds(loaded, batch_sizes[0]))
         memory.append(_rss_mb() - before)
-        sessions.append(sess)
+        sessions.append(loaded)
     report = BenchReport(
         threads,
         runs,
@@ -151,12 +151,13 @@ def benchmark(
         memory[0],
         memory[1],
         labels=labels,
+        runtime=f"{runtime.name} {runtime.version()} CPU",
     )
     a, b = sessions
     for batch in batch_sizes:
         fa, fb = make_feeds(a, batch), make_feeds(b, batch)
-        run_a = functools.partial(a.run, None, fa)
-        run_b = functools.partial(b.run, None, fb)
+        run_a = functools.partial(a.run, fa)
+        run_b = functools.partial(b.run, fb)
         la, lb = interleaved(run_a, run_b, warmup=warmup, runs=runs)
         report.results.append(BatchResult(batch, la, lb))
     return report

@@ -1,4 +1,5 @@
-"""Latency tables: how long one Linear/Conv takes in onnxruntime at a given input/output width.
+"""Latency tables: how long one Linear/Conv takes in a runtime (onnxruntime by default, or any
+of :mod:`graphprune.onnx.runtimes`) at a given input/output width.
 
 Each timed layer is exported on its own as a one-node ONNX graph (``Conv`` or ``Gemm``, random
 weights, the layer's real input shape and attributes) and timed in the session configuration of
@@ -14,7 +15,7 @@ and is cached on disk. What single ops miss (norms, activations, adds, attention
 kernels) is corrected by measuring the real pruned model (:mod:`graphprune.stages.latency`).
 
 The cache is one JSON file (``$GRAPHPRUNE_CACHE_DIR`` or ``~/.cache/graphprune``,
-``latency-tables.json``), keyed by CPU model, onnxruntime version, threads and the op's full
+``latency-tables.json``), keyed by CPU model, runtime and its version, threads and the op's full
 signature and shapes; it is written atomically.
 """
 
@@ -30,20 +31,25 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.io import write_text_atomic
-from graphprune.onnx.runtime import denormals_flushed, session
+from graphprune.onnx.runtime import denormals_flushed
+from graphprune.onnx.runtimes import Runtime, get_runtime, load_checked
 from graphprune.planning.latency.tables import LayerTable, OpShape, TableSpec
 from graphprune.progress import track
 from graphprune.timing import interleaved_samples
 
 
-def op_key(op: OpShape, cin: int, cout: int, threads: int) -> str:
-    """The cache key of ``op`` at these widths: CPU, onnxruntime version, threads, signature."""
+def op_key(op: OpShape, cin: int, cout: int, threads: int, runtime: Runtime | None = None) -> str:
+    """The cache key of ``op`` at these widths: CPU, runtime and version, threads, signature."""
+    runtime = runtime or get_runtime("onnxruntime")
+    which = (
+        {"ort": runtime.version()} if runtime.name == "onnxruntime"  # the keys before runtimes
+        else {"runtime": runtime.name, "version": runtime.version()}
+    )  # fmt: skip
     return json.dumps(
-        {"cpu": cpu_name(), "ort": ort.__version__, "threads": threads, "op": op.kind,
+        {"cpu": cpu_name(), **which, "threads": threads, "op": op.kind,
          "rows": op.rows, "kernel": op.kernel, "stride": op.stride, "pads": op.pads,
          "dilation": op.dilation, "groups": op.groups, "depthwise": op.depthwise,
          "in": cin, "out": cout},
@@ -102,9 +108,11 @@ def cache_path() -> Path:
 
 
 class LatencyCache:
-    """Seconds per op key, read from and written back to :func:`cache_path`."""
+    """Seconds per op key, read from and written back to :func:`cache_path`; the ops are
+    timed in ``runtime`` (a name in :data:`graphprune.onnx.runtimes.RUNTIMES`)."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, runtime: str = "onnxruntime") -> None:
+        self.runtime = get_runtime(runtime)
         self.path = path or cache_path()
         self.entries: dict[str, float] = {}
         if self.path.exists():
@@ -119,7 +127,7 @@ class LatencyCache:
     def tables(
         self, specs: Sequence[TableSpec], threads: int, progress: bool = True
     ) -> dict[str, LayerTable]:
-        """:class:`graphprune.planning.latency.tables.TableSource`: onnxruntime's tables."""
+        """:class:`graphprune.planning.latency.tables.TableSource`: this runtime's tables."""
         return measure_tables(specs, threads, self, progress)
 
     def save(self) -> None:
@@ -127,19 +135,21 @@ class LatencyCache:
         write_text_atomic(self.path, json.dumps(self.entries, indent=0, sort_keys=True))
 
 
-def _median_run(model: onnx.ModelProto, x: np.ndarray, threads: int) -> float:
+def _median_run(
+    model: onnx.ModelProto, x: np.ndarray, threads: int, runtime: Runtime | None = None
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "op.onnx"
         onnx.save(model, path)
-        sess = session(path, threads)
+        loaded = load_checked(runtime or get_runtime("onnxruntime"), path, threads)
     feeds = {"x": x}
     samples = interleaved_samples(
-        {"op": lambda: sess.run(None, feeds)}, warmup=WARMUP, repeats=REPEATS
+        {"op": lambda: loaded.run(feeds)}, warmup=WARMUP, repeats=REPEATS
     )
     return float(np.median(samples["op"]))
 
 
-def call_overhead(threads: int) -> float:
+def call_overhead(threads: int, runtime: Runtime | None = None) -> float:
     """Seconds of ``session.run`` on a one-node graph that does no work (Identity of one
     float): what every single-op measurement pays and a node inside a model does not."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
@@ -147,13 +157,20 @@ def call_overhead(threads: int) -> float:
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "noop", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return _median_run(model, np.zeros(1, np.float32), threads)
+    return _median_run(model, np.zeros(1, np.float32), threads, runtime)
 
 
-def time_op(op: OpShape, cin: int, cout: int, threads: int, overhead: float = 0.0) -> float:
+def time_op(
+    op: OpShape,
+    cin: int,
+    cout: int,
+    threads: int,
+    overhead: float = 0.0,
+    runtime: Runtime | None = None,
+) -> float:
     """Median seconds of ``op`` at these widths, less the call ``overhead`` (never below a
     tenth of the raw time)."""
-    raw = _median_run(op_graph(op, cin, cout), op_inputs(op, cin), threads)
+    raw = _median_run(op_graph(op, cin, cout), op_inputs(op, cin), threads, runtime)
     return max(raw - overhead, 0.1 * raw)
 
 
@@ -173,24 +190,28 @@ def measure_tables(
         for cin, cout in (zip(outs, outs, strict=True) if op.depthwise else
                           ((i, o) for i in ins for o in outs))
     ]  # fmt: skip
-    keyed = {(op_key(op, i, o, threads), op, i, o) for op, i, o in points}
+    runtime = cache.runtime
+    keyed = {(op_key(op, i, o, threads, runtime), op, i, o) for op, i, o in points}
     missing = sorted(keyed, key=lambda t: t[0])
     missing = [m for m in missing if m[0] not in cache.entries]
     cache.hits += len(points) - len(missing)
     if missing:
         start = time.perf_counter()
-        overhead = call_overhead(threads)
-        for key, op, cin, cout in track(missing, "measuring latency tables", progress):
-            cache.entries[key] = time_op(op, cin, cout, threads, overhead)
+        overhead = call_overhead(threads, runtime)
+        label = f"measuring latency tables ({runtime.name})"
+        for key, op, cin, cout in track(missing, label, progress):
+            cache.entries[key] = time_op(op, cin, cout, threads, overhead, runtime)
             cache.measured += 1
         cache.seconds += time.perf_counter() - start
         cache.save()
     tables = {}
     for name, op, ins, outs in todo:
         if op.depthwise:
-            secs = np.array([[cache.entries[op_key(op, o, o, threads)]] for o in outs])
+            secs = np.array([[cache.entries[op_key(op, o, o, threads, runtime)]] for o in outs])
             tables[name] = LayerTable(name, outs, outs, secs, depthwise=True)
         else:
-            secs = np.array([[cache.entries[op_key(op, i, o, threads)] for o in outs] for i in ins])
+            secs = np.array(
+                [[cache.entries[op_key(op, i, o, threads, runtime)] for o in outs] for i in ins]
+            )
             tables[name] = LayerTable(name, ins, outs, secs)
     return tables

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -50,10 +50,14 @@ def session(
 
 
 def feeds(
-    sess: ort.InferenceSession, names: list[str], tensors: list[torch.Tensor]
+    sess: ort.InferenceSession | Any, names: list[str], tensors: list[torch.Tensor]
 ) -> dict[str, np.ndarray]:
-    """Map our input tensors onto the session's inputs (by name, in order)."""
-    expected = [i.name for i in sess.get_inputs()]
+    """Map our input tensors onto the inputs of ``sess`` (an onnxruntime session, or any
+    loaded model with ``input_names``), by name, in order."""
+    if isinstance(sess, ort.InferenceSession):
+        expected = [i.name for i in sess.get_inputs()]
+    else:
+        expected = list(sess.input_names)
     by_name = dict(zip(names, tensors, strict=True))
     return {n: by_name[n].detach().cpu().numpy() for n in expected}
 

@@ -29,6 +29,7 @@ MIN_OPSET = 18  # BitwiseAnd
 
 
 STORAGES = ("bitmask", "auto")
+PACKED_TYPES = (TensorProto.FLOAT, TensorProto.INT8)  # fp32 weights; int8 quantized weights
 
 
 @dataclass
@@ -80,7 +81,8 @@ def pack_sparse_weights(
     min_elements: int = 1024,
     storage: str = "auto",
 ) -> PackingReport:
-    """Rewrite ``model`` in place: every float32 initializer with at least ``min_sparsity``
+    """Rewrite ``model`` in place: every float32 (or int8: a quantized model's weights, whose
+    zero point is 0) initializer with at least ``min_sparsity``
     zeros and ``min_elements`` elements, where it is smaller, becomes values + bitmask + a
     decode subgraph producing the same tensor name (``storage="bitmask"``), or whichever of
     that and an ONNX sparse tensor is smaller (``"auto"``)."""
@@ -91,14 +93,14 @@ def pack_sparse_weights(
     decode_nodes: list[onnx.NodeProto] = []
     keep: list[onnx.TensorProto] = []
     for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT or np.prod(init.dims) < min_elements:
+        if init.data_type not in PACKED_TYPES or np.prod(init.dims) < min_elements:
             keep.append(init)
             continue
         w = numpy_helper.to_array(init)
         mask = w.ravel() != 0
         sparsity = 1.0 - mask.mean()
         nnz = int(mask.sum())
-        size, kind = storage_choice(w.size, nnz, storage)
+        size, kind = storage_choice(w.size, nnz, storage, w.itemsize)
         if sparsity < min_sparsity or size >= w.nbytes:
             keep.append(init)
             continue
@@ -129,8 +131,8 @@ def _decoder(
     inits = [
         numpy_helper.from_array(np.packbits(mask), f"{p}_mask"),  # (ceil(n/8),) uint8
         numpy_helper.from_array(
-            np.concatenate([[0.0], w.ravel()[mask]]).astype(np.float32), f"{p}_values"
-        ),  # (nnz + 1,): slot 0 holds the zero
+            np.concatenate([np.zeros(1, w.dtype), w.ravel()[mask]]), f"{p}_values"
+        ),  # (nnz + 1,) in the weight's dtype: slot 0 holds the zero
         numpy_helper.from_array(np.arange(7, -1, -1, dtype=np.uint8), f"{p}_shifts"),
         numpy_helper.from_array(np.array([1], dtype=np.uint8), f"{p}_one"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), f"{p}_axis1"),
@@ -163,7 +165,7 @@ def _sparse_constant(name: str, w: np.ndarray, mask: np.ndarray) -> onnx.NodePro
     output as the dense tensor ``name`` -- the typed, checker-clean form of a sparse
     initializer (a graph.sparse_initializer fed to a dense op fails strict type inference)."""
     indices = np.flatnonzero(mask).astype(np.int64)  # (nnz,) linear indices, ascending
-    values = numpy_helper.from_array(w.ravel()[indices].astype(np.float32), f"{name}__values")
+    values = numpy_helper.from_array(w.ravel()[indices], f"{name}__values")
     sparse = helper.make_sparse_tensor(
         values, numpy_helper.from_array(indices, f"{name}__indices"), list(w.shape)
     )

@@ -21,6 +21,7 @@ STRUCTURED = ("channels", "heads", "layers")
 SPARSE = ("unstructured", "n:m", "block")  # masks on weights: storage, not dense speed
 GRANULARITIES = STRUCTURED + SPARSE
 IMPORTANCES = ("l1", "l2", "bn_scale", "random", "taylor", "fisher", "hessian", "fpgm", "wanda")
+LATENCY_RUNTIMES = ("onnxruntime", "openvino")  # :data:`graphprune.onnx.runtimes.RUNTIMES`
 NONFINITE = ("error", "rank")  # what to do with NaN/inf scores the weights do not explain
 SPARSE_IMPORTANCES = ("l1", "l2", "random", "taylor", "fisher", "hessian", "wanda")
 
@@ -37,7 +38,9 @@ class Plan:
     target_macs: instead of ``ratio``, the fraction of MACs to keep, in (0, 1].
     target_latency: instead, the fraction of the original's measured onnxruntime latency to
         keep, in (0, 1) (batch from the example inputs, ``latency_threads`` threads); or
-        ``target_latency_ms``, an absolute budget on this machine. Channels only: per-layer
+        ``target_latency_ms``, an absolute budget on this machine; measured in
+        ``latency_runtime`` ("onnxruntime", or "openvino" where installed: plan for the runtime
+        you deploy on, their kernels differ). Channels only: per-layer
         widths are allocated from measured latency tables, then the compiled model is measured
         and corrected (see :mod:`graphprune.stages.latency`).
     scope: "local" (the same ratio in every group) or "global" (channels ranked across groups by
@@ -80,6 +83,7 @@ class Plan:
     target_latency: float | None = None
     target_latency_ms: float | None = None
     latency_threads: int = 2
+    latency_runtime: str = "onnxruntime"
     scope: str = "local"
     importance: str | Callable[..., Any] = "l2"
     granularity: str = "channels"
@@ -182,6 +186,10 @@ class Plan:
             )
         if self.latency_threads < 1:
             raise PlanError("latency_threads must be >= 1")
+        if self.latency_runtime not in LATENCY_RUNTIMES:
+            raise PlanError(
+                f"latency_runtime={self.latency_runtime!r}; use one of {LATENCY_RUNTIMES}"
+            )
 
     @property
     def targets_latency(self) -> bool:
@@ -395,6 +403,7 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target_latency": (lambda v: v is None or _number(v), "a number in (0, 1) or None"),
     "target_latency_ms": (lambda v: v is None or _number(v), "a number of milliseconds or None"),
     "latency_threads": (_integer, "an int >= 1"),
+    "latency_runtime": (lambda v: isinstance(v, str), f"one of {LATENCY_RUNTIMES}"),
     "scope": (lambda v: isinstance(v, str), f"one of {SCOPES}"),
     "importance": (lambda v: isinstance(v, str) or callable(v), "a criterion name or a callable"),
     "granularity": (lambda v: isinstance(v, str), f"one of {GRANULARITIES}"),

@@ -26,6 +26,7 @@ from graphprune.onnx import make_feeds
 from graphprune.onnx.bench import benchmark
 from graphprune.onnx.export import export, input_names
 from graphprune.onnx.op_latency import LatencyCache
+from graphprune.onnx.runtimes import get_runtime
 from graphprune.planning.importance import LossFn
 from graphprune.planning.latency.allocate import allocate, cost_model, overrides_for
 from graphprune.planning.plan import Plan, PlanError
@@ -43,6 +44,7 @@ def measure_ratio(
     example_inputs: ExampleInputs,
     threads: int,
     runs: int = RUNS,
+    runtime: str = "onnxruntime",
 ) -> tuple[float, float]:
     """Measured latency of ``pruned`` over ``original`` and the original's milliseconds:
     ``BLOCKS`` blocks of ``runs`` interleaved runs (batch of the example inputs) on the same two
@@ -58,7 +60,8 @@ def measure_ratio(
         batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
         feeds = make_feeds(example_inputs, input_names(original, example_inputs))
         report = benchmark(
-            paths[0], paths[1], feeds, batch_sizes=(batch,) * BLOCKS, threads=threads, runs=runs
+            paths[0], paths[1], feeds, batch_sizes=(batch,) * BLOCKS, threads=threads, runs=runs,
+            runtime=get_runtime(runtime),
         )
     ratios = [r.pruned.median_ms / r.baseline.median_ms for r in report.results]
     return float(np.median(ratios)), float(
@@ -94,11 +97,12 @@ def compile_to_latency(
     """Allocate, compile, measure, correct (module docstring). Returns the chosen model, the
     concrete per-unit plan it was compiled with, and the outcome."""
     start = time.perf_counter()
-    cache = LatencyCache()
+    cache = LatencyCache(runtime=plan.latency_runtime)
     batches = calibration if calibration is not None else [example_inputs]
     costs = cost_model(model, plan, example_inputs, batches, loss_fn, cache, progress)
     threads = plan.latency_threads
-    _, original_ms = measure_ratio(model, model, example_inputs, threads)
+    runtime = plan.latency_runtime
+    _, original_ms = measure_ratio(model, model, example_inputs, threads, runtime=runtime)
     target = plan.target_latency or (plan.target_latency_ms or 0.0) / original_ms
     if target >= 1.0:
         raise PlanError(
@@ -123,7 +127,9 @@ def compile_to_latency(
         pruned = compile_fn(
             model, concrete, example_inputs, calibration=calibration, loss_fn=loss_fn
         )
-        measured, original_ms = measure_ratio(model, pruned, example_inputs, threads)
+        measured, original_ms = measure_ratio(
+            model, pruned, example_inputs, threads, runtime=runtime
+        )
         macs = report(pruned).macs_ratio
         rounds.append(LatencyRound(budget, costs.ratio(kept), measured, macs))
         candidates.append((pruned, concrete))
@@ -133,7 +139,7 @@ def compile_to_latency(
     chosen = min(range(len(rounds)), key=lambda r: abs(rounds[r].measured / target - 1))
     outcome = LatencyOutcome(
         target, original_ms, rounds, chosen, cache.measured, cache.hits, cache.seconds,
-        time.perf_counter() - start,
+        time.perf_counter() - start, runtime,
     )  # fmt: skip
     pruned, concrete = candidates[chosen]
     return pruned, concrete, outcome
