@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from graphprune.advise import Advice, advise
 from graphprune.analysis import DependencyGraph, Group, Member, analyze
 from graphprune.capture import LabelledBatch, capture
 from graphprune.compile import compile
@@ -19,6 +20,7 @@ from graphprune.stages.sparse import finalize
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
     "AnalysisError",
     "CaptureError",
     "CompileReport",
@@ -39,6 +41,7 @@ __all__ = [
     "StepRecord",
     "VerificationError",
     "__version__",
+    "advise",
     "analyze",
     "capture",
     "compile",

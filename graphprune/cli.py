@@ -28,7 +28,7 @@ from graphprune.onnx import export_onnx
 from graphprune.onnx.export import export
 from graphprune.onnx.runtimes import get_runtime
 from graphprune.onnx.sparse_report import measure_sparsity
-from graphprune.planning.plan import GRANULARITIES, Plan
+from graphprune.planning.plan import GRANULARITIES, LATENCY_RUNTIMES, Plan
 from graphprune.report import report
 from graphprune.serialize import load, save
 from graphprune.stages.sparse import finalize
@@ -105,6 +105,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         "target_macs": args.target_macs,
         "target_latency": args.target_latency,
         "target_latency_ms": args.target_latency_ms,
+        "latency_runtime": args.latency_runtime,
         "scope": args.scope,
         "importance": args.importance,
         "granularity": args.granularity,
@@ -358,6 +359,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--target-latency-ms", type=float, help="absolute onnxruntime latency budget instead"
+    )
+    p.add_argument(
+        "--latency-runtime",
+        choices=list(LATENCY_RUNTIMES),
+        help="the runtime latency targets are measured in (default onnxruntime)",
     )
     p.add_argument("--scope", choices=["local", "global"])
     p.add_argument("--importance", help="l1, l2, bn_scale, random, taylor, fisher, fpgm, wanda")

@@ -13,6 +13,7 @@ import graphprune as gp
 from graphprune.cli import build_parser, plan_from_args
 from graphprune.models.cnn import BasicBlock, ResNet
 from graphprune.onnx.op_latency import LatencyCache, cpu_name
+from graphprune.onnx.runtimes import RUNTIMES, get_runtime
 from graphprune.planning.latency.allocate import (
     CostModel,
     PrunableUnit,
@@ -22,6 +23,7 @@ from graphprune.planning.latency.allocate import (
     cost_model,
 )
 from graphprune.planning.latency.tables import LayerTable, OpShape
+from graphprune.planning.plan import LATENCY_RUNTIMES
 from graphprune.planning.units import Unit
 
 
@@ -132,6 +134,36 @@ def test_plan_validation_and_cli_flags() -> None:
     assert parsed.target_latency == 0.5 and parsed.ratio is None
     args = build_parser().parse_args(["compile", "resnet18", "--target-latency-ms", "3"])
     assert plan_from_args(args).target_latency_ms == 3.0
+    with pytest.raises(gp.PlanError, match="latency_runtime='tensorrt'"):
+        gp.Plan(target_latency=0.5, latency_runtime="tensorrt")
+    args = build_parser().parse_args(
+        ["compile", "resnet18", "--target-latency", "0.5", "--latency-runtime", "openvino"]
+    )
+    assert plan_from_args(args).latency_runtime == "openvino"
+    assert tuple(RUNTIMES) == LATENCY_RUNTIMES  # the plan knows every runtime there is
+
+
+@pytest.mark.skipif(not get_runtime("openvino").available(), reason="openvino not installed")
+def test_latency_tables_and_targets_in_openvino(cache_dir: Any) -> None:
+    """The same plan, planned and measured in OpenVINO: its own tables (cache keys name the
+    runtime), its own measured rounds."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # wide enough that compute, not call overhead, is timed
+        torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048),
+        torch.nn.ReLU(), torch.nn.Linear(2048, 10),
+    ).eval()  # fmt: skip
+    x = torch.randn(32, 512)
+    plan = gp.Plan(target_latency=0.7, latency_runtime="openvino")
+    cache = LatencyCache(runtime="openvino")
+    costs = cost_model(model, plan, x, [x], None, cache, progress=False)
+    assert cache.measured > 0 and len(costs.layers) == 3
+    keys = [json.loads(k) for k in json.loads((cache_dir / "latency-tables.json").read_text())]
+    assert keys and all(k["runtime"] == "openvino" and "ort" not in k for k in keys)
+    pruned = gp.compile(model, plan, x)
+    lat = gp.report(pruned).latency
+    assert lat is not None and lat.runtime == "openvino"
+    assert "latency (openvino, measured)" in gp.report(pruned).table()
+    assert 0 < lat.measured < 1.0 and gp.report(pruned).macs_ratio < 0.9
 
 
 def test_pruner_steps_end_at_the_latency_target(
@@ -151,12 +183,17 @@ def test_pruner_steps_end_at_the_latency_target(
     model, x = _resnet()
     pruner = gp.Pruner(model, gp.Plan(target_latency=0.75), x, steps=2, progress=False)
     planned: list[tuple[gp.Plan, float]] = []  # each step's plan, with the ms it was given for
-    compile_step = pruner._compile
+    compile_step, prune_step = pruner._compile, pruner._prune_to
+    currents: list[float] = []  # the current model's ms each step used (the last one measured)
     monkeypatch.setattr(
         pruner, "_compile", lambda p: planned.append((p, measured[-1])) or compile_step(p)
     )
+    monkeypatch.setattr(
+        pruner, "_prune_to", lambda *a: (prune_step(*a), currents.append(measured[-1]))[0]
+    )
     final = pruner.run()
-    assert len(pruner.history) == 2 and planned
+    # the first step prunes the original, timed once at the start: it always compiles
+    assert len(pruner.history) == 2 and planned and planned[0][1] == measured[0]
     # each step asks for its scheduled share of the *original's* latency, as a fraction of the
     # model it prunes; the last share is the target, 0.75
     budgets = [(1 - r) * pruner._latency_ms0 for r in pruner.ratios]
@@ -164,8 +201,8 @@ def test_pruner_steps_end_at_the_latency_target(
     for plan, current in planned:
         assert any(plan.target_latency * current == pytest.approx(b) for b in budgets)
     # a step that did not compile found its budget met already (within the 2 % it allows) by
-    # its own measurement of the current model (measured[0] is the original's, at the start)
-    currents = measured[1 : 1 + len(budgets)]
+    # the measurement of the current model; each model is timed once
+    assert len(measured) == 2  # the original at the start, then step 0's model in step 1
     for budget, current in zip(budgets, currents, strict=True):
         if not any(plan.target_latency * c == pytest.approx(budget) for plan, c in planned):
             assert 0.98 * current <= budget

@@ -153,6 +153,8 @@ def _run(
             rows.append(row)
     finally:
         model.train(was_training)
+        for probe in setting.probes.values():
+            probe.close()
     return rows
 
 

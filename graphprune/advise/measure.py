@@ -4,7 +4,8 @@ Per candidate: the pruned torch model (or the one of the candidate it builds on)
 ONNX and verified against torch (fp32; a wrong pruned model is an error, never a row); int8
 candidates quantized from that verified file (static QDQ, calibrated) and, with compact
 storage, their int8 weights packed; then on every runtime: latency at each batch size side by
-side with the original (interleaved, same process, same threads), memory at session start;
+side with the original (interleaved, same process, same threads), memory at session start
+(peak RSS of a fresh process, :mod:`graphprune.advise.memory`);
 file size; quality through the file itself (:mod:`graphprune.advise.quality`).
 """
 
@@ -15,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import onnx
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from graphprune.advise.candidates import Candidate
+from graphprune.advise.memory import MemoryProbe
 from graphprune.advise.quality import (
     Evaluate,
     OnnxModule,
@@ -50,7 +53,7 @@ class RuntimeResult:
     runtime: str
     latency_ms: dict[int, float] = field(default_factory=dict)  # batch -> median ms
     original_ms: dict[int, float] = field(default_factory=dict)  # the original, same run
-    memory_mb: float = 0.0  # RSS growth while the model is loaded and first run
+    memory_mb: float | None = None  # peak RSS to load and run it once (a fresh process)
     error: str | None = None  # the runtime could not load or run this file
 
     def speedup(self, batch: int) -> float | None:
@@ -101,6 +104,7 @@ class Setting:
     evaluate: Evaluate | None
     higher_is_better: bool
     workdir: Path
+    probes: dict[str, MemoryProbe] = field(default_factory=dict)  # runtime -> its probe
 
 
 @dataclass
@@ -145,6 +149,8 @@ def write_file(candidate: Candidate, model: nn.Module, setting: Setting, row: Ro
     names = report.exported.input_names
     feeds = calibration_feeds(setting.example_inputs, names, setting.calibration)
     quantize(path, int8, "static", feeds)
+    for step in (path, path.with_name(path.name + ".data")):  # the fp32 file on the way:
+        step.unlink(missing_ok=True)  # only the int8 file is measured and kept
     if candidate.compact:  # int8 weights with many zeros: values + bitmask
         proto = onnx.load(str(int8))
         if pack_sparse_weights(proto, storage="auto").weights:
@@ -186,8 +192,9 @@ def time_on(runtime: Runtime, file: Path, original: Original, setting: Setting) 
         timed = report.results[0]
         result.latency_ms[batch] = timed.pruned.median_ms
         result.original_ms[batch] = timed.baseline.median_ms
-        if i == 0:
-            result.memory_mb = report.pruned_memory_mb
+    probe = setting.probes.get(runtime.name)
+    if probe is not None:
+        result.memory_mb = probe.memory_mb(file)
     return result
 
 
@@ -229,7 +236,11 @@ def prepare_original(model: nn.Module, setting: Setting) -> Original:
     path = setting.workdir / "original.onnx"
     report = export_onnx(model, setting.example_inputs, path)
     reference = outputs_of(model, setting.held_out)
-    return Original(model, path, report.exported.input_names, reference)
+    names = report.exported.input_names
+    inputs = make_feeds(setting.example_inputs, names)(SimpleNamespace(input_names=names), 1)
+    for runtime in setting.runtimes:  # batch-1 memory per runtime, in fresh processes
+        setting.probes[runtime.name] = MemoryProbe(runtime.name, inputs, setting.threads)
+    return Original(model, path, names, reference)
 
 
 def runtime_names(rows: Sequence[Row]) -> list[str]:

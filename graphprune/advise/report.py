@@ -117,7 +117,9 @@ class Advice:
     # -- the recommendation ------------------------------------------------------------------
     def _quality_text(self, row: Row) -> str:
         q = row.quality
-        return "quality not measured" if q is None or q.value is None else f"{q.name} {q.value:.4g}"
+        if q is None or q.value is None:
+            return "quality not measured"
+        return f"{q.name} {q.value:#.4g}"
 
     def _latency_advice(self, runtime: str) -> str:
         batch = self.batch_sizes[0]
@@ -227,7 +229,10 @@ class Advice:
             f"{self._quality_name()}; {self.seconds:.0f} s of a {self.budget_s:.0f} s budget"
         ]
         for rt in self.runtimes:
-            lines += ["", f"latency on {rt} (speed-up = original / candidate, timed side by side)"]
+            lines += ["", f"latency on {rt}: ms = the candidate's median; speed-up = original / "
+                      "candidate, timed side by side in one run (drift between runs cancels); "
+                      "mem = peak RSS to load and run at batch 1 (fresh process), less that of "
+                      "a one-op model"]
             lines += self._latency_table(rt)
         lines += ["", "file size (storage, not speed)"]
         lines += self._size_table()
@@ -263,7 +268,8 @@ class Advice:
             for b in batches:
                 ms, s = timed.latency_ms.get(b), timed.speedup(b)
                 cells += f" {ms:>9.3f} {s:>6.2f}x" if ms and s else f" {'-':>9} {'-':>7}"
-            lines.append(f"{cells} {timed.memory_mb:>7.1f}")
+            memory = "-" if timed.memory_mb is None else f"{timed.memory_mb:.1f}"
+            lines.append(f"{cells} {memory:>7}")
         return lines
 
     def _size_table(self) -> list[str]:
@@ -303,7 +309,7 @@ class Advice:
 def _q(quality: Quality | None) -> str:
     if quality is None:
         return "-"
-    return "error" if quality.value is None else f"{quality.value:.4g}"
+    return "error" if quality.value is None else f"{quality.value:#.4g}"  # 1.000, not 1
 
 
 def _err(quality: Quality | None) -> str:

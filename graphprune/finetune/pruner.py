@@ -98,6 +98,7 @@ class Pruner:
             )
             keep = plan.target_latency or (plan.target_latency_ms or 0.0) / self._latency_ms0
             target = 1.0 - keep
+        self._measured: tuple[nn.Module, float] = (model, self._latency_ms0)
         self.ratios = schedule_ratios(target or 0.0, steps, schedule)
         self._units0 = self._units(model) if self._exact_groups else {}
         self._blocks0 = (
@@ -144,16 +145,27 @@ class Pruner:
             loss_fn=self.loss_fn,
         )
 
+    def _current_latency_ms(self) -> float:
+        """The current model's latency; measured once per model (a step that found its budget
+        met keeps the model, and the first step's model is the original, timed at the start:
+        timing it again would only add noise)."""
+        model, ms = self._measured
+        if model is not self.model:
+            plan = self.plan
+            _, ms = measure_ratio(
+                self.model, self.model, self.example_inputs, plan.latency_threads,
+                runtime=plan.latency_runtime,
+            )  # fmt: skip
+            self._measured = (self.model, ms)
+        return ms
+
     def _prune_to(self, step: int, ratio: float) -> nn.Module:
         plan = self.plan
         if plan.is_sparse:
             return self._mask_to(step, ratio)
         if plan.targets_latency:  # this step's share of the original latency, as a fraction
             budget = (1.0 - ratio) * self._latency_ms0  # of the current model's
-            _, current = measure_ratio(
-                self.model, self.model, self.example_inputs, plan.latency_threads,
-                runtime=plan.latency_runtime,
-            )  # fmt: skip
+            current = self._current_latency_ms()
             if budget >= 0.98 * current:
                 return self.model  # the schedule's step is met already
             return self._compile(

@@ -9,8 +9,9 @@ flushed to zero (in ORT, and in torch while it computes the reference outputs).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -65,6 +66,18 @@ def feeds(
 def _flushing() -> bool:
     """Whether torch flushes subnormal floats now (torch has no getter: a subnormal probe)."""
     return bool((torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() == 0.0)
+
+
+@contextlib.contextmanager
+def float_state_kept() -> Iterator[None]:
+    """Put the thread's subnormal-flushing mode back as it was on leaving: some runtimes
+    (OpenVINO's CPU plugin) set FTZ/DAZ on the calling thread and leave it set, which would
+    change every later float computation of the user's process."""
+    before = _flushing()
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def denormals_flushed(fn: Callable[P, R]) -> Callable[P, R]:

@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from graphprune.errors import GraphPruneError, InputError
-from graphprune.onnx.runtime import session
+from graphprune.onnx.runtime import float_state_kept, session
 
 Feeds = dict[str, np.ndarray]
 
@@ -91,9 +91,20 @@ class _OpenVinoModel:
     input_names: list[str]
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
-        result = self.request.infer(feeds)
+        with float_state_kept():  # OpenVINO leaves FTZ/DAZ set on the calling thread
+            result = self.request.infer(feeds)
         # copies: the request reuses its output buffers on the next call
         return [np.array(result[out], copy=True) for out in self.outputs]
+
+
+def openvino_config(threads: int) -> dict[str, Any]:
+    """The CPU plugin's settings for honest timing (JSON-able: memory probes reuse them)."""
+    return {
+        "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": "f32",  # bf16 on CPUs with it would change outputs
+        "PERFORMANCE_HINT": "LATENCY",  # one stream: one request at a time, as timed
+        "CPU_DENORMALS_OPTIMIZATION": True,  # flush subnormals, as onnxruntime does
+    }
 
 
 class OpenVinoCPU:
@@ -113,14 +124,10 @@ class OpenVinoCPU:
             )
         import openvino as ov  # optional extra: imported only when asked for
 
-        config = {
-            "INFERENCE_NUM_THREADS": threads,
-            "INFERENCE_PRECISION_HINT": "f32",  # bf16 on CPUs with it would change outputs
-            "PERFORMANCE_HINT": "LATENCY",  # one stream: one request at a time, as timed
-            "CPU_DENORMALS_OPTIMIZATION": True,  # flush subnormals, as onnxruntime does
-        }
+        config = openvino_config(threads)
         try:
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            with float_state_kept():  # compiling sets FTZ/DAZ on this thread and leaves it
+                compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as exc:  # read or compile failure: unsupported op, bad file
             reason = " ".join(str(exc).split())[:400]
             raise RuntimeLoadError(
