@@ -77,6 +77,7 @@ class Row:
     runtimes: dict[str, RuntimeResult] = field(default_factory=dict)
     fp32_max_abs: float | None = None  # exported file vs torch (verified)
     int8_max_abs: float | None = None  # int8 file vs fp32 torch (reported, not a pass/fail)
+    int8_float_nodes: dict[str, str] = field(default_factory=dict)  # kept float, and why
     seconds: float = 0.0
     pareto: dict[str, bool] = field(default_factory=dict)  # objective -> on the front
 
@@ -148,7 +149,7 @@ def write_file(candidate: Candidate, model: nn.Module, setting: Setting, row: Ro
     int8 = path.with_name(f"{path.stem}.int8.onnx")
     names = report.exported.input_names
     feeds = calibration_feeds(setting.example_inputs, names, setting.calibration)
-    quantize(path, int8, "static", feeds)
+    row.int8_float_nodes = quantize(path, int8, "static", feeds).kept_float
     for step in (path, path.with_name(path.name + ".data")):  # the fp32 file on the way:
         step.unlink(missing_ok=True)  # only the int8 file is measured and kept
     if candidate.compact:  # int8 weights with many zeros: values + bitmask

@@ -329,5 +329,6 @@ def _row_dict(row: Row) -> dict[str, Any]:
         "quality": asdict(row.quality) if row.quality else None,
         "runtimes": {k: asdict(v) for k, v in row.runtimes.items()},
         "fp32_max_abs": row.fp32_max_abs, "int8_max_abs": row.int8_max_abs,
+        "int8_float_nodes": row.int8_float_nodes,
         "seconds": row.seconds, "pareto": row.pareto,
     }  # fmt: skip

@@ -37,6 +37,7 @@ class ExportReport:
     baseline_verification: Verification | None = None  # the original model's own export
     quantized: Path | None = None
     quantized_bytes: int = 0
+    quantized_float: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> why
     quantized_verification: Verification | None = None
     latency: BenchReport | None = None
     layout: Layout | None = None  # convs in onnxruntime's blocked layout, pruned model
@@ -67,6 +68,7 @@ class ExportReport:
             "baseline_verification": v(self.baseline_verification),
             "quantized": str(self.quantized) if self.quantized else None,
             "quantized_bytes": self.quantized_bytes,
+            "quantized_float": self.quantized_float,
             "quantized_verification": v(self.quantized_verification),
             "latency": self.latency.to_dict() if self.latency else None,
             "layout": self.layout.to_dict() if self.layout else None,
@@ -106,6 +108,12 @@ class ExportReport:
             )
         if self.quantized:
             lines.append(f"int8 model: {self.quantized} ({self.quantized_bytes / 1e6:.2f} MB)")
+            if self.quantized_float:
+                first = next(iter(self.quantized_float.items()))
+                lines.append(
+                    f"  kept in float: {len(self.quantized_float)} nodes whose calibrated range "
+                    f"int8 cannot hold (e.g. {first[0]}: {first[1]})"
+                )
         if self.baseline_params:
             lines.append(
                 f"params {si(self.baseline_params)} -> {si(self.params)}, MACs "
@@ -280,7 +288,8 @@ def _quantize(
     exported = report.exported
     path, names_in = exported.path, exported.input_names
     int8 = path.with_name(f"{path.stem}.int8.onnx")
-    quantize_onnx(path, int8, mode, calibration_feeds(example_inputs, names_in, calibration))
+    feeds = calibration_feeds(example_inputs, names_in, calibration)
+    report.quantized_float = quantize_onnx(path, int8, mode, feeds).kept_float
     report.quantized, report.quantized_bytes = int8, int8.stat().st_size
     report.quantized_verification = verify_int8(
         model, int8, example_inputs, names_in, exported.output_names, exported.dynamic_batch
