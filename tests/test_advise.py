@@ -290,7 +290,7 @@ def test_int8_weights_with_zeros_pack_exactly(tmp_path: Path) -> None:
     x = torch.randn(8, 64)
     export(model, x, tmp_path / "m.onnx")
     int8 = quantize(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", "static",
-                    [{"input": torch.randn(8, 64).numpy()} for _ in range(4)])  # fmt: skip
+                    [{"input": torch.randn(8, 64).numpy()} for _ in range(4)]).path  # fmt: skip
     proto = onnx.load(str(int8))
     report = pack_sparse_weights(proto, storage="auto")
     assert len(report.weights) == 2

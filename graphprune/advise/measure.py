@@ -137,21 +137,33 @@ def build(
     return finalize(pruned) if is_masked(pruned) else pruned
 
 
-def write_file(candidate: Candidate, model: nn.Module, setting: Setting, row: Row) -> Path:
+def write_file(
+    candidate: Candidate, model: nn.Module, setting: Setting, original: Original, row: Row
+) -> Path:
     """Export (verified fp32), then quantize and pack as the candidate says; the file to
-    measure."""
+    measure. int8 of the original quantizes the original's verified export (no second one)."""
     path = setting.workdir / f"{slug(candidate.name)}.onnx"
+    if candidate.int8 and candidate.plan is None and candidate.base is None:
+        return _int8(candidate, original.file, original.input_names, setting, row, keep=True)
     storage = "auto" if candidate.compact and not candidate.int8 else None
     report = export_onnx(model, setting.example_inputs, path, sparse_storage=storage)
     row.fp32_max_abs = report.verification.max_abs if report.verification else None
     if not candidate.int8:
         return path
-    int8 = path.with_name(f"{path.stem}.int8.onnx")
-    names = report.exported.input_names
+    return _int8(candidate, path, report.exported.input_names, setting, row, keep=False)
+
+
+def _int8(
+    candidate: Candidate, fp32: Path, names: list[str], setting: Setting, row: Row, keep: bool
+) -> Path:
+    """Static int8 of ``fp32`` (calibrated; nodes kept float noted), packed when compact; the
+    fp32 file is removed unless ``keep`` (only the int8 file is measured)."""
+    int8 = setting.workdir / f"{slug(candidate.name)}.int8.onnx"
     feeds = calibration_feeds(setting.example_inputs, names, setting.calibration)
-    row.int8_float_nodes = quantize(path, int8, "static", feeds).kept_float
-    for step in (path, path.with_name(path.name + ".data")):  # the fp32 file on the way:
-        step.unlink(missing_ok=True)  # only the int8 file is measured and kept
+    row.int8_float_nodes = quantize(fp32, int8, "static", feeds).kept_float
+    if not keep:
+        for step in (fp32, fp32.with_name(fp32.name + ".data")):
+            step.unlink(missing_ok=True)
     if candidate.compact:  # int8 weights with many zeros: values + bitmask
         proto = onnx.load(str(int8))
         if pack_sparse_weights(proto, storage="auto").weights:
@@ -178,11 +190,11 @@ def time_on(runtime: Runtime, file: Path, original: Original, setting: Setting) 
     result = RuntimeResult(runtime.name)
     feeds = make_feeds(setting.example_inputs, original.input_names)
     for i, batch in enumerate(setting.batch_sizes):
-        runs = setting.runs if i == 0 else max(5, setting.runs // 3)  # larger batches: fewer
+        runs = setting.runs if i == 0 else max(5, setting.runs // 4)  # larger batches: fewer
         try:
             report: BenchReport = benchmark(
                 original.file, file, feeds, batch_sizes=(batch,), threads=setting.threads,
-                warmup=3 if i else 10, runs=runs, runtime=runtime,
+                warmup=2 if i else 10, runs=runs, runtime=runtime,
             )  # fmt: skip
         except RuntimeLoadError as exc:
             result.error = str(exc)
@@ -219,7 +231,9 @@ def measure(
         built[candidate.name] = model
         row.params, row.macs = count_params(model), count_macs(model, setting.example_inputs)
         file = (
-            original.file if candidate.is_reference else write_file(candidate, model, setting, row)
+            original.file
+            if candidate.is_reference
+            else write_file(candidate, model, setting, original, row)
         )
         row.file, row.file_bytes = file, file_bytes(file)
         row.quality = quality_of(file, setting, original, row)

@@ -407,8 +407,8 @@ def sparsegpt(
         rows = 0
         with torch.no_grad():
             for x in layer_inputs(model, name, batches):
-                a = input_rows(module, x).double()
-                h += a.T @ a
+                a = input_rows(module, x).float()  # (rows, columns)
+                h += (a.T @ a).double()  # one batch in float32 (SparseGPT's own), summed in double
                 rows += a.shape[0]
         perm = nm_columns(weight) if adaptive == "n:m" else torch.arange(columns)
         w = weight.detach().reshape(weight.shape[0], -1).double()[:, perm]
