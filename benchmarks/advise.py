@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(ROOT))
 
 from accuracy import digits, train  # noqa: E402
-from oneshot import perplexity, stdlib_corpus, windows  # noqa: E402
+from oneshot import perplexity, stdlib_corpus, train_gpt, windows  # noqa: E402
 
-import graphprune as gp  # noqa: E402
 from graphprune.advise import advise, plot_advice  # noqa: E402
 from graphprune.io import write_text_atomic  # noqa: E402
 from graphprune.models.cnn import BasicBlock, ResNet  # noqa: E402
@@ -66,20 +65,7 @@ def gpt_case(args: argparse.Namespace) -> dict[str, Any]:
     train_bytes, val_bytes, _ = stdlib_corpus(12_000_000)
     torch.manual_seed(0)
     model = GPT(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=192)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=args.steps, pct_start=0.1)
-    model.train()
-    for step in gp.progress.track(range(args.steps), "training GPT"):
-        batch = windows(train_bytes, 32, 128, seed=step)
-        loss = nn.functional.cross_entropy(
-            model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()
-        )
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
+    train_gpt(model, train_bytes, args.steps)
     val = windows(val_bytes, 32, 128, seed=123456)
 
     def val_perplexity(m: nn.Module) -> float:

@@ -150,6 +150,22 @@ def perplexity(model: nn.Module, val: torch.Tensor) -> float:
     return math.exp(float(torch.stack(losses).mean()))
 
 
+def train_gpt(model: nn.Module, train_bytes: torch.Tensor, steps: int) -> None:
+    """AdamW, one-cycle schedule, ``steps`` batches of 32 x 128-byte windows; left in eval."""
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step in gp.progress.track(range(steps), "training GPT"):
+        batch = windows(train_bytes, 32, 128, seed=step)
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+
+
 def gpt_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     train_bytes, val_bytes, files = stdlib_corpus(args.corpus_mb * 1_000_000)
     torch.manual_seed(0)
@@ -159,19 +175,8 @@ def gpt_part(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"\nGPT: {params / 1e6:.2f} M params; stdlib corpus: {files} files, "
         f"{len(train_bytes) / 1e6:.1f} MB train / {len(val_bytes) / 1e6:.1f} MB validation"
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=args.steps, pct_start=0.1)
     start = time.perf_counter()
-    model.train()
-    for step in range(args.steps):
-        batch = windows(train_bytes, 32, 128, seed=step)
-        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
+    train_gpt(model, train_bytes, args.steps)
     val = windows(val_bytes, 64, 128, seed=123456)
     dense_ppl = perplexity(model, val)
     print(f"trained {args.steps} steps of 32 x 128 bytes in {time.perf_counter() - start:.0f} s; "

@@ -87,11 +87,8 @@ def denormals_flushed(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        before = _flushing()
-        torch.set_flush_denormal(True)
-        try:
+        with float_state_kept():
+            torch.set_flush_denormal(True)
             return fn(*args, **kwargs)
-        finally:
-            torch.set_flush_denormal(before)
 
     return wrapper
