@@ -15,6 +15,7 @@ from graphprune.analysis import analyze
 from graphprune.cli import main as cli_main
 from graphprune.models.cnn import BasicBlock, ResNet
 from graphprune.models.transformers import GPT
+from graphprune.oneshot import calibration
 from graphprune.oneshot.reconstruct import Statistics
 from graphprune.planning.importance import score_groups
 
@@ -212,6 +213,73 @@ def test_sparsegpt_unstructured_counts_and_conv_n_m(gpt: Any, cnn: Any) -> None:
             groups = mask.reshape(mask.shape[0], -1, 4)
         assert (groups.sum(-1) == 2).all(), name
     assert all(f.error_after <= f.error_before for f in gp.report(nm).reconstruction)
+
+
+@pytest.mark.parametrize("case", ["gpt", "cnn"])
+def test_sparsegpt_in_one_forward_equals_a_forward_per_layer(
+    case: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacked batches run once (each layer pruned in its pre-hook) give the masks and
+    weights of the per-layer forwards: the same sequential SparseGPT, L forwards fewer."""
+    model, x, calib = request.getfixturevalue(case)
+    plan = gp.Plan(granularity="unstructured", ratio=0.5, reconstruct=True)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        stacked = gp.compile(model, plan, x, calibration=calib)
+        one_forward = len(forwards)
+        forwards.clear()
+        monkeypatch.setattr(calibration, "STACK_BYTES", 0)  # too large to stack: per layer
+        per_layer = gp.compile(model, plan, x, calibration=calib)
+    finally:
+        hook.remove()
+    layers = len(gp.report(per_layer).reconstruction)
+    assert len(forwards) - one_forward >= (layers - 1) * len(calib)  # L x batches forwards
+    a, b = _masks(stacked), _masks(per_layer)
+    assert a.keys() == b.keys() and len(a) >= 4
+    for name in a:
+        agree = float((a[name] == b[name]).float().mean())
+        assert agree > 0.99, (name, agree)  # float32 Hessians of other row sums: ties may flip
+    fits_a = {f.module: f for f in gp.report(stacked).reconstruction}
+    for f in gp.report(per_layer).reconstruction:
+        assert fits_a[f.module].rows == f.rows
+        assert fits_a[f.module].error_after == pytest.approx(f.error_after, rel=0.05, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["gpt", "cnn"])
+def test_refit_in_lockstep_equals_a_forward_per_layer(
+    case: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Structured reconstruction with the original and the pruned model run side by side
+    once (the original one layer ahead, in a worker thread) fits what a forward per layer
+    and batch fits."""
+    model, x, calib = request.getfixturevalue(case)
+    plan = gp.Plan(ratio=0.5, importance="wanda", reconstruct=True)
+    lockstep = gp.compile(model, plan, x, calibration=calib)
+    monkeypatch.setattr(calibration, "STACK_BYTES", 0)
+    per_layer = gp.compile(model, plan, x, calibration=calib)
+    fits = {f.module: f for f in gp.report(lockstep).reconstruction}
+    assert len(fits) >= 4 and fits.keys() == {f.module for f in gp.report(per_layer).reconstruction}
+    for f in gp.report(per_layer).reconstruction:
+        got = fits[f.module]
+        assert (got.method, got.rows) == (f.method, f.rows), f.module
+        assert got.error_after == pytest.approx(f.error_after, rel=1e-3, abs=1e-9, nan_ok=True)
+    torch.testing.assert_close(
+        _outputs(lockstep, calib), _outputs(per_layer, calib), rtol=1e-3, atol=1e-4
+    )
+
+
+def test_stack_batches() -> None:
+    a, b = torch.randn(2, 3), torch.randn(5, 3)
+    stacked = calibration.stack_batches([a, b])
+    assert isinstance(stacked, tuple) and torch.equal(stacked[0], torch.cat([a, b]))
+    kw = calibration.stack_batches([{"x": a, "flag": True}, {"x": b, "flag": True}])
+    assert isinstance(kw, dict) and kw["flag"] is True and kw["x"].shape == (7, 3)
+    assert calibration.stack_batches([a, torch.randn(2, 4)]) is None  # other widths
+    assert calibration.stack_batches([{"x": a, "n": 1}, {"x": b, "n": 2}]) is None
+    assert calibration.stack_batches([(a, torch.randn(3, 3)), (a, torch.randn(3, 3))]) is None
+    one = calibration.stack_batches([a])  # one batch: itself
+    assert isinstance(one, tuple) and one[0] is not None and torch.equal(one[0], a)
 
 
 def test_sparse_pruner_steps_keep_masks_nested(gpt: Any) -> None:

@@ -7,23 +7,40 @@ A layer's input is read as the rows its weight matrix multiplies (``rows @ W.T``
   order of ``weight.reshape(out, -1)`` (channel-major), L = output positions.
 
 :func:`input_norms` (Wanda's ||x_j|| per input channel; conv channels over batch and positions)
-hooks every layer at once: O(in) memory per layer. :func:`layer_inputs` runs the model only up
-to one layer -- the forward stops there -- and yields that layer's input batch by batch, so
-the sequential passes of reconstruction hold one layer's statistics at a time.
+hooks every layer at once: O(in) memory per layer. Sequential passes (each layer sees the
+activations of the model as changed so far) take one of two routes:
+
+* :func:`in_one_forward` -- the calibration batches stacked into one batch and run once; each
+  layer is visited in a pre-hook, *before* it runs, so a change to its weights is what the
+  rest of the forward sees. One forward in all, when the batches stack and their activations
+  fit (``STACK_BYTES``).
+* :func:`in_lockstep` -- the same for two models at once (the original and the pruned model,
+  for reconstruction targets): the original runs in a worker thread at most one layer ahead.
+* :func:`layer_inputs` -- otherwise: the model runs up to one layer -- the forward stops
+  there -- and that layer's input is yielded batch by batch (a forward per layer and batch).
+
+Either way only one layer's statistics are alive at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils import _pytree as pytree
 
-from graphprune.capture import own_thread, run_eval
-from graphprune.errors import InputError
+from graphprune.capture import normalize_inputs, own_thread, run_eval
+from graphprune.errors import GraphPruneError, InputError
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+STACK_BYTES = 1 << 29  # the largest layer input of the stacked batches, at most (512 MiB)
 
 
 class _Reached(BaseException):
@@ -127,22 +144,32 @@ def layer_inputs(model: nn.Module, name: str, batches: Sequence[Any]) -> Iterato
         yield seen[0]
 
 
-def call_order(
-    model: nn.Module, names: Iterable[str], batch: Any
-) -> tuple[list[str], dict[str, int]]:
-    """The named layers in the order one forward first calls them, and how often each is
-    called (a layer called twice -- a shared module -- cannot be refit for one input)."""
+@dataclass
+class CallOrder:
+    """The named layers in the order one forward first calls them, how often each is called (a
+    layer called twice -- a shared module -- cannot be refit for one input), and the largest
+    input one of them reads (bytes, for this batch)."""
+
+    order: list[str]
+    calls: dict[str, int]
+    largest_input: int
+
+
+def call_order(model: nn.Module, names: Iterable[str], batch: Any) -> CallOrder:
+    """One forward of ``batch`` with a counting pre-hook on every named layer."""
     wanted = set(names)
-    order: list[str] = []
-    calls: dict[str, int] = {}
+    found = CallOrder([], {}, 0)
     handles = []
     for name, module in model.named_modules():
         if name in wanted:
 
-            def count(_: nn.Module, __: Any, name: str = name) -> None:
-                calls[name] = calls.get(name, 0) + 1
-                if calls[name] == 1:
-                    order.append(name)
+            def count(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                found.calls[name] = found.calls.get(name, 0) + 1
+                if found.calls[name] == 1:
+                    found.order.append(name)
+                if args and isinstance(args[0], Tensor):
+                    size = args[0].numel() * args[0].element_size()
+                    found.largest_input = max(found.largest_input, size)
 
             handles.append(module.register_forward_pre_hook(own_thread(count)))
     try:
@@ -150,4 +177,190 @@ def call_order(
     finally:
         for h in handles:
             h.remove()
-    return order, calls
+    return found
+
+
+def stack_batches(batches: Sequence[Any]) -> Any | None:
+    """The batches as one, every tensor concatenated along dim 0 (args as a tuple, keyword
+    inputs as a dict), or None when they do not stack: different structures, non-tensor values
+    that differ, or tensors whose dim 0 is not each batch's one batch size."""
+    flat = [pytree.tree_flatten(normalize_inputs(b)) for b in batches]
+    spec = flat[0][1]
+    if any(s != spec for _, s in flat):
+        return None
+    columns = list(zip(*(leaves for leaves, _ in flat), strict=True))
+    for leaves, _ in flat:
+        sizes = {t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0}
+        if len(sizes) != 1 or any(isinstance(t, Tensor) and t.dim() == 0 for t in leaves):
+            return None
+    joined = []
+    for column in columns:
+        if not isinstance(column[0], Tensor):
+            if any(v is not column[0] and v != column[0] for v in column):
+                return None
+            joined.append(column[0])
+            continue
+        if any(t.shape[1:] != column[0].shape[1:] or t.dtype != column[0].dtype for t in column):
+            return None
+        joined.append(torch.cat(column))
+    args, kwargs = pytree.tree_unflatten(joined, spec)
+    return tuple(args) if args or not kwargs else dict(kwargs)
+
+
+Visit = Callable[[str, nn.Module, Tensor], None]
+
+
+def in_one_forward(
+    model: nn.Module, order: CallOrder, batches: Sequence[Any], visit: Visit
+) -> bool:
+    """Call ``visit(name, layer, x)`` for every layer of ``order`` called once per forward, in
+    forward order, with its input ``x`` on all ``batches`` stacked (dim 0), before the layer
+    runs: one forward. False, visiting nothing, when the batches do not stack or their stacked
+    activations would exceed ``STACK_BYTES`` (then use :func:`layer_inputs`)."""
+    if order.largest_input * len(batches) > STACK_BYTES:
+        return False
+    stacked = stack_batches(batches)
+    if stacked is None:
+        return False
+    modules = dict(model.named_modules())
+    handles = []
+    for name in order.order:
+        if order.calls[name] == 1:
+
+            def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                visit(name, module, args[0].detach())
+
+            handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
+    try:
+        run_eval(model, stacked)
+    finally:
+        for h in handles:
+            h.remove()
+    return True
+
+
+Reference = Callable[[str, nn.Module, Tensor], Any]
+PairedVisit = Callable[[str, nn.Module, Tensor, Any], None]
+
+
+def in_lockstep(
+    original: nn.Module,
+    pruned: nn.Module,
+    order: CallOrder,
+    batches: Sequence[Any],
+    reference: Reference,
+    visit: PairedVisit,
+) -> bool:
+    """:func:`in_one_forward` on two models at once: the stacked batches run through
+    ``original`` (in a worker thread) and ``pruned`` (in this one) together. At each layer of
+    ``order`` called once, ``reference(name, layer, x)`` runs in the original's forward and
+    its result reaches ``visit(name, layer, x, result)`` in the pruned model's, before the
+    pruned layer runs (the original is at most one layer ahead). False, visiting nothing, when
+    the batches do not stack or their activations in both models would exceed ``STACK_BYTES``.
+    """
+    if 2 * order.largest_input * len(batches) > STACK_BYTES:
+        return False
+    stacked = stack_batches(batches)
+    if stacked is None:
+        return False
+    names = [n for n in order.order if order.calls[n] == 1]
+    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=_run_reference,
+        args=(original, names, stacked, reference, handoff, stop),
+        name="graphprune-reference-forward",
+        daemon=True,
+    )
+    modules = dict(pruned.named_modules())
+    handles = []
+    for name in names:
+
+        def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            reached, value = _receive(handoff, worker)
+            if reached != name:
+                raise GraphPruneError(
+                    f"the original model reached layer {reached!r} where the pruned one reached "
+                    f"{name!r}: their forwards call the layers in different orders"
+                )
+            visit(name, module, args[0].detach(), value)
+
+        handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
+    worker.start()
+    try:
+        run_eval(pruned, stacked)
+        reached, _ = _receive(handoff, worker)
+        if reached != _DONE:
+            raise GraphPruneError(f"the pruned model's forward ended before layer {reached!r}")
+    finally:
+        stop.set()
+        for h in handles:
+            h.remove()
+        worker.join()
+    return True
+
+
+_DONE, _ERROR = "\0done", "\0error"
+
+
+def _run_reference(
+    original: nn.Module,
+    names: list[str],
+    stacked: Any,
+    reference: Reference,
+    handoff: queue.Queue[tuple[str, Any]],
+    stop: threading.Event,
+) -> None:
+    """The worker of :func:`in_lockstep`: the original's forward, handing over
+    ``reference(...)`` at each named layer; its end or its error is the last item."""
+
+    def send(item: tuple[str, Any]) -> None:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+        raise _Reached  # the pruned side has stopped: abandon this forward
+
+    modules = dict(original.named_modules())
+    handles = []
+    inside: list[str] = []  # reference() may call the layer itself: no hook in there
+    for name in names:
+
+        def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            if inside:
+                return
+            inside.append(name)
+            try:
+                value = reference(name, module, args[0].detach())
+            finally:
+                inside.pop()
+            send((name, value))
+
+        handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
+    try:
+        run_eval(original, stacked)
+        send((_DONE, None))
+    except _Reached:
+        pass
+    except BaseException as exc:  # handed to the pruned side, which raises it
+        with contextlib.suppress(_Reached):
+            send((_ERROR, exc))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _receive(handoff: queue.Queue[tuple[str, Any]], worker: threading.Thread) -> tuple[str, Any]:
+    """The next item the reference forward hands over (its error raised here)."""
+    while True:
+        try:
+            reached, value = handoff.get(timeout=0.05)
+        except queue.Empty:
+            if not worker.is_alive() and handoff.empty():
+                raise GraphPruneError("the reference forward ended without a result") from None
+            continue
+        if reached == _ERROR:
+            raise value
+        return reached, value

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +42,8 @@ from graphprune.modules import stored_weight
 from graphprune.oneshot.calibration import (
     call_order,
     channel_rows,
+    in_lockstep,
+    in_one_forward,
     input_rows,
     layer_inputs,
     rows_unsupported,
@@ -178,20 +180,48 @@ def refit_consumers(
         if isinstance(m, NORMS) and m.affine and m.track_running_stats
     ]
     layers = [n for n, why in todo.items() if not why] + norms
-    order, calls = call_order(pruned, layers, batches[0])
+    found = call_order(pruned, layers, batches[0])
     fits = [LayerFit(n, "skipped", math.nan, math.nan, 0, why) for n, why in todo.items() if why]
-    for name in track(order, "reconstructing layers", progress):
-        if calls[name] != 1:
+    for name in found.order:
+        if found.calls[name] != 1:
             fits.append(
-                LayerFit(name, "skipped", math.nan, math.nan, 0, f"called {calls[name]} times "
-                         "per forward (a shared layer has no single input to fit)")
+                LayerFit(name, "skipped", math.nan, math.nan, 0, f"called {found.calls[name]} "
+                         "times per forward (a shared layer has no single input to fit)")
             )  # fmt: skip
-            continue
-        refit = _refit_norm if name in norms else _refit_layer
-        fit = refit(original, pruned, name, output_index(name), batches)
+    todo_names = [n for n in found.order if found.calls[n] == 1]
+    steps = iter(track(todo_names, "reconstructing layers", progress))
+
+    def refit(
+        name: str, module: nn.Module, pairs: Iterable[tuple[Tensor, Tensor]], by_batch: bool
+    ) -> None:
+        next(steps, None)  # advance the progress bar
+        fit = (
+            _refit_norm(module, name, pairs)
+            if name in norms
+            else _refit_layer(module, name, pairs, by_batch=by_batch)
+        )
         if fit is not None:
             fits.append(fit)
+
+    def reference(name: str, old: nn.Module, x: Tensor) -> list[Tensor]:
+        kept = output_index(name)  # the original layer's output rows, per batch's chunk
+        return [_kept(channel_rows(old(part), old), kept) for part in x.chunk(len(batches))]
+
+    def visit(name: str, new: nn.Module, x: Tensor, targets: list[Tensor]) -> None:
+        pairs = list(zip(targets, x.chunk(len(batches)), strict=True))
+        refit(name, new, pairs, len(pairs) > 1)
+
+    if not in_lockstep(original, pruned, found, batches, reference, visit):
+        for name in todo_names:
+            pairs = _targets(original, pruned, name, output_index(name), batches)
+            refit(name, pruned.get_submodule(name), pairs, len(batches) > 1)
+    for _ in steps:  # drain the bar
+        pass
     return fits
+
+
+def _kept(y: Tensor, kept: Tensor | None) -> Tensor:
+    return y if kept is None else y[:, kept]
 
 
 def _targets(
@@ -208,18 +238,14 @@ def _targets(
     for x_old, x_new in zip(old_inputs, layer_inputs(pruned, name, batches), strict=True):
         with eval_mode(old), torch.no_grad():  # a BatchNorm in train mode would update stats
             y = channel_rows(old(x_old), old)  # (rows, channels of the original)
-        yield (y if kept is None else y[:, kept]), x_new
+        yield _kept(y, kept), x_new
 
 
 def _refit_norm(
-    original: nn.Module,
-    pruned: nn.Module,
-    name: str,
-    kept: Tensor | None,
-    batches: Sequence[Any],
+    new: nn.Module, name: str, pairs: Iterable[tuple[Tensor, Tensor]]
 ) -> LayerFit | None:
-    """Per-channel least squares of a BatchNorm's weight and bias (None: nothing changed)."""
-    new = pruned.get_submodule(name)
+    """Per-channel least squares of a BatchNorm's weight and bias from (original output,
+    pruned input) pairs (None: nothing changed)."""
     assert isinstance(new, NORMS) and isinstance(new.running_mean, Tensor)
     assert isinstance(new.running_var, Tensor)
     channels = new.num_features
@@ -227,7 +253,7 @@ def _refit_norm(
     rows = 0
     with torch.no_grad():
         scale = (new.running_var.double() + new.eps).rsqrt()
-        for z, x_new in _targets(original, pruned, name, kept, batches):
+        for z, x_new in pairs:
             z = z.double()
             u = (channel_rows(x_new, new).double() - new.running_mean.double()) * scale
             sums += torch.stack([u.sum(0), (u * u).sum(0), z.sum(0), (u * z).sum(0),
@@ -259,24 +285,21 @@ def _refit_norm(
 
 
 def _refit_layer(
-    original: nn.Module,
-    pruned: nn.Module,
-    name: str,
-    kept_outputs: Tensor | None,
-    batches: Sequence[Any],
+    new: nn.Module, name: str, pairs: Iterable[tuple[Tensor, Tensor]], *, by_batch: bool
 ) -> LayerFit:
-    new = pruned.get_submodule(name)
+    """Ridge refit of one layer from (original output, pruned input) pairs, one per batch:
+    the folds are alternate batches (``by_batch``), or the two halves of the only one."""
     weight = new.weight
     assert isinstance(weight, Tensor)
     out, columns = weight.shape[0], weight[0].numel()
     has_bias = isinstance(new.bias, Tensor)
     stats = Statistics(columns + int(has_bias), out)
     with torch.no_grad():
-        for b, (y, x_new) in enumerate(_targets(original, pruned, name, kept_outputs, batches)):
+        for b, (y, x_new) in enumerate(pairs):
             a = input_rows(new, x_new)  # (rows, columns)
             if has_bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-            if len(batches) > 1:
+            if by_batch:
                 stats.add(a, y, b % 2)
             else:  # one batch: its two halves are the folds
                 for fold, (a_part, y_part) in enumerate(_split(a, y)):
@@ -384,53 +407,86 @@ def sparsegpt(
 
     ``adaptive``: "unstructured" or "n:m" chooses each layer's mask on the way (as many zeros
     as its given mask has; the n:m pattern ``nm``); None keeps the given masks. The weights of
-    ``model`` are updated (zero off the masks) and the masks that hold are returned.
+    ``model`` are updated (zero off the masks) and the masks that hold are returned. Each
+    layer's Hessian is taken on its input in the model as pruned so far: in one forward of the
+    stacked batches when they stack (each layer pruned in a pre-hook, before it runs), else
+    one forward up to each layer per batch.
     """
-    order, calls = call_order(model, list(masks), batches[0])
+    found = call_order(model, list(masks), batches[0])
     out = dict(masks)
     fits = [
         LayerFit(n, "skipped", math.nan, math.nan, 0, "not called in the forward")
         for n in masks
-        if n not in calls
+        if n not in found.calls
     ]
-    for name in track(order, "SparseGPT", progress):
-        module = model.get_submodule(name)
-        why = rows_unsupported(module) or (
-            f"called {calls[name]} times per forward" if calls[name] != 1 else ""
+    for name in found.order:
+        why = rows_unsupported(model.get_submodule(name)) or (
+            f"called {found.calls[name]} times per forward" if found.calls[name] != 1 else ""
         )
         if why:
             fits.append(LayerFit(name, "skipped", math.nan, math.nan, 0, why))
-            continue
-        weight = stored_weight(module)
-        columns = weight[0].numel()
-        h = torch.zeros(columns, columns, dtype=torch.float64)
-        rows = 0
-        with torch.no_grad():
-            for x in layer_inputs(model, name, batches):
-                a = input_rows(module, x).float()  # (rows, columns)
-                h += (a.T @ a).double()  # one batch in float32 (SparseGPT's own), summed in double
-                rows += a.shape[0]
-        perm = nm_columns(weight) if adaptive == "n:m" else torch.arange(columns)
-        w = weight.detach().reshape(weight.shape[0], -1).double()[:, perm]
-        hp = h[perm][:, perm]
-        given = masks[name].reshape(weight.shape[0], -1)[:, perm]
-        if adaptive == "unstructured":
-            new, kept = obs_prune(w, hp, zeros=int((~given).sum()))
-        elif adaptive == "n:m":
-            assert nm is not None
-            new, kept = obs_prune(w, hp, nm=nm)
-        else:
-            new, kept = obs_prune(w, hp, mask=given)
-        before = _relative_error(w, w * given, hp)
-        after = _relative_error(w, new, hp)
-        note = "mask: OBS saliency" if adaptive else "mask: as given"
-        if after > before:
-            new, kept, after = w * given, given, before
-            note = "the update would not lower the error: plain mask kept"
-        inverse = torch.argsort(perm)
-        with torch.no_grad():
-            weight.copy_(new[:, inverse].reshape(weight.shape).to(weight.dtype))
-        out[name] = kept[:, inverse].reshape(weight.shape)
-        del h, hp
-        fits.append(LayerFit(name, "sparsegpt", before, after, rows, note))
+    todo = [n for n in found.order if n not in {f.module for f in fits}]
+    pending = set(todo)
+    bar = track(todo, "SparseGPT", progress)
+    steps = iter(bar)
+
+    def prune(name: str, module: nn.Module, chunks: Iterable[Tensor]) -> None:
+        next(steps, None)  # advance the progress bar
+        kept, fit = _sparsegpt_layer(module, name, chunks, masks[name], adaptive, nm)
+        out[name] = kept
+        fits.append(fit)
+
+    def visit(name: str, module: nn.Module, x: Tensor) -> None:
+        if name in pending:  # the stacked input in per-batch chunks: unfold memory as per batch
+            prune(name, module, x.chunk(len(batches)))
+
+    if not in_one_forward(model, found, batches, visit):
+        for name in todo:
+            prune(name, model.get_submodule(name), layer_inputs(model, name, batches))
+    for _ in steps:  # drain the bar
+        pass
     return out, fits
+
+
+def _sparsegpt_layer(
+    module: nn.Module,
+    name: str,
+    inputs: Iterable[Tensor],
+    mask: Tensor,
+    adaptive: str | None,
+    nm: tuple[int, int] | None,
+) -> tuple[Tensor, LayerFit]:
+    """SparseGPT on one layer from its inputs: its weight updated in place; the mask that
+    holds and the fit."""
+    weight = stored_weight(module)
+    columns = weight[0].numel()
+    h = torch.zeros(columns, columns, dtype=torch.float64)
+    rows = 0
+    with torch.no_grad():
+        for x in inputs:
+            a = input_rows(module, x).float()  # (rows, columns)
+            h += (a.T @ a).double()  # one batch in float32 (SparseGPT's own), summed in double
+            rows += a.shape[0]
+    perm = nm_columns(weight) if adaptive == "n:m" else torch.arange(columns)
+    w = weight.detach().reshape(weight.shape[0], -1).double()[:, perm]
+    hp = h[perm][:, perm]
+    given = mask.reshape(weight.shape[0], -1)[:, perm]
+    if adaptive == "unstructured":
+        new, kept = obs_prune(w, hp, zeros=int((~given).sum()))
+    elif adaptive == "n:m":
+        assert nm is not None
+        new, kept = obs_prune(w, hp, nm=nm)
+    else:
+        new, kept = obs_prune(w, hp, mask=given)
+    before = _relative_error(w, w * given, hp)
+    after = _relative_error(w, new, hp)
+    note = "mask: OBS saliency" if adaptive else "mask: as given"
+    if after > before:
+        new, kept, after = w * given, given, before
+        note = "the update would not lower the error: plain mask kept"
+    inverse = torch.argsort(perm)
+    with torch.no_grad():
+        weight.copy_(new[:, inverse].reshape(weight.shape).to(weight.dtype))
+    return kept[:, inverse].reshape(weight.shape), LayerFit(
+        name, "sparsegpt", before, after, rows, note
+    )
