@@ -184,10 +184,12 @@ def _compile_to_latency(job: CompileJob) -> nn.Module:
         job.model, job.plan, job.example_inputs, compile_copy, calibration=batches,
         loss_fn=job.loss_fn,
     )  # fmt: skip
-    if job.inplace:  # the rounds ran on copies: rewrite the user's model with the chosen plan
+    if job.inplace or concrete.reconstruct:
+        # the rounds ran on copies, without the refit (it changes values, not shapes: the
+        # measured latency holds): compile the chosen plan once more, refit, in place if asked
         pruned = compile(
             job.model, concrete, job.example_inputs, calibration=batches, loss_fn=job.loss_fn,
-            inplace=True,
+            inplace=job.inplace, strict=job.strict,
         )  # fmt: skip
     found = report(pruned)
     found.plan = _plan_data(job.plan)

@@ -112,6 +112,41 @@ def test_compile_to_a_latency_target_reports_prediction_and_measurement(cache_di
     assert report.macs_ratio < 1.0
 
 
+def test_latency_rounds_export_the_original_once_and_refit_only_the_chosen_plan(
+    cache_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The original is exported once for every round's timing; the rounds are compiled without
+    the refit (values, not shapes: latency does not change) and only the chosen plan is
+    refit, so the result is the chosen round's shapes with reconstructed weights."""
+    from graphprune.stages import latency as latency_stage
+    from graphprune.stages import structured as structured_stage
+
+    exported: list[torch.nn.Module] = []
+    refits: list[int] = []
+    real_export, real_refit = latency_stage.export, structured_stage.refit_consumers
+    monkeypatch.setattr(
+        latency_stage, "export", lambda m, *a, **k: exported.append(m) or real_export(m, *a, **k)
+    )
+    monkeypatch.setattr(
+        structured_stage, "refit_consumers",
+        lambda *a, **k: refits.append(1) or real_refit(*a, **k),
+    )  # fmt: skip
+    model, x = _resnet()
+    calib = [torch.randn(4, 3, 64, 64) for _ in range(3)]
+    plan = gp.Plan(target_latency=0.75, importance="wanda", reconstruct=True)
+    pruned = gp.compile(model, plan, x, calibration=calib)
+    found = gp.report(pruned)
+    lat = found.latency
+    assert sum(m is model for m in exported) == 1  # the original: once
+    assert len(exported) == 1 + len(lat["rounds"])  # and each round's model
+    assert refits == [1]  # the chosen plan only
+    assert found.reconstruction and all(
+        f.error_after <= f.error_before for f in found.reconstruction if f.method != "skipped"
+    )
+    chosen = lat["rounds"][lat["chosen"]]
+    assert found.macs_ratio == pytest.approx(chosen["macs_ratio"])  # the measured shapes
+
+
 def test_unreachable_latency_names_the_best_achievable(cache_dir: Any) -> None:
     model, x = _resnet()
     with pytest.raises(gp.PlanError, match="best achievable is"):

@@ -28,7 +28,7 @@ from graphprune.onnx.export import export, input_names
 from graphprune.onnx.op_latency import LatencyCache
 from graphprune.onnx.runtimes import get_runtime
 from graphprune.planning.importance import LossFn
-from graphprune.planning.latency.allocate import allocate, cost_model, overrides_for
+from graphprune.planning.latency.allocate import CostModel, allocate, cost_model, overrides_for
 from graphprune.planning.plan import Plan, PlanError
 from graphprune.report import LatencyOutcome, LatencyRound, report
 
@@ -45,24 +45,31 @@ def measure_ratio(
     threads: int,
     runs: int = RUNS,
     runtime: str = "onnxruntime",
+    *,
+    original_file: Path | None = None,
 ) -> tuple[float, float]:
     """Measured latency of ``pruned`` over ``original`` and the original's milliseconds:
     ``BLOCKS`` blocks of ``runs`` interleaved runs (batch of the example inputs) on the same two
     sessions, the median of the blocks' median ratios (one block's ratio wanders with the
-    machine's other work; the median of several blocks much less)."""
+    machine's other work; the median of several blocks much less). ``original_file``: the
+    original's export, when the caller has it (rounds against one original export it once);
+    ``pruned is original`` times one export against itself."""
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for name, m in (("original", original), ("pruned", pruned)):
-            path = Path(tmp) / f"{name}.onnx"
-            export(m, example_inputs, path)
-            paths.append(path)
+        base = original_file
+        if base is None:
+            base = Path(tmp) / "original.onnx"
+            export(original, example_inputs, base)
+        other = base
+        if pruned is not original:
+            other = Path(tmp) / "pruned.onnx"
+            export(pruned, example_inputs, other)
         args, kwargs = normalize_inputs(example_inputs)
         batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
         feeds = make_feeds(example_inputs, input_names(original, example_inputs))
         report = benchmark(
-            paths[0], paths[1], feeds, batch_sizes=(batch,) * BLOCKS, threads=threads, runs=runs,
+            base, other, feeds, batch_sizes=(batch,) * BLOCKS, threads=threads, runs=runs,
             runtime=get_runtime(runtime),
-        )
+        )  # fmt: skip
     ratios = [r.pruned.median_ms / r.baseline.median_ms for r in report.results]
     return float(np.median(ratios)), float(
         np.median([r.baseline.median_ms for r in report.results])
@@ -94,21 +101,57 @@ def compile_to_latency(
     loss_fn: LossFn | None,
     progress: bool = True,
 ) -> tuple[nn.Module, Plan, LatencyOutcome]:
-    """Allocate, compile, measure, correct (module docstring). Returns the chosen model, the
-    concrete per-unit plan it was compiled with, and the outcome."""
+    """Allocate, compile, measure, correct (module docstring). Returns the chosen round's model,
+    the concrete per-unit plan it was compiled with, and the outcome. The rounds are compiled
+    without ``reconstruct`` (a refit changes values, not shapes, so not latency): with it, the
+    caller compiles the returned plan once more."""
     start = time.perf_counter()
     cache = LatencyCache(runtime=plan.latency_runtime)
     batches = calibration if calibration is not None else [example_inputs]
     costs = cost_model(model, plan, example_inputs, batches, loss_fn, cache, progress)
-    threads = plan.latency_threads
-    runtime = plan.latency_runtime
-    _, original_ms = measure_ratio(model, model, example_inputs, threads, runtime=runtime)
-    target = plan.target_latency or (plan.target_latency_ms or 0.0) / original_ms
-    if target >= 1.0:
-        raise PlanError(
-            f"target_latency_ms={plan.target_latency_ms} is at or above the original's measured "
-            f"{original_ms:.3f} ms: nothing needs pruning"
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "original.onnx"  # exported once, timed against every round
+        export(model, example_inputs, base)
+
+        original_ms: list[float] = []  # as each measurement found it: the last one is reported
+
+        def timed(pruned: nn.Module) -> tuple[float, float]:
+            ratio, ms = measure_ratio(
+                model, pruned, example_inputs, plan.latency_threads,
+                runtime=plan.latency_runtime, original_file=base,
+            )  # fmt: skip
+            original_ms.append(ms)
+            return ratio, ms
+
+        timed(model)
+        target = plan.target_latency or (plan.target_latency_ms or 0.0) / original_ms[0]
+        if target >= 1.0:
+            raise PlanError(
+                f"target_latency_ms={plan.target_latency_ms} is at or above the original's "
+                f"measured {original_ms[0]:.3f} ms: nothing needs pruning"
+            )
+        rounds, candidates = _rounds(model, plan, costs, target, timed, compile_fn, {
+            "example_inputs": example_inputs, "calibration": calibration, "loss_fn": loss_fn
+        })  # fmt: skip
+    chosen = min(range(len(rounds)), key=lambda r: abs(rounds[r].measured / target - 1))
+    outcome = LatencyOutcome(
+        target, original_ms[-1], rounds, chosen, cache.measured,
+        cache.hits, cache.seconds, time.perf_counter() - start, plan.latency_runtime,
+    )  # fmt: skip
+    pruned, concrete = candidates[chosen]
+    return pruned, concrete, outcome
+
+
+def _rounds(
+    model: nn.Module,
+    plan: Plan,
+    costs: CostModel,
+    target: float,
+    timed: Callable[[nn.Module], tuple[float, float]],
+    compile_fn: Callable[..., nn.Module],
+    compile_args: dict[str, Any],
+) -> tuple[list[LatencyRound], list[tuple[nn.Module, Plan]]]:
+    """Up to ``ROUNDS`` allocate-compile-measure rounds, until one is within ``TOLERANCE``."""
     budget = target
     rounds: list[LatencyRound] = []
     candidates: list[tuple[nn.Module, Plan]] = []
@@ -119,27 +162,19 @@ def compile_to_latency(
             if not rounds:
                 raise
             break  # a corrected budget beyond the floors: the rounds so far are the best
-
         concrete = dataclasses.replace(
             plan, ratio=0.0, overrides=overrides_for(costs, kept), target_latency=None,
             target_latency_ms=None, scope="local",
         )  # fmt: skip
+        args = dict(compile_args)
+        example_inputs = args.pop("example_inputs")
         pruned = compile_fn(
-            model, concrete, example_inputs, calibration=calibration, loss_fn=loss_fn
+            model, dataclasses.replace(concrete, reconstruct=False), example_inputs, **args
         )
-        measured, original_ms = measure_ratio(
-            model, pruned, example_inputs, threads, runtime=runtime
-        )
-        macs = report(pruned).macs_ratio
-        rounds.append(LatencyRound(budget, costs.ratio(kept), measured, macs))
+        measured, _ = timed(pruned)
+        rounds.append(LatencyRound(budget, costs.ratio(kept), measured, report(pruned).macs_ratio))
         candidates.append((pruned, concrete))
         if abs(measured / target - 1) <= TOLERANCE:
             break
         budget = _next_budget(rounds, target)
-    chosen = min(range(len(rounds)), key=lambda r: abs(rounds[r].measured / target - 1))
-    outcome = LatencyOutcome(
-        target, original_ms, rounds, chosen, cache.measured, cache.hits, cache.seconds,
-        time.perf_counter() - start, runtime,
-    )  # fmt: skip
-    pruned, concrete = candidates[chosen]
-    return pruned, concrete, outcome
+    return rounds, candidates
