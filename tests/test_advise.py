@@ -116,6 +116,24 @@ def _synthetic_advice(reference_ms: float = 10.0) -> Advice:
                   (1,), 2, "test CPU", 0.01, 900.0, 12.0)  # fmt: skip
 
 
+def test_budget_estimate_learns_from_measured_candidates_of_the_same_making() -> None:
+    """Before any candidate of its making ran, a candidate is expected to cost its relative
+    cost times the original's row; after, what that one took, less its one-time latency
+    tables (cached: the next target reads them)."""
+    from graphprune.advise import _estimate
+
+    plan = gp.Plan(target_latency=0.5)
+    first = Candidate("structured 75%", "structured", plan, cost=10)
+    second = Candidate("structured 50%", "structured", plan, cost=10)
+    sparse = Candidate("unstructured 50%", "unstructured", gp.Plan(ratio=0.5), compact=True)
+    assert _estimate(second, [], 20.0) == 200.0
+    done = Row(first, status="measured", seconds=260.0, setup_seconds=180.0)
+    assert _estimate(second, [done], 20.0) == pytest.approx(80.0)
+    assert _estimate(sparse, [done], 20.0) == pytest.approx(20.0)  # another making: its cost
+    failed = Row(first, status="failed", seconds=5.0)
+    assert _estimate(second, [failed], 20.0) == 200.0  # a failure says nothing about cost
+
+
 def test_pareto_marks_and_recommendation_on_a_synthetic_table() -> None:
     advice = _synthetic_advice()
     marks = {r.name: r.pareto for r in advice.rows}

@@ -49,10 +49,23 @@ def split_calibration(
     return batches or [example_inputs], [example_inputs], False
 
 
-def _estimate(candidate: Candidate, unit_s: float) -> float:
-    """Seconds a candidate is expected to take: its relative cost times the measured cost of
-    the original's own row (export, quality, timing) -- a rough guide for the budget."""
-    return candidate.cost * unit_s
+def _estimate(candidate: Candidate, rows: Sequence[Row], unit_s: float) -> float:
+    """Seconds a candidate is expected to take: what a measured candidate of the same making
+    took (less its one-time work, such as latency tables, which later ones reuse); else its
+    relative cost times the original's own row (export, quality, timing). A guide for the
+    budget, not a promise."""
+    similar = [
+        r.seconds - r.setup_seconds
+        for r in rows
+        if r.measured and _making(r.candidate) == _making(candidate)
+    ]
+    return max(similar) if similar else candidate.cost * unit_s
+
+
+def _making(c: Candidate) -> tuple[str, bool, bool, bool, bool]:
+    """What decides a candidate's cost: its kind, whether it has a plan, builds on another,
+    is quantized, is stored compactly."""
+    return c.kind, c.plan is not None, c.base is not None, c.int8, c.compact
 
 
 @serialized
@@ -141,10 +154,10 @@ def _run(
             if blocked is not None:
                 rows.append(Row(candidate, reason=f"builds on {blocked.name}, not measured"))
                 continue
-            if not candidate.is_reference and _estimate(candidate, unit_s) > left:
+            expected = _estimate(candidate, rows, unit_s)
+            if not candidate.is_reference and expected > left:
                 rows.append(Row(candidate, reason=(
-                    f"budget: expected ~{_estimate(candidate, unit_s):.0f} s, {max(left, 0):.0f}"
-                    " s left"
+                    f"budget: expected ~{expected:.0f} s, {max(left, 0):.0f} s left"
                 )))  # fmt: skip
                 continue
             row = measure(candidate, original, setting, built)
