@@ -341,7 +341,7 @@ def obs_prune(
     consecutive columns kept per row). Returns the updated weight (zero off the mask) and
     the mask.
     """
-    w, h = w.double().clone(), h.double().clone()
+    w, h = w.float().clone(), h.float().clone()  # float32, as SparseGPT itself (damped H)
     columns = w.shape[1]
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -382,9 +382,10 @@ def obs_prune(
 
 def _relative_error(w: Tensor, new: Tensor, h: Tensor) -> float:
     """||(W - W') X||^2 / ||W X||^2 from H = X^T X."""
-    delta = (w - new).double()
-    total = float((w.double() * (w.double() @ h)).sum())
-    return float((delta * (delta @ h)).sum()) / max(total, 1e-30)
+    h32, w32 = h.float(), w.float()  # float32 products, summed in double
+    delta = w32 - new.float()
+    total = float((w32 * (w32 @ h32)).sum(dtype=torch.float64))
+    return float((delta * (delta @ h32)).sum(dtype=torch.float64)) / max(total, 1e-30)
 
 
 def nm_columns(weight: Tensor) -> Tensor:
@@ -468,8 +469,8 @@ def _sparsegpt_layer(
             h += (a.T @ a).double()  # one batch in float32 (SparseGPT's own), summed in double
             rows += a.shape[0]
     perm = nm_columns(weight) if adaptive == "n:m" else torch.arange(columns)
-    w = weight.detach().reshape(weight.shape[0], -1).double()[:, perm]
-    hp = h[perm][:, perm]
+    w = weight.detach().reshape(weight.shape[0], -1).float()[:, perm]
+    hp = (h[perm][:, perm] if adaptive == "n:m" else h).float()
     given = mask.reshape(weight.shape[0], -1)[:, perm]
     if adaptive == "unstructured":
         new, kept = obs_prune(w, hp, zeros=int((~given).sum()))

@@ -11,6 +11,7 @@ The model returned is the round measured closest to the target.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +35,9 @@ from graphprune.report import LatencyOutcome, LatencyRound, report
 
 ROUNDS = 4  # measured correction rounds at most
 TOLERANCE = 0.04  # |measured / target - 1| that ends the correction
-RUNS = 30  # interleaved timed runs per block of a measurement
+RUNS = 30  # interleaved timed runs per block of a measurement (at most)
+MIN_RUNS = 10  # ... and at least
+BLOCK_SECONDS = 0.5  # a block times at least this much of the original (fewer runs when slow)
 BLOCKS = 5  # blocks per measurement: the ratio is the median of the blocks' ratios
 
 
@@ -76,6 +79,13 @@ def measure_ratio(
     )
 
 
+def runs_per_block(predicted_s: float) -> int:
+    """Timed runs per block for a model predicted to take ``predicted_s`` a run: ``RUNS``, fewer
+    for a slow one (a block times at least ``BLOCK_SECONDS`` of it, at least ``MIN_RUNS`` runs:
+    the relative noise of a long run is lower)."""
+    return int(min(RUNS, max(MIN_RUNS, math.ceil(BLOCK_SECONDS / max(predicted_s, 1e-9)))))
+
+
 def _next_budget(rounds: list[LatencyRound], target: float) -> float:
     """The allocator budget for the next round: scaled by target/measured after one round;
     after more, the secant through the two rounds closest to the target (measured latency is
@@ -114,16 +124,18 @@ def compile_to_latency(
         export(model, example_inputs, base)
 
         original_ms: list[float] = []  # as each measurement found it: the last one is reported
+        runs = runs_per_block(costs.seconds(costs.full))
 
         def timed(pruned: nn.Module) -> tuple[float, float]:
             ratio, ms = measure_ratio(
-                model, pruned, example_inputs, plan.latency_threads,
+                model, pruned, example_inputs, plan.latency_threads, runs,
                 runtime=plan.latency_runtime, original_file=base,
             )  # fmt: skip
             original_ms.append(ms)
             return ratio, ms
 
-        timed(model)
+        if plan.target_latency is None:  # milliseconds: the original's own, first
+            timed(model)
         target = plan.target_latency or (plan.target_latency_ms or 0.0) / original_ms[0]
         if target >= 1.0:
             raise PlanError(
