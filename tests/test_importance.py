@@ -111,3 +111,20 @@ def test_every_named_criterion_runs(tiny: tuple) -> None:
     for name in CRITERIA:
         scores = score_groups(model, dg, [group], name, batches=[x])[group.id]
         assert scores.shape == (4,) and np.all(np.isfinite(scores))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_power_sums_are_per_channel_sums_of_powers(dtype: torch.dtype) -> None:
+    """l1/l2 and wanda's magnitudes in one torch reduction equal the per-channel sums of
+    |w|^p over every other dim (conv weight: either dim; a vector: its entries)."""
+    from graphprune.planning.importance import power_sums
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3).to(dtype)
+    ref = w.double().numpy() if dtype == torch.float32 else w.float().double().numpy()
+    for dim in (0, 1):
+        rows = np.moveaxis(np.abs(ref), dim, 0).reshape(ref.shape[dim], -1)
+        for p in (1, 2):
+            np.testing.assert_allclose(power_sums(w, dim, p), (rows**p).sum(1), rtol=1e-12)
+    vector = torch.randn(5).to(dtype)
+    np.testing.assert_allclose(power_sums(vector, 0, 2), vector.double().numpy() ** 2, rtol=1e-12)

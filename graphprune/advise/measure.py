@@ -144,7 +144,7 @@ def write_file(
 ) -> Path:
     """Export (verified fp32), then quantize and pack as the candidate says; the file to
     measure. int8 of the original quantizes the original's verified export (no second one)."""
-    path = setting.workdir / f"{slug(candidate.name)}.onnx"
+    path = setting.workdir / f"{slug(candidate.name)}{'.fp32' if candidate.int8 else ''}.onnx"
     if candidate.int8 and candidate.plan is None and candidate.base is None:
         return _int8(candidate, original.file, original.input_names, setting, row, keep=True)
     storage = "auto" if candidate.compact and not candidate.int8 else None
@@ -160,7 +160,7 @@ def _int8(
 ) -> Path:
     """Static int8 of ``fp32`` (calibrated; nodes kept float noted), packed when compact; the
     fp32 file is removed unless ``keep`` (only the int8 file is measured)."""
-    int8 = setting.workdir / f"{slug(candidate.name)}.int8.onnx"
+    int8 = setting.workdir / f"{slug(candidate.name)}.onnx"  # the fp32 step: <slug>.fp32.onnx
     feeds = calibration_feeds(setting.example_inputs, names, setting.calibration)
     row.int8_float_nodes = quantize(fp32, int8, "static", feeds).kept_float
     if not keep:

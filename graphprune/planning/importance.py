@@ -65,11 +65,21 @@ def _weights(group: Group, inputs: ScoringInputs) -> list[Member]:
     return [m for m in group.members if m.is_parameter and m.fqn in inputs.tensors]
 
 
+def power_sums(t: Tensor, dim: int, p: int) -> np.ndarray:
+    """sum of |t|^p over every dim but ``dim``, per index of ``dim`` (float64): one reduction
+    in torch (a float64 view of a 2 GB weight is never made in numpy)."""
+    others = [d for d in range(t.dim()) if d != dim]
+    x = t.detach()
+    if not others:  # a vector: each entry is its own channel
+        return (x.double().abs() ** p).cpu().numpy()
+    norms = torch.linalg.vector_norm(x, ord=p, dim=others, dtype=torch.float64)
+    return (norms**p).cpu().numpy()
+
+
 def magnitude(group: Group, inputs: ScoringInputs, p: int) -> np.ndarray:
     def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
         for m in _weights(group, inputs):
-            rows = np.abs(_rows(inputs.tensors[m.fqn], m.dim))
-            yield m, (rows**p).sum(axis=1)
+            yield m, power_sums(inputs.tensors[m.fqn], m.dim, p)
 
     return _accumulate(group, member_scores())
 
@@ -140,12 +150,12 @@ def is_consumer(member: Member, modules: dict[str, nn.Module]) -> bool:
 def wanda(group: Group, inputs: ScoringInputs) -> np.ndarray:
     def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
         for m in _weights(group, inputs):
-            rows = np.abs(_rows(inputs.tensors[m.fqn], m.dim))
+            w = inputs.tensors[m.fqn]
             norms = inputs.input_norms.get(m.module) if is_consumer(m, inputs.modules) else None
             if norms is not None:
-                yield m, rows.sum(axis=1) * norms.cpu().numpy()
+                yield m, power_sums(w, m.dim, 1) * norms.cpu().numpy()
             else:
-                yield m, (rows**2).sum(axis=1)
+                yield m, power_sums(w, m.dim, 2)
 
     return _accumulate(group, member_scores())
 
