@@ -194,6 +194,12 @@ def _compile_to_latency(job: CompileJob) -> nn.Module:
     found = report(pruned)
     found.plan = _plan_data(job.plan)
     found.latency = outcome
+    measured = outcome.rounds[outcome.chosen].macs_ratio
+    if abs(found.macs_ratio - measured) > 1e-9:  # the final compile is not the timed one
+        found.notes.append(
+            f"the returned model's MACs ratio {found.macs_ratio:.4f} differs from the measured "
+            f"round's {measured:.4f}: its latency was not measured (a nondeterministic plan?)"
+        )
     return pruned
 
 

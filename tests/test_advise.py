@@ -81,6 +81,11 @@ def test_candidate_lists_are_checked() -> None:
         check_candidates([Candidate("x", "sparse", int8=True)])
     with pytest.raises(gp.InputError, match="the original's weights unchanged"):
         check_candidates([ORIGINAL, Candidate("again", "dense")])
+    plan = gp.Plan(granularity="n:m", nm=[2, 4])
+    with pytest.raises(gp.InputError, match=r"would write 2-4\.onnx"):
+        check_candidates([Candidate("2:4", "2:4", plan), Candidate("2-4", "2:4", plan)])
+    with pytest.raises(gp.InputError, match="original's export"):
+        check_candidates([Candidate("Original", "dense", int8=True)])
 
 
 # -- Pareto and the recommendation, on a synthetic table ---------------------------------------

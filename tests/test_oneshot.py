@@ -272,14 +272,61 @@ def test_refit_in_lockstep_equals_a_forward_per_layer(
 def test_stack_batches() -> None:
     a, b = torch.randn(2, 3), torch.randn(5, 3)
     stacked = calibration.stack_batches([a, b])
-    assert isinstance(stacked, tuple) and torch.equal(stacked[0], torch.cat([a, b]))
+    assert stacked is not None and stacked.sizes == [2, 5]
+    assert isinstance(stacked.inputs, tuple) and torch.equal(stacked.inputs[0], torch.cat([a, b]))
+    parts = stacked.parts(torch.arange(7.0))  # dim 0 = the stacked batch: split per batch
+    assert [len(p) for p in parts] == [2, 5]
+    assert [len(p) for p in stacked.parts(torch.arange(10.0))] == [5, 5]  # else equal chunks
     kw = calibration.stack_batches([{"x": a, "flag": True}, {"x": b, "flag": True}])
-    assert isinstance(kw, dict) and kw["flag"] is True and kw["x"].shape == (7, 3)
+    assert kw is not None and kw.inputs["flag"] is True and kw.inputs["x"].shape == (7, 3)
     assert calibration.stack_batches([a, torch.randn(2, 4)]) is None  # other widths
     assert calibration.stack_batches([{"x": a, "n": 1}, {"x": b, "n": 2}]) is None
     assert calibration.stack_batches([(a, torch.randn(3, 3)), (a, torch.randn(3, 3))]) is None
-    one = calibration.stack_batches([a])  # one batch: itself
-    assert isinstance(one, tuple) and one[0] is not None and torch.equal(one[0], a)
+    assert calibration.stack_batches([(a, None), (b, a)]) is None  # a tensor in one batch only
+    arrays = [(a, np.zeros(2)), (b, np.zeros(2))]  # == is not a bool: not stacked, no error
+    assert calibration.stack_batches(arrays) is None
+    one = calibration.stack_batches([a])  # one batch: itself, not copied
+    assert one is not None and one.inputs[0] is a
+
+
+def test_lockstep_raises_the_reference_forwards_error_and_cleans_up() -> None:
+    """An error in the original's forward (worker thread) reaches the caller as itself, and
+    neither model keeps a hook; a forward that calls the layers in another order is an
+    error, not a silent wrong fit."""
+
+    class Boom(nn.Module):
+        def __init__(self, fail: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.fail = nn.Linear(4, 4), nn.Linear(4, 4), fail
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fail:
+                raise ValueError("original broke")
+            return self.b(self.a(x))
+
+    class Swapped(Boom):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(self.b(x))
+
+    batches = [torch.randn(2, 4), torch.randn(3, 4)]
+    pruned = Boom(False)
+    order = calibration.call_order(pruned, ["a", "b"], batches[0])
+    seen: list[str] = []
+
+    def visit(name: str, layer: nn.Module, parts: list[torch.Tensor], ref: Any) -> None:
+        seen.append(name)
+
+    def reference(name: str, layer: nn.Module, parts: list[torch.Tensor]) -> str:
+        return name
+
+    with pytest.raises(ValueError, match="original broke"):
+        calibration.in_lockstep(Boom(True), pruned, order, batches, reference, visit)
+    with pytest.raises(gp.GraphPruneError, match="different orders"):
+        calibration.in_lockstep(Swapped(False), pruned, order, batches, reference, visit)
+    for m in (pruned.a, pruned.b):
+        assert not m._forward_pre_hooks
+    assert calibration.in_lockstep(Boom(False), pruned, order, batches, reference, visit)
+    assert seen[-2:] == ["a", "b"]
 
 
 def test_sparse_pruner_steps_keep_masks_nested(gpt: Any) -> None:

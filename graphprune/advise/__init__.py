@@ -62,10 +62,12 @@ def _estimate(candidate: Candidate, rows: Sequence[Row], unit_s: float) -> float
     return max(similar) if similar else candidate.cost * unit_s
 
 
-def _making(c: Candidate) -> tuple[str, bool, bool, bool, bool]:
-    """What decides a candidate's cost: its kind, whether it has a plan, builds on another,
-    is quantized, is stored compactly."""
-    return c.kind, c.plan is not None, c.base is not None, c.int8, c.compact
+def _making(c: Candidate) -> tuple[bool | str, ...]:
+    """What decides a candidate's cost: its kind, whether it has a plan (a latency target,
+    reconstruction), builds on another, is quantized, is stored compactly."""
+    plan = c.plan
+    latency, refit = (plan.targets_latency, plan.reconstruct) if plan else (False, False)
+    return c.kind, plan is not None, latency, refit, c.base is not None, c.int8, c.compact
 
 
 @serialized

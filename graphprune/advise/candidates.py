@@ -14,6 +14,7 @@ rounds: the dearest), then structured + int8.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,6 +88,11 @@ def default_candidates(
     return found
 
 
+def slug(name: str) -> str:
+    """A candidate's file stem: lower case, runs of other characters as one dash."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def check_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
     """The list with the original first (added when missing); names unique; every ``base``
     names an earlier candidate. Raises InputError naming the candidate otherwise."""
@@ -95,7 +101,15 @@ def check_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
         found.insert(0, ORIGINAL)
     found.sort(key=lambda c: not c.is_reference)  # stable: the reference first
     seen: set[str] = set()
+    files: dict[str, str] = {}  # file stem -> candidate: one file each, none the original's
     for c in found[1:]:
+        stem = slug(c.name)
+        if stem == "original" or files.get(stem, repr(c.name)) != repr(c.name):
+            taken = files.get(stem, "the original's export")
+            raise InputError(
+                f"candidate {c.name!r} would write {stem}.onnx, as {taken} does: rename it"
+            )
+        files[stem] = repr(c.name)  # (the same name twice is the check below)
         if c.is_reference:
             raise InputError(
                 f"candidate {c.name!r} has no plan, base or int8: it is the original's weights "

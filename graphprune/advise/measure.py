@@ -11,7 +11,6 @@ file size; quality through the file itself (:mod:`graphprune.advise.quality`).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from graphprune.advise.candidates import Candidate
+from graphprune.advise.candidates import Candidate, slug
 from graphprune.advise.memory import MemoryProbe
 from graphprune.advise.quality import (
     Evaluate,
@@ -118,10 +117,6 @@ class Original:
     file: Path
     input_names: list[str]
     reference: list[list[torch.Tensor]]
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def build(

@@ -8,14 +8,15 @@ A layer's input is read as the rows its weight matrix multiplies (``rows @ W.T``
 
 :func:`input_norms` (Wanda's ||x_j|| per input channel; conv channels over batch and positions)
 hooks every layer at once: O(in) memory per layer. Sequential passes (each layer sees the
-activations of the model as changed so far) take one of two routes:
+activations of the model as changed so far) take one of these routes:
 
 * :func:`in_one_forward` -- the calibration batches stacked into one batch and run once; each
   layer is visited in a pre-hook, *before* it runs, so a change to its weights is what the
   rest of the forward sees. One forward in all, when the batches stack and their activations
   fit (``STACK_BYTES``).
 * :func:`in_lockstep` -- the same for two models at once (the original and the pruned model,
-  for reconstruction targets): the original runs in a worker thread at most one layer ahead.
+  for reconstruction targets): the original runs in a worker thread (on its own copy of the
+  inputs), handing over one layer's targets at a time.
 * :func:`layer_inputs` -- otherwise: the model runs up to one layer -- the forward stops
   there -- and that layer's input is yielded batch by batch (a forward per layer and batch).
 
@@ -180,7 +181,23 @@ def call_order(model: nn.Module, names: Iterable[str], batch: Any) -> CallOrder:
     return found
 
 
-def stack_batches(batches: Sequence[Any]) -> Any | None:
+@dataclass
+class Stacked:
+    """Calibration batches as one batch, and each batch's size along dim 0."""
+
+    inputs: Any
+    sizes: list[int]
+
+    def parts(self, x: Tensor) -> list[Tensor]:
+        """A layer's stacked input back in per-batch parts: split by the batch sizes where its
+        dim 0 is the stacked batch, else in as many equal chunks (rows stay aligned between
+        two models either way)."""
+        if x.dim() > 0 and x.shape[0] == sum(self.sizes):
+            return list(x.split(self.sizes))
+        return list(x.chunk(len(self.sizes)))
+
+
+def stack_batches(batches: Sequence[Any]) -> Stacked | None:
     """The batches as one, every tensor concatenated along dim 0 (args as a tuple, keyword
     inputs as a dict), or None when they do not stack: different structures, non-tensor values
     that differ, or tensors whose dim 0 is not each batch's one batch size."""
@@ -188,59 +205,105 @@ def stack_batches(batches: Sequence[Any]) -> Any | None:
     spec = flat[0][1]
     if any(s != spec for _, s in flat):
         return None
-    columns = list(zip(*(leaves for leaves, _ in flat), strict=True))
+    sizes = []
     for leaves, _ in flat:
-        sizes = {t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0}
-        if len(sizes) != 1 or any(isinstance(t, Tensor) and t.dim() == 0 for t in leaves):
+        found = {t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0}
+        if len(found) != 1 or any(isinstance(t, Tensor) and t.dim() == 0 for t in leaves):
             return None
+        sizes.append(found.pop())
     joined = []
-    for column in columns:
-        if not isinstance(column[0], Tensor):
-            if any(v is not column[0] and v != column[0] for v in column):
-                return None
-            joined.append(column[0])
-            continue
-        if any(t.shape[1:] != column[0].shape[1:] or t.dtype != column[0].dtype for t in column):
+    for column in zip(*(leaves for leaves, _ in flat), strict=True):
+        value = _joined(column)
+        if value is _UNSTACKABLE:
             return None
-        joined.append(torch.cat(column))
+        joined.append(value)
     args, kwargs = pytree.tree_unflatten(joined, spec)
-    return tuple(args) if args or not kwargs else dict(kwargs)
+    return Stacked(tuple(args) if args or not kwargs else dict(kwargs), sizes)
 
 
-Visit = Callable[[str, nn.Module, Tensor], None]
+_UNSTACKABLE = object()
+
+
+def _joined(column: tuple[Any, ...]) -> Any:
+    """One input position over the batches: tensors concatenated, equal other values as one."""
+    first = column[0]
+    if all(isinstance(v, Tensor) for v in column):
+        same = all(
+            t.shape[1:] == first.shape[1:] and t.dtype == first.dtype and t.device == first.device
+            for t in column
+        )
+        return (torch.cat(column) if len(column) > 1 else first) if same else _UNSTACKABLE
+    if any(isinstance(v, Tensor) for v in column):
+        return _UNSTACKABLE
+    try:
+        return first if all(v is first or bool(v == first) for v in column) else _UNSTACKABLE
+    except Exception:  # a value whose == is not a plain bool (arrays): not stackable
+        return _UNSTACKABLE
+
+
+Visit = Callable[[str, nn.Module, list[Tensor]], None]
+
+
+class _Visits:
+    """Which layers a stacked forward visited: each once (a layer the stacked batch reaches
+    again -- a forward that depends on the batch size -- is visited the first time only)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.pending = set(names)
+
+    def first(self, name: str) -> bool:
+        if name in self.pending:
+            self.pending.discard(name)
+            return True
+        return False
 
 
 def in_one_forward(
     model: nn.Module, order: CallOrder, batches: Sequence[Any], visit: Visit
-) -> bool:
-    """Call ``visit(name, layer, x)`` for every layer of ``order`` called once per forward, in
-    forward order, with its input ``x`` on all ``batches`` stacked (dim 0), before the layer
-    runs: one forward. False, visiting nothing, when the batches do not stack or their stacked
+) -> list[str] | None:
+    """Call ``visit(name, layer, parts)`` for every layer of ``order`` called once per forward,
+    in forward order, with its input on all ``batches`` stacked (as per-batch parts), before
+    the layer runs: one forward. Returns the layers the forward did not reach (to be done
+    per layer), or None, visiting nothing, when the batches do not stack or their stacked
     activations would exceed ``STACK_BYTES`` (then use :func:`layer_inputs`)."""
-    if order.largest_input * len(batches) > STACK_BYTES:
-        return False
-    stacked = stack_batches(batches)
-    if stacked is None:
-        return False
+    names = [n for n in order.order if order.calls[n] == 1]
+    stacked = _stackable(order, batches, 1)
+    if stacked is None or not names:
+        return None if stacked is None else []
+    visits = _Visits(names)
     modules = dict(model.named_modules())
     handles = []
-    for name in order.order:
-        if order.calls[name] == 1:
+    try:
+        for name in names:
 
             def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                visit(name, module, args[0].detach())
+                if visits.first(name):
+                    visit(name, module, stacked.parts(args[0].detach()))
 
             handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
-    try:
-        run_eval(model, stacked)
+        run_eval(model, stacked.inputs)
     finally:
         for h in handles:
             h.remove()
-    return True
+    return [n for n in names if n in visits.pending]
 
 
-Reference = Callable[[str, nn.Module, Tensor], Any]
-PairedVisit = Callable[[str, nn.Module, Tensor, Any], None]
+def _stackable(order: CallOrder, batches: Sequence[Any], models: int) -> Stacked | None:
+    """The stacked batches when ``models`` forwards of them fit ``STACK_BYTES`` (the largest
+    layer input of ``batches[0]``, scaled to every batch's rows; an original model's layers
+    are up to twice a pruned one's)."""
+    stacked = stack_batches(batches)
+    if stacked is None:
+        return None
+    scale = sum(stacked.sizes) / max(stacked.sizes[0], 1)
+    if order.largest_input * scale * (1 if models == 1 else 3) > STACK_BYTES:
+        return None
+    return stacked
+
+
+Reference = Callable[[str, nn.Module, list[Tensor]], Any]
+PairedVisit = Callable[[str, nn.Module, list[Tensor], Any], None]
+_DONE, _ERROR = "\0done", "\0error"  # the worker's last item: its forward ended / raised
 
 
 def in_lockstep(
@@ -252,115 +315,140 @@ def in_lockstep(
     visit: PairedVisit,
 ) -> bool:
     """:func:`in_one_forward` on two models at once: the stacked batches run through
-    ``original`` (in a worker thread) and ``pruned`` (in this one) together. At each layer of
-    ``order`` called once, ``reference(name, layer, x)`` runs in the original's forward and
-    its result reaches ``visit(name, layer, x, result)`` in the pruned model's, before the
-    pruned layer runs (the original is at most one layer ahead). False, visiting nothing, when
-    the batches do not stack or their activations in both models would exceed ``STACK_BYTES``.
+    ``original`` (in a worker thread, on its own copy of the inputs) and ``pruned`` (in this
+    one) together. At each layer of ``order`` called once, ``reference(name, layer, parts)``
+    runs in the original's forward and its result reaches ``visit(name, layer, parts,
+    result)`` in the pruned model's, before the pruned layer runs; the worker computes the
+    next reference only once this one is taken (one in hand at a time). False, visiting
+    nothing, when the batches do not stack or would not fit ``STACK_BYTES``; a forward that
+    calls the layers differently in the two models, or visits one twice, raises.
     """
-    if 2 * order.largest_input * len(batches) > STACK_BYTES:
-        return False
-    stacked = stack_batches(batches)
-    if stacked is None:
-        return False
     names = [n for n in order.order if order.calls[n] == 1]
-    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
-    stop = threading.Event()
+    stacked = _stackable(order, batches, 2)
+    if stacked is None or not names:
+        return stacked is not None
+    own = Stacked(pytree.tree_map_only(Tensor, torch.clone, stacked.inputs), stacked.sizes)
+    channel = _Channel()
     worker = threading.Thread(
-        target=_run_reference,
-        args=(original, names, stacked, reference, handoff, stop),
-        name="graphprune-reference-forward",
-        daemon=True,
-    )
+        target=_run_reference, args=(original, names, own, reference, channel),
+        name="graphprune-reference-forward", daemon=True,
+    )  # fmt: skip
+    visits = _Visits(names)
     modules = dict(pruned.named_modules())
     handles = []
-    for name in names:
-
-        def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            reached, value = _receive(handoff, worker)
-            if reached != name:
-                raise GraphPruneError(
-                    f"the original model reached layer {reached!r} where the pruned one reached "
-                    f"{name!r}: their forwards call the layers in different orders"
-                )
-            visit(name, module, args[0].detach(), value)
-
-        handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
-    worker.start()
     try:
-        run_eval(pruned, stacked)
-        reached, _ = _receive(handoff, worker)
+        for name in names:
+
+            def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                if not visits.first(name):
+                    raise _Mismatch(f"the pruned model calls layer {name!r} twice")
+                reached, value = channel.receive(worker)
+                if reached != name:
+                    raise _Mismatch(f"the original model reached {_what(reached)} where the "
+                                    f"pruned one reached layer {name!r}")  # fmt: skip
+                visit(name, module, stacked.parts(args[0].detach()), value)
+
+            handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
+        worker.start()
+        run_eval(pruned, stacked.inputs)
+        reached, _ = channel.receive(worker)
         if reached != _DONE:
-            raise GraphPruneError(f"the pruned model's forward ended before layer {reached!r}")
+            raise _Mismatch(f"the pruned model's forward ended before layer {reached!r}")
+    except _Mismatch as exc:
+        raise GraphPruneError(
+            f"reconstruction ran the original and the pruned model side by side and {exc}: "
+            "their forwards call the layers in different orders"
+        ) from None
     finally:
-        stop.set()
+        channel.stop.set()
         for h in handles:
             h.remove()
-        worker.join()
+        if worker.ident is not None:
+            worker.join()
     return True
 
 
-_DONE, _ERROR = "\0done", "\0error"
+class _Mismatch(BaseException):
+    """The two forwards diverged (BaseException: a model's ``except Exception`` must not
+    swallow it)."""
+
+
+def _what(reached: str) -> str:
+    return "the end of its forward" if reached == _DONE else f"layer {reached!r}"
+
+
+class _Channel:
+    """The worker's hand-over: one item in flight; the worker waits until it is taken before
+    it computes the next (so one reference is alive besides the one being used)."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+        self.taken = threading.Semaphore(1)
+        self.stop = threading.Event()
+
+    def wait_turn(self) -> None:
+        while not self.taken.acquire(timeout=0.05):
+            if self.stop.is_set():
+                raise _Reached  # the pruned side has stopped: abandon this forward
+
+    def send(self, item: tuple[str, Any]) -> None:
+        self.items.put(item)  # never blocks: the turn was taken first
+
+    def receive(self, worker: threading.Thread) -> tuple[str, Any]:
+        """The next item (the worker's error raised here); the worker may compute the next."""
+        while True:
+            try:
+                reached, value = self.items.get(timeout=0.05)
+            except queue.Empty:
+                if not worker.is_alive() and self.items.empty():
+                    raise GraphPruneError(
+                        "the original model's reference forward ended without a result"
+                    ) from None
+                continue
+            self.taken.release()
+            if reached == _ERROR:
+                raise value
+            return reached, value
 
 
 def _run_reference(
     original: nn.Module,
     names: list[str],
-    stacked: Any,
+    stacked: Stacked,
     reference: Reference,
-    handoff: queue.Queue[tuple[str, Any]],
-    stop: threading.Event,
+    channel: _Channel,
 ) -> None:
     """The worker of :func:`in_lockstep`: the original's forward, handing over
     ``reference(...)`` at each named layer; its end or its error is the last item."""
-
-    def send(item: tuple[str, Any]) -> None:
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-        raise _Reached  # the pruned side has stopped: abandon this forward
-
     modules = dict(original.named_modules())
     handles = []
     inside: list[str] = []  # reference() may call the layer itself: no hook in there
-    for name in names:
-
-        def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            if inside:
-                return
-            inside.append(name)
-            try:
-                value = reference(name, module, args[0].detach())
-            finally:
-                inside.pop()
-            send((name, value))
-
-        handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
     try:
-        run_eval(original, stacked)
-        send((_DONE, None))
+        for name in names:
+
+            def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                if inside:
+                    return
+                channel.wait_turn()
+                inside.append(name)
+                try:
+                    value = reference(name, module, stacked.parts(args[0].detach()))
+                finally:
+                    inside.pop()
+                channel.send((name, value))
+
+            handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
+        run_eval(original, stacked.inputs)
+        channel.wait_turn()
+        channel.send((_DONE, None))
     except _Reached:
         pass
     except BaseException as exc:  # handed to the pruned side, which raises it
         with contextlib.suppress(_Reached):
-            send((_ERROR, exc))
+            channel.wait_turn()
+            channel.send((_ERROR, exc))
     finally:
         for h in handles:
             h.remove()
 
 
-def _receive(handoff: queue.Queue[tuple[str, Any]], worker: threading.Thread) -> tuple[str, Any]:
-    """The next item the reference forward hands over (its error raised here)."""
-    while True:
-        try:
-            reached, value = handoff.get(timeout=0.05)
-        except queue.Empty:
-            if not worker.is_alive() and handoff.empty():
-                raise GraphPruneError("the reference forward ended without a result") from None
-            continue
-        if reached == _ERROR:
-            raise value
-        return reached, value

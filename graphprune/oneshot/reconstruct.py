@@ -190,6 +190,7 @@ def refit_consumers(
             )  # fmt: skip
     todo_names = [n for n in found.order if found.calls[n] == 1]
     steps = iter(track(todo_names, "reconstructing layers", progress))
+    is_norm = set(norms)
 
     def refit(
         name: str, module: nn.Module, pairs: Iterable[tuple[Tensor, Tensor]], by_batch: bool
@@ -197,18 +198,18 @@ def refit_consumers(
         next(steps, None)  # advance the progress bar
         fit = (
             _refit_norm(module, name, pairs)
-            if name in norms
+            if name in is_norm
             else _refit_layer(module, name, pairs, by_batch=by_batch)
         )
         if fit is not None:
             fits.append(fit)
 
-    def reference(name: str, old: nn.Module, x: Tensor) -> list[Tensor]:
-        kept = output_index(name)  # the original layer's output rows, per batch's chunk
-        return [_kept(channel_rows(old(part), old), kept) for part in x.chunk(len(batches))]
+    def reference(name: str, old: nn.Module, parts: list[Tensor]) -> list[Tensor]:
+        kept = output_index(name)  # the original layer's output rows, per batch
+        return [_kept(channel_rows(old(part), old), kept) for part in parts]
 
-    def visit(name: str, new: nn.Module, x: Tensor, targets: list[Tensor]) -> None:
-        pairs = list(zip(targets, x.chunk(len(batches)), strict=True))
+    def visit(name: str, new: nn.Module, parts: list[Tensor], targets: list[Tensor]) -> None:
+        pairs = list(zip(targets, parts, strict=True))
         refit(name, new, pairs, len(pairs) > 1)
 
     if not in_lockstep(original, pruned, found, batches, reference, visit):
@@ -217,7 +218,13 @@ def refit_consumers(
             refit(name, pruned.get_submodule(name), pairs, len(batches) > 1)
     for _ in steps:  # drain the bar
         pass
-    return fits
+    return in_forward_order(fits, found.order)
+
+
+def in_forward_order(fits: list[LayerFit], order: list[str]) -> list[LayerFit]:
+    """The fits in the order the forward calls their layers (layers it never calls last)."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(fits, key=lambda f: rank.get(f.module, len(rank)))
 
 
 def _kept(y: Tensor, kept: Tensor | None) -> Tensor:
@@ -341,13 +348,14 @@ def obs_prune(
     consecutive columns kept per row). Returns the updated weight (zero off the mask) and
     the mask.
     """
-    w, h = w.float().clone(), h.float().clone()  # float32, as SparseGPT itself (damped H)
+    work = torch.promote_types(w.dtype, torch.float32)  # float32, as SparseGPT itself
+    w, h = w.to(work).clone(), h.to(work).clone()
     columns = w.shape[1]
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += torch.eye(columns, dtype=h.dtype) * PERCDAMP * float(torch.diagonal(h).mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_cholesky(h).to(work)
     pruned = torch.zeros_like(w, dtype=torch.bool) if mask is None else ~mask.clone()
     step = BLOCK if nm is None else nm[1] * math.ceil(BLOCK / nm[1])
     for i1 in range(0, columns, step):
@@ -378,6 +386,18 @@ def obs_prune(
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w, ~pruned
+
+
+def _inverse_cholesky(h: Tensor) -> Tensor:
+    """Upper Cholesky factor of H^-1; in float64 where H (damped) is not positive definite in
+    float32 (SparseGPT's known failure on wide layers)."""
+    for dtype in dict.fromkeys((h.dtype, torch.float64)):
+        factor, info = torch.linalg.cholesky_ex(h.to(dtype))
+        if int(info) == 0:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info) == 0:
+                return inverse
+    raise torch.linalg.LinAlgError("the damped Hessian is not positive definite, even in float64")
 
 
 def _relative_error(w: Tensor, new: Tensor, h: Tensor) -> float:
@@ -426,27 +446,27 @@ def sparsegpt(
         )
         if why:
             fits.append(LayerFit(name, "skipped", math.nan, math.nan, 0, why))
-    todo = [n for n in found.order if n not in {f.module for f in fits}]
-    pending = set(todo)
-    bar = track(todo, "SparseGPT", progress)
-    steps = iter(bar)
+    skipped = {f.module for f in fits}
+    todo = [n for n in found.order if n not in skipped]
+    doing = set(todo)
+    steps = iter(track(todo, "SparseGPT", progress))
 
-    def prune(name: str, module: nn.Module, chunks: Iterable[Tensor]) -> None:
+    def prune(name: str, module: nn.Module, parts: Iterable[Tensor]) -> None:
         next(steps, None)  # advance the progress bar
-        kept, fit = _sparsegpt_layer(module, name, chunks, masks[name], adaptive, nm)
+        kept, fit = _sparsegpt_layer(module, name, parts, masks[name], adaptive, nm)
         out[name] = kept
         fits.append(fit)
 
-    def visit(name: str, module: nn.Module, x: Tensor) -> None:
-        if name in pending:  # the stacked input in per-batch chunks: unfold memory as per batch
-            prune(name, module, x.chunk(len(batches)))
+    def visit(name: str, module: nn.Module, parts: list[Tensor]) -> None:
+        if name in doing:  # per-batch parts: unfold memory as per batch
+            prune(name, module, parts)
 
-    if not in_one_forward(model, found, batches, visit):
-        for name in todo:
-            prune(name, model.get_submodule(name), layer_inputs(model, name, batches))
+    missed = in_one_forward(model, found, batches, visit)
+    for name in todo if missed is None else [n for n in todo if n in set(missed)]:
+        prune(name, model.get_submodule(name), layer_inputs(model, name, batches))
     for _ in steps:  # drain the bar
         pass
-    return out, fits
+    return out, in_forward_order(fits, found.order)
 
 
 def _sparsegpt_layer(
@@ -468,10 +488,14 @@ def _sparsegpt_layer(
             a = input_rows(module, x).float()  # (rows, columns)
             h += (a.T @ a).double()  # one batch in float32 (SparseGPT's own), summed in double
             rows += a.shape[0]
-    perm = nm_columns(weight) if adaptive == "n:m" else torch.arange(columns)
-    w = weight.detach().reshape(weight.shape[0], -1).float()[:, perm]
-    hp = (h[perm][:, perm] if adaptive == "n:m" else h).float()
-    given = mask.reshape(weight.shape[0], -1)[:, perm]
+    work = torch.promote_types(weight.dtype, torch.float32)  # float32; a float64 model keeps its
+    perm = nm_columns(weight) if adaptive == "n:m" else None
+    w = weight.detach().reshape(weight.shape[0], -1).to(work)
+    given = mask.reshape(weight.shape[0], -1)
+    if perm is not None:  # n:m groups of m consecutive input channels at one kernel position
+        w, given, h = w[:, perm], given[:, perm], h[perm][:, perm]
+    hp = h.to(work)
+    del h
     if adaptive == "unstructured":
         new, kept = obs_prune(w, hp, zeros=int((~given).sum()))
     elif adaptive == "n:m":
@@ -485,9 +509,11 @@ def _sparsegpt_layer(
     if after > before:
         new, kept, after = w * given, given, before
         note = "the update would not lower the error: plain mask kept"
-    inverse = torch.argsort(perm)
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        new, kept = new[:, inverse], kept[:, inverse]
     with torch.no_grad():
-        weight.copy_(new[:, inverse].reshape(weight.shape).to(weight.dtype))
-    return kept[:, inverse].reshape(weight.shape), LayerFit(
+        weight.copy_(new.reshape(weight.shape).to(weight.dtype))
+    return kept.reshape(weight.shape), LayerFit(
         name, "sparsegpt", before, after, rows, note
     )

@@ -67,9 +67,10 @@ def _weights(group: Group, inputs: ScoringInputs) -> list[Member]:
 
 def power_sums(t: Tensor, dim: int, p: int) -> np.ndarray:
     """sum of |t|^p over every dim but ``dim``, per index of ``dim`` (float64): one reduction
-    in torch (a float64 view of a 2 GB weight is never made in numpy)."""
+    in torch (no float64 numpy copy of the weight; torch may still widen it for the sum)."""
+    dim = dim % max(t.dim(), 1)
     others = [d for d in range(t.dim()) if d != dim]
-    x = t.detach()
+    x = t.detach() if t.is_floating_point() else t.detach().double()
     if not others:  # a vector: each entry is its own channel
         return (x.double().abs() ** p).cpu().numpy()
     norms = torch.linalg.vector_norm(x, ord=p, dim=others, dtype=torch.float64)
