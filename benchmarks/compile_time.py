@@ -1,11 +1,18 @@
 """Seconds spent capturing (torch.export), analysing and pruning (graphprune.compile at 0.5)
 each zoo model and two real-size networks, measured in one run (median of --repeat).
 
+``--stages`` adds the seconds of each compile stage (from ``gp.report(m).seconds``; "rest" is
+what no stage lap covers: MAC counts, config sync, copies) and Torch-Pruning's time for the same
+job (l2 magnitude, ratio 0.5, the classifier ignored) in the same process, when installed.
+``--llama`` adds a LLaMA-style model of 1.1 B parameters (TinyLlama's shape, bf16, random init)
+pruned at 0.25 in place, the compile-time issue's target (about 2.2 GB of weights).
+
 ``--against REF`` also measures the graphprune of git revision REF (built into a temporary
 directory, run in a subprocess on the same models and plan) and prints both side by side with
 the ratio, e.g. to check that a change does not slow compile down.
 
     .venv/bin/python benchmarks/compile_time.py [--repeat 3] [--against e9fe280]
+    .venv/bin/python benchmarks/compile_time.py --stages [--only resnet50@224,vit_s16@224] [--llama]
 """
 
 from __future__ import annotations
@@ -36,6 +43,81 @@ def cases() -> dict[str, tuple[Any, tuple[Any, ...]]]:
     found["resnet50@224"] = (ResNet(Bottleneck, [3, 4, 6, 3], (64, 128, 256, 512), 1000), image)
     found["vit_s16@224"] = (ViT(224, 16, 384, 12, 6, 1000), image)
     return found
+
+
+def llama_1b() -> tuple[Any, tuple[Any, ...]]:
+    """TinyLlama's shape (hidden 2048, 22 layers, 32/4 heads, FFN 5632, vocab 32000): 1.1 B
+    parameters in bf16, random init."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+    )  # fmt: skip
+    model = tf.LlamaForCausalLM(config).bfloat16().eval()
+    return model, (torch.randint(0, 32000, (1, 16)),)
+
+
+def stage_times(only: list[str] | None, llama: bool) -> dict[str, dict[str, float]]:
+    """Per model: graphprune's whole compile, its stages, and Torch-Pruning's time (one run
+    each, warm: a first compile of the same model is not timed)."""
+    import graphprune as gp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from vs_torch_pruning import torch_pruning  # benchmark-only dependency
+
+    found = cases()
+    jobs = {n: found[n] for n in (only or list(found))}
+    rows: dict[str, dict[str, float]] = {}
+    for name, (model, inputs) in jobs.items():
+        model.eval()
+        gp.compile(model, gp.Plan(ratio=0.5, round_to=1), inputs)  # warm-up
+        start = time.perf_counter()
+        pruned = gp.compile(model, gp.Plan(ratio=0.5, round_to=1), inputs)
+        row = {"graphprune": time.perf_counter() - start, **gp.report(pruned).seconds}
+        row["tp"] = _tp_seconds(torch_pruning, model, inputs)
+        rows[name] = row
+    if llama:
+        model, inputs = llama_1b()
+        start = time.perf_counter()
+        pruned = gp.compile(model, gp.Plan(ratio=0.25), inputs, inplace=True)
+        rows["llama-1.1b bf16 @0.25"] = {
+            "graphprune": time.perf_counter() - start, **gp.report(pruned).seconds,
+            "tp": float("nan"),
+        }  # fmt: skip
+    return rows
+
+
+def _tp_seconds(prune: Any, model: Any, inputs: tuple[Any, ...]) -> float:
+    """Torch-Pruning's seconds for the same job (NaN when it cannot prune the model)."""
+    example = inputs[0] if len(inputs) == 1 else inputs
+    try:
+        prune(model, example, 0.5, 1)  # warm-up
+        start = time.perf_counter()
+        prune(model, example, 0.5, 1)
+        return time.perf_counter() - start
+    except Exception:
+        return float("nan")
+
+
+def print_stages(rows: dict[str, dict[str, float]]) -> None:
+    names = (k for r in rows.values() for k in r if k not in ("graphprune", "tp"))
+    stages = list(dict.fromkeys(names))
+    print(f"{'model':<24} {'graphprune s':>12} {'TP s':>7} {'ratio':>6}  "
+          + " ".join(f"{s[:10]:>10}" for s in [*stages, "rest"]))  # fmt: skip
+    ratios = []
+    for name, r in rows.items():
+        rest = r["graphprune"] - sum(r.get(s, 0.0) for s in stages)
+        ratio = r["graphprune"] / r["tp"] if r["tp"] == r["tp"] and r["tp"] > 0 else float("nan")
+        if ratio == ratio:
+            ratios.append(ratio)
+        cells = " ".join(f"{r.get(s, 0.0):>10.3f}" for s in stages) + f" {rest:>10.3f}"
+        print(f"{name:<24} {r['graphprune']:>12.3f} {r['tp']:>7.3f} {ratio:>6.2f}  {cells}")
+    if ratios:
+        print(f"graphprune / Torch-Pruning: median {statistics.median(ratios):.2f}, "
+              f"max {max(ratios):.2f} over {len(ratios)} models")  # fmt: skip
 
 
 def measure(repeat: int) -> dict[str, dict[str, float]]:
@@ -104,7 +186,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per model (median shown)")
     parser.add_argument("--against", help="git revision to compare with")
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stages", action="store_true", help="stage table vs Torch-Pruning")
+    parser.add_argument("--only", help="comma-separated model names (with --stages)")
+    parser.add_argument("--llama", action="store_true", help="add the 1.1 B LLaMA (--stages)")
     args = parser.parse_args()
+    if args.stages:
+        only = args.only.split(",") if args.only else None
+        print_stages(stage_times(only, args.llama))
+        return
     if args.json_only:
         print(json.dumps(measure(args.repeat)))
         return
