@@ -48,15 +48,28 @@ def cases() -> dict[str, tuple[Any, tuple[Any, ...]]]:
 def llama_1b() -> tuple[Any, tuple[Any, ...]]:
     """TinyLlama's shape (hidden 2048, 22 layers, 32/4 heads, FFN 5632, vocab 32000): 1.1 B
     parameters in bf16, random init."""
-    import torch
-    import transformers as tf
+    import importlib
 
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
-    )  # fmt: skip
-    model = tf.LlamaForCausalLM(config).bfloat16().eval()
+    import torch
+
+    sys.path.insert(1, str(ROOT))
+    from tests.real_models import declare_torchvision_ops  # transformers imports torchvision
+
+    declare_torchvision_ops()
+    here = Path(__file__).resolve().parent  # holds transformers.py (a benchmark): look past it
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    try:  # transformers imports lazily: build while the path is clean
+        tf: Any = importlib.import_module("transformers")
+        torch.manual_seed(0)
+        config = tf.LlamaConfig(
+            hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+            max_position_embeddings=2048,
+        )  # fmt: skip
+        model = tf.LlamaForCausalLM(config).bfloat16().eval()
+    finally:
+        sys.path[:] = saved
     return model, (torch.randint(0, 32000, (1, 16)),)
 
 
@@ -65,8 +78,8 @@ def stage_times(only: list[str] | None, llama: bool) -> dict[str, dict[str, floa
     each, warm: a first compile of the same model is not timed)."""
     import graphprune as gp
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from vs_torch_pruning import torch_pruning  # benchmark-only dependency
+    sys.path.append(str(Path(__file__).parent))  # last: benchmarks/transformers.py must not
+    from vs_torch_pruning import torch_pruning  # shadow the library (benchmark-only dependency)
 
     found = cases()
     jobs = {n: found[n] for n in (only or list(found))}
