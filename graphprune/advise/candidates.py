@@ -104,12 +104,12 @@ def check_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
     files: dict[str, str] = {}  # file stem -> candidate: one file each, none the original's
     for c in found[1:]:
         stem = slug(c.name)
-        if stem == "original" or files.get(stem, repr(c.name)) != repr(c.name):
-            taken = files.get(stem, "the original's export")
+        if stem == "original" or files.get(stem, c.name) != c.name:  # same name: see below
+            taken = repr(files[stem]) if stem in files else "the original's export"
             raise InputError(
                 f"candidate {c.name!r} would write {stem}.onnx, as {taken} does: rename it"
             )
-        files[stem] = repr(c.name)  # (the same name twice is the check below)
+        files[stem] = c.name
         if c.is_reference:
             raise InputError(
                 f"candidate {c.name!r} has no plan, base or int8: it is the original's weights "

@@ -26,6 +26,7 @@ Either way only one layer's statistics are alive at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -95,51 +96,54 @@ def channel_rows(t: Tensor, module: nn.Module) -> Tensor:
     return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
+PreHook = Callable[[str, nn.Module, tuple[Any, ...]], None]
+
+
+@contextlib.contextmanager
+def pre_hooks(model: nn.Module, names: Iterable[str], hook: PreHook) -> Iterator[None]:
+    """``hook(name, layer, args)`` before every named layer's forward, for the forwards of the
+    thread that enters (another thread's forward passes untouched); removed on exit."""
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name in names:
+            bound = functools.partial(hook, name)
+            handles.append(modules[name].register_forward_pre_hook(own_thread(bound)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def input_norms(
     model: nn.Module, names: Iterable[str], batches: Sequence[Any]
 ) -> dict[str, Tensor]:
     """||x_j||_2 per input channel of each named layer over every calibration row (float64)."""
     sums: dict[str, Tensor] = {}
-    handles = []
 
-    def hook(name: str) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            channels = channel_rows(args[0].detach().double(), module)  # (rows, in)
-            total = (channels * channels).sum(0)
-            sums[name] = sums[name] + total if name in sums else total
+    def record(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        channels = channel_rows(args[0].detach().double(), module)  # (rows, in)
+        total = (channels * channels).sum(0)
+        sums[name] = sums[name] + total if name in sums else total
 
-        return record
-
-    modules = dict(model.named_modules())
-    for name in names:
-        handles.append(modules[name].register_forward_pre_hook(own_thread(hook(name))))
-    try:
+    with pre_hooks(model, names, record):
         for batch in batches:
             run_eval(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
     return {name: s.sqrt() for name, s in sums.items()}
 
 
 def layer_inputs(model: nn.Module, name: str, batches: Sequence[Any]) -> Iterator[Tensor]:
     """The input of layer ``name`` for each batch; each forward stops at the layer."""
-    module = model.get_submodule(name)
     seen: list[Tensor] = []
 
-    def stop(_: nn.Module, args: tuple[Any, ...]) -> None:
+    def stop(_: str, __: nn.Module, args: tuple[Any, ...]) -> None:
         seen.append(args[0].detach())
         raise _Reached
 
     for batch in batches:
         seen.clear()
-        handle = module.register_forward_pre_hook(own_thread(stop))
-        try:
+        with pre_hooks(model, [name], stop), contextlib.suppress(_Reached):
             run_eval(model, batch)
-        except _Reached:
-            pass
-        finally:
-            handle.remove()
         if not seen:
             raise InputError(f"layer {name!r} is not called in the forward")
         yield seen[0]
@@ -158,26 +162,18 @@ class CallOrder:
 
 def call_order(model: nn.Module, names: Iterable[str], batch: Any) -> CallOrder:
     """One forward of ``batch`` with a counting pre-hook on every named layer."""
-    wanted = set(names)
     found = CallOrder([], {}, 0)
-    handles = []
-    for name, module in model.named_modules():
-        if name in wanted:
 
-            def count(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                found.calls[name] = found.calls.get(name, 0) + 1
-                if found.calls[name] == 1:
-                    found.order.append(name)
-                if args and isinstance(args[0], Tensor):
-                    size = args[0].numel() * args[0].element_size()
-                    found.largest_input = max(found.largest_input, size)
+    def count(name: str, _: nn.Module, args: tuple[Any, ...]) -> None:
+        found.calls[name] = found.calls.get(name, 0) + 1
+        if found.calls[name] == 1:
+            found.order.append(name)
+        if args and isinstance(args[0], Tensor):
+            size = args[0].numel() * args[0].element_size()
+            found.largest_input = max(found.largest_input, size)
 
-            handles.append(module.register_forward_pre_hook(own_thread(count)))
-    try:
+    with pre_hooks(model, set(names), count):
         run_eval(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
     return found
 
 
@@ -271,20 +267,13 @@ def in_one_forward(
     if stacked is None or not names:
         return None if stacked is None else []
     visits = _Visits(names)
-    modules = dict(model.named_modules())
-    handles = []
-    try:
-        for name in names:
 
-            def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                if visits.first(name):
-                    visit(name, module, stacked.parts(args[0].detach()))
+    def pre(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if visits.first(name):
+            visit(name, module, stacked.parts(args[0].detach()))
 
-            handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
+    with pre_hooks(model, names, pre):
         run_eval(model, stacked.inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return [n for n in names if n in visits.pending]
 
 
@@ -334,24 +323,21 @@ def in_lockstep(
         name="graphprune-reference-forward", daemon=True,
     )  # fmt: skip
     visits = _Visits(names)
-    modules = dict(pruned.named_modules())
-    handles = []
+
+    def pre(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not visits.first(name):
+            raise _Mismatch(f"the pruned model calls layer {name!r} twice")
+        reached, value = channel.receive(worker)
+        if reached != name:
+            raise _Mismatch(f"the original model reached {_what(reached)} where the pruned "
+                            f"one reached layer {name!r}")  # fmt: skip
+        visit(name, module, stacked.parts(args[0].detach()), value)
+
     try:
-        for name in names:
-
-            def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                if not visits.first(name):
-                    raise _Mismatch(f"the pruned model calls layer {name!r} twice")
-                reached, value = channel.receive(worker)
-                if reached != name:
-                    raise _Mismatch(f"the original model reached {_what(reached)} where the "
-                                    f"pruned one reached layer {name!r}")  # fmt: skip
-                visit(name, module, stacked.parts(args[0].detach()), value)
-
-            handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
-        worker.start()
-        run_eval(pruned, stacked.inputs)
-        reached, _ = channel.receive(worker)
+        with pre_hooks(pruned, names, pre):
+            worker.start()
+            run_eval(pruned, stacked.inputs)
+            reached, _ = channel.receive(worker)
         if reached != _DONE:
             raise _Mismatch(f"the pruned model's forward ended before layer {reached!r}")
     except _Mismatch as exc:
@@ -361,8 +347,6 @@ def in_lockstep(
         ) from None
     finally:
         channel.stop.set()
-        for h in handles:
-            h.remove()
         if worker.ident is not None:
             worker.join()
     return True
@@ -420,25 +404,22 @@ def _run_reference(
 ) -> None:
     """The worker of :func:`in_lockstep`: the original's forward, handing over
     ``reference(...)`` at each named layer; its end or its error is the last item."""
-    modules = dict(original.named_modules())
-    handles = []
     inside: list[str] = []  # reference() may call the layer itself: no hook in there
+
+    def pre(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if inside:
+            return
+        channel.wait_turn()
+        inside.append(name)
+        try:
+            value = reference(name, module, stacked.parts(args[0].detach()))
+        finally:
+            inside.pop()
+        channel.send((name, value))
+
     try:
-        for name in names:
-
-            def pre(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                if inside:
-                    return
-                channel.wait_turn()
-                inside.append(name)
-                try:
-                    value = reference(name, module, stacked.parts(args[0].detach()))
-                finally:
-                    inside.pop()
-                channel.send((name, value))
-
-            handles.append(modules[name].register_forward_pre_hook(own_thread(pre)))
-        run_eval(original, stacked.inputs)
+        with pre_hooks(original, names, pre):
+            run_eval(original, stacked.inputs)
         channel.wait_turn()
         channel.send((_DONE, None))
     except _Reached:
@@ -447,8 +428,5 @@ def _run_reference(
         with contextlib.suppress(_Reached):
             channel.wait_turn()
             channel.send((_ERROR, exc))
-    finally:
-        for h in handles:
-            h.remove()
 
 

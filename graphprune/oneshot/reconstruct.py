@@ -462,7 +462,7 @@ def sparsegpt(
             prune(name, module, parts)
 
     missed = in_one_forward(model, found, batches, visit)
-    for name in todo if missed is None else [n for n in todo if n in set(missed)]:
+    for name in todo if missed is None else [n for n in todo if n in missed]:
         prune(name, model.get_submodule(name), layer_inputs(model, name, batches))
     for _ in steps:  # drain the bar
         pass

@@ -142,9 +142,12 @@ def compile_to_latency(
                 f"target_latency_ms={plan.target_latency_ms} is at or above the original's "
                 f"measured {original_ms[0]:.3f} ms: nothing needs pruning"
             )
-        rounds, candidates = _rounds(model, plan, costs, target, timed, compile_fn, {
-            "example_inputs": example_inputs, "calibration": calibration, "loss_fn": loss_fn
-        })  # fmt: skip
+        def compile_round(concrete: Plan) -> nn.Module:
+            return compile_fn(
+                model, concrete, example_inputs, calibration=calibration, loss_fn=loss_fn
+            )
+
+        rounds, candidates = _rounds(plan, costs, target, timed, compile_round)
     chosen = min(range(len(rounds)), key=lambda r: abs(rounds[r].measured / target - 1))
     outcome = LatencyOutcome(
         target, original_ms[-1], rounds, chosen, cache.measured,
@@ -155,13 +158,11 @@ def compile_to_latency(
 
 
 def _rounds(
-    model: nn.Module,
     plan: Plan,
     costs: CostModel,
     target: float,
     timed: Callable[[nn.Module], tuple[float, float]],
-    compile_fn: Callable[..., nn.Module],
-    compile_args: dict[str, Any],
+    compile_round: Callable[[Plan], nn.Module],
 ) -> tuple[list[LatencyRound], list[tuple[nn.Module, Plan]]]:
     """Up to ``ROUNDS`` allocate-compile-measure rounds, until one is within ``TOLERANCE``."""
     budget = target
@@ -178,11 +179,7 @@ def _rounds(
             plan, ratio=0.0, overrides=overrides_for(costs, kept), target_latency=None,
             target_latency_ms=None, scope="local",
         )  # fmt: skip
-        args = dict(compile_args)
-        example_inputs = args.pop("example_inputs")
-        pruned = compile_fn(
-            model, dataclasses.replace(concrete, reconstruct=False), example_inputs, **args
-        )
+        pruned = compile_round(dataclasses.replace(concrete, reconstruct=False))
         measured, _ = timed(pruned)
         rounds.append(LatencyRound(budget, costs.ratio(kept), measured, report(pruned).macs_ratio))
         candidates.append((pruned, concrete))
