@@ -1,18 +1,24 @@
 """Seconds spent capturing (torch.export), analysing and pruning (graphprune.compile at 0.5)
 each zoo model and two real-size networks, measured in one run (median of --repeat).
 
-``--stages`` adds the seconds of each compile stage (from ``gp.report(m).seconds``; "rest" is
-what no stage lap covers: MAC counts, config sync, copies) and Torch-Pruning's time for the same
-job (l2 magnitude, ratio 0.5, the classifier ignored) in the same process, when installed.
-``--llama`` adds a LLaMA-style model of 1.1 B parameters (TinyLlama's shape, bf16, random init)
-pruned at 0.25 in place, the compile-time issue's target (about 2.2 GB of weights).
+``--stages`` prints, per model, graphprune's first compile of it ("cold") and its second
+("warm": the unchanged model reuses its capture and analysis), Torch-Pruning's first and
+second run of the same job (l2 magnitude, ratio 0.5, the classifier ignored) in the same
+process, and the seconds of each stage of the cold compile (from ``gp.report(m).seconds``;
+"rest" is what no stage lap covers: the check's forward, copies, config sync).
+``--torchvision`` adds 18 torchvision models (those of benchmarks/vs_torch_pruning.py, plus
+MobileNetV3-L, RegNetY-800MF and ViT-B/16); ``--llama`` a LLaMA-style model of 1.1 B
+parameters (TinyLlama's shape, bf16, random init) pruned at 0.25 in place, the compile-time
+issue's target (about 2.2 GB of weights); ``--against REF`` runs the same table for revision
+REF first (in a subprocess) and prints its stages and the speed-up beside.
 
 ``--against REF`` also measures the graphprune of git revision REF (built into a temporary
 directory, run in a subprocess on the same models and plan) and prints both side by side with
 the ratio, e.g. to check that a change does not slow compile down.
 
     .venv/bin/python benchmarks/compile_time.py [--repeat 3] [--against e9fe280]
-    .venv/bin/python benchmarks/compile_time.py --stages [--only resnet50@224,vit_s16@224] [--llama]
+    .venv/bin/python benchmarks/compile_time.py --stages [--torchvision] [--llama] [--against REF]
+        [--only resnet50@224,tv:vit_b_16] [--out benchmarks/results/compile_time.json]
 """
 
 from __future__ import annotations
@@ -73,41 +79,81 @@ def llama_1b() -> tuple[Any, tuple[Any, ...]]:
     return model, (torch.randint(0, 32000, (1, 16)),)
 
 
-def stage_times(only: list[str] | None, llama: bool) -> dict[str, dict[str, float]]:
-    """Per model: graphprune's whole compile, its stages, and Torch-Pruning's time (one run
-    each, warm: a first compile of the same model is not timed)."""
+TORCHVISION = [  # benchmarks/vs_torch_pruning.py's models and the compile-time issue's
+    "densenet121", "densenet169", "densenet201", "squeezenet1_0", "squeezenet1_1", "googlenet",
+    "inception_v3", "resnext50_32x4d", "regnet_x_400mf", "regnet_y_400mf", "resnet18",
+    "resnet50", "mobilenet_v2", "vgg11_bn", "efficientnet_b0", "mobilenet_v3_large",
+    "regnet_y_800mf", "vit_b_16",
+]  # fmt: skip
+
+
+def stage_cases(only: list[str] | None, torchvision: bool) -> dict[str, Any]:
+    """Name -> a builder of (model, example inputs): the zoo, and torchvision's models."""
+    found: dict[str, Any] = {name: (lambda c=c: c) for name, c in cases().items()}
+    if torchvision:
+        sys.path.insert(1, str(ROOT))
+        from tests.real_models import declare_torchvision_ops
+
+        declare_torchvision_ops()
+        from vs_torch_pruning import build
+
+        found.update({f"tv:{n}": (lambda n=n: _as_inputs(build(n))) for n in TORCHVISION})
+    return {n: b for n, b in found.items() if not only or n in only}
+
+
+def _as_inputs(built: tuple[Any, Any]) -> tuple[Any, tuple[Any, ...]]:
+    return built[0], (built[1],)
+
+
+def stage_times(
+    only: list[str] | None, llama: bool, torchvision: bool
+) -> dict[str, dict[str, float]]:
+    """Per model, in this process: graphprune's first compile of the model ("cold": capture
+    and analysis included) and its second ("warm": an unchanged model reuses them), their
+    stages, and Torch-Pruning's first and second run of the same job. A tiny model is
+    compiled first, so that no model pays for the process's first export."""
     import graphprune as gp
 
     sys.path.append(str(Path(__file__).parent))  # last: benchmarks/transformers.py must not
     from vs_torch_pruning import torch_pruning  # shadow the library (benchmark-only dependency)
 
-    found = cases()
-    jobs = {n: found[n] for n in (only or list(found))}
+    builders = stage_cases(only, torchvision)
+    warm_up, x = cases()["resnet18"]
+    gp.compile(warm_up.eval(), gp.Plan(ratio=0.5), x)
+    _tp_seconds(torch_pruning, warm_up, x)
     rows: dict[str, dict[str, float]] = {}
-    for name, (model, inputs) in jobs.items():
+    for name, make in builders.items():
+        model, inputs = make()
         model.eval()
-        gp.compile(model, gp.Plan(ratio=0.5, round_to=1), inputs)  # warm-up
-        start = time.perf_counter()
-        pruned = gp.compile(model, gp.Plan(ratio=0.5, round_to=1), inputs)
-        row = {"graphprune": time.perf_counter() - start, **gp.report(pruned).seconds}
-        row["tp"] = _tp_seconds(torch_pruning, model, inputs)
+        row: dict[str, float] = {}
+        for run in ("cold", "warm"):
+            start = time.perf_counter()
+            pruned = gp.compile(model, gp.Plan(ratio=0.5, round_to=1), inputs)
+            row[run] = time.perf_counter() - start
+            row.update({f"{run}:{k}": v for k, v in gp.report(pruned).seconds.items()})
+        row["tp cold"] = _tp_seconds(torch_pruning, model, inputs, warm_up=False)
+        row["tp warm"] = _tp_seconds(torch_pruning, model, inputs, warm_up=False)
         rows[name] = row
+        print(f"  {name}: {row['cold']:.2f} s / {row['warm']:.2f} s, TP {row['tp warm']:.2f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
     if llama:
         model, inputs = llama_1b()
         start = time.perf_counter()
         pruned = gp.compile(model, gp.Plan(ratio=0.25), inputs, inplace=True)
+        seconds = time.perf_counter() - start
         rows["llama-1.1b bf16 @0.25"] = {
-            "graphprune": time.perf_counter() - start, **gp.report(pruned).seconds,
-            "tp": float("nan"),
+            "cold": seconds, **{f"cold:{k}": v for k, v in gp.report(pruned).seconds.items()},
+            "warm": float("nan"), "tp cold": float("nan"), "tp warm": float("nan"),
         }  # fmt: skip
     return rows
 
 
-def _tp_seconds(prune: Any, model: Any, inputs: tuple[Any, ...]) -> float:
+def _tp_seconds(prune: Any, model: Any, inputs: tuple[Any, ...], warm_up: bool = True) -> float:
     """Torch-Pruning's seconds for the same job (NaN when it cannot prune the model)."""
     example = inputs[0] if len(inputs) == 1 else inputs
     try:
-        prune(model, example, 0.5, 1)  # warm-up
+        if warm_up:
+            prune(model, example, 0.5, 1)
         start = time.perf_counter()
         prune(model, example, 0.5, 1)
         return time.perf_counter() - start
@@ -115,22 +161,49 @@ def _tp_seconds(prune: Any, model: Any, inputs: tuple[Any, ...]) -> float:
         return float("nan")
 
 
-def print_stages(rows: dict[str, dict[str, float]]) -> None:
-    names = (k for r in rows.values() for k in r if k not in ("graphprune", "tp"))
-    stages = list(dict.fromkeys(names))
-    print(f"{'model':<24} {'graphprune s':>12} {'TP s':>7} {'ratio':>6}  "
-          + " ".join(f"{s[:10]:>10}" for s in [*stages, "rest"]))  # fmt: skip
-    ratios = []
+STAGES = ["capture", "analyze", "reuse analysis", "shape relations", "score", "resolve",
+          "rewrite and verify"]  # fmt: skip
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b == b and b > 0 and a == a else float("nan")
+
+
+def print_stages(rows: dict[str, dict[str, float]], before: dict[str, Any] | None) -> None:
+    """The comparison table, then the stages of each cold compile (and of ``before``'s)."""
+    extra = f" {'before':>8} {'speed-up':>8}" if before else ""
+    print(f"{'model':<26} {'gp cold':>8} {'gp warm':>8} {'TP cold':>8} {'TP warm':>8} "
+          f"{'cold x':>7} {'warm x':>7}" + extra)  # fmt: skip
+    cold, warm, gains = [], [], []
     for name, r in rows.items():
-        rest = r["graphprune"] - sum(r.get(s, 0.0) for s in stages)
-        ratio = r["graphprune"] / r["tp"] if r["tp"] == r["tp"] and r["tp"] > 0 else float("nan")
-        if ratio == ratio:
-            ratios.append(ratio)
-        cells = " ".join(f"{r.get(s, 0.0):>10.3f}" for s in stages) + f" {rest:>10.3f}"
-        print(f"{name:<24} {r['graphprune']:>12.3f} {r['tp']:>7.3f} {ratio:>6.2f}  {cells}")
-    if ratios:
-        print(f"graphprune / Torch-Pruning: median {statistics.median(ratios):.2f}, "
-              f"max {max(ratios):.2f} over {len(ratios)} models")  # fmt: skip
+        c, w = _ratio(r["cold"], r["tp cold"]), _ratio(r["warm"], r["tp warm"])
+        cold += [c] if c == c else []
+        warm += [w] if w == w else []
+        line = (f"{name:<26} {r['cold']:>8.2f} {r['warm']:>8.2f} {r['tp cold']:>8.2f} "
+                f"{r['tp warm']:>8.2f} {c:>7.2f} {w:>7.2f}")  # fmt: skip
+        if before and name in before:
+            gain = _ratio(before[name]["warm"], r["warm"])
+            gains += [gain] if gain == gain else []
+            line += f" {before[name]['warm']:>8.2f} {gain:>8.2f}"
+        print(line)
+    for label, values in (("cold", cold), ("warm", warm)):
+        if values:
+            print(f"graphprune / Torch-Pruning, {label}: median {statistics.median(values):.2f}, "
+                  f"max {max(values):.2f} over {len(values)} models")  # fmt: skip
+    if gains:
+        print(f"warm compile, before / now: median {statistics.median(gains):.2f}x faster")
+    for title, table in (("now", rows), ("before", before or {})):
+        if table:
+            print(f"\nstages of the cold compile ({title}), seconds:")
+            _print_stage_table(table)
+
+
+def _print_stage_table(rows: dict[str, dict[str, float]]) -> None:
+    print(f"{'model':<26} {'total':>7} " + " ".join(f"{s[:9]:>9}" for s in [*STAGES, "rest"]))
+    for name, r in rows.items():
+        cells = [r.get(f"cold:{s}", 0.0) for s in STAGES]
+        rest = r["cold"] - sum(cells)
+        print(f"{name:<26} {r['cold']:>7.2f} " + " ".join(f"{v:>9.3f}" for v in [*cells, rest]))
 
 
 def measure(repeat: int) -> dict[str, dict[str, float]]:
@@ -167,7 +240,9 @@ def measure(repeat: int) -> dict[str, dict[str, float]]:
     return rows
 
 
-def measure_revision(ref: str, repeat: int) -> dict[str, dict[str, float]]:
+def measure_revision(
+    ref: str, repeat: int, extra: list[str] | None = None
+) -> dict[str, dict[str, float]]:
     """The same measurement with graphprune as of git revision ``ref`` (built with pip into a
     temporary directory, so this checkout's editable install is not touched)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +259,7 @@ def measure_revision(ref: str, repeat: int) -> dict[str, dict[str, float]]:
         )  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(site)}
         out = subprocess.run(
-            [sys.executable, __file__, "--repeat", str(repeat), "--json-only"],
+            [sys.executable, __file__, "--repeat", str(repeat), "--json-only", *(extra or [])],
             cwd=tmp,  # not ROOT: the checkout's graphprune must not shadow the built one
             env=env,
             check=True,
@@ -202,10 +277,23 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true", help="stage table vs Torch-Pruning")
     parser.add_argument("--only", help="comma-separated model names (with --stages)")
     parser.add_argument("--llama", action="store_true", help="add the 1.1 B LLaMA (--stages)")
+    parser.add_argument("--torchvision", action="store_true", help="add torchvision (--stages)")
+    parser.add_argument("--out", help="write the --stages rows as JSON here")
     args = parser.parse_args()
     if args.stages:
         only = args.only.split(",") if args.only else None
-        print_stages(stage_times(only, args.llama))
+        if args.json_only:
+            print(json.dumps(stage_times(only, args.llama, args.torchvision)))
+            return
+        extra = ["--stages", *(["--torchvision"] if args.torchvision else [])]
+        extra += ["--only", args.only] if args.only else []
+        before = measure_revision(args.against, args.repeat, extra) if args.against else None
+        rows = stage_times(only, args.llama, args.torchvision)
+        print_stages(rows, before)
+        if args.out:
+            from graphprune.io import write_text_atomic
+
+            write_text_atomic(Path(args.out), json.dumps({"now": rows, "before": before}))
         return
     if args.json_only:
         print(json.dumps(measure(args.repeat)))

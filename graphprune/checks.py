@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,14 @@ def _user_line(exc: BaseException) -> str:
     return found
 
 
-def check_model(model: nn.Module, example_inputs: ExampleInputs) -> None:
+def check_model(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    forward: Callable[[nn.Module, ExampleInputs], Any] = run_eval,
+) -> Any:
     """Raise :class:`InputError` for a model graphprune cannot work on (not a module, meta
-    tensors, example inputs it does not run on); warn about NaN/inf weights."""
+    tensors, example inputs it does not run on); warn about NaN/inf weights. Returns what
+    ``forward(model, example_inputs)`` (the check's one forward, eval mode, no grad) returns."""
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     normalize_inputs(example_inputs)  # an input of a kind graphprune cannot pass: its error
@@ -66,7 +72,7 @@ def check_model(model: nn.Module, example_inputs: ExampleInputs) -> None:
             stacklevel=3,
         )
     try:
-        run_eval(model, example_inputs)
+        return forward(model, example_inputs)
     except Exception as exc:
         where = _user_line(exc)
         raise InputError(

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from graphprune.analysis.macs import count_macs, count_params
+from graphprune.analysis.observe import Observed, observe
 from graphprune.capture import ExampleInputs, copy_model, no_cache, serialized
 from graphprune.checks import check_calibration, check_model
 from graphprune.errors import InputError
@@ -42,10 +43,6 @@ class Size:
 
     params: int
     macs: int
-
-    @classmethod
-    def of(cls, model: nn.Module, example_inputs: ExampleInputs) -> Size:
-        return cls(count_params(model), count_macs(model, example_inputs))
 
 
 @serialized
@@ -81,7 +78,8 @@ def compile(
     """
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
-    check_model(model, example_inputs)
+    with no_cache(model):  # the check's forward also gives the outputs, MACs and torch calls
+        original: Observed = check_model(model, example_inputs, forward=observe)
     job = CompileJob.of(
         model, plan, example_inputs, calibration, loss_fn, inplace=inplace, strict=strict
     )
@@ -91,18 +89,28 @@ def compile(
         return _compile_to_latency(job)
     target = model if inplace else copy_model(model)
     with no_cache(target), no_cache(model):  # HF models: a KV cache output cannot be captured
-        before = Size.of(target, example_inputs)
+        before = Size(count_params(target), original.macs)
         plan.check_patterns(_names(target))
-        structure = prune_structure(job, target, before.macs)
+        structure = prune_structure(job, target, original)
         target = structure.model
         sparse = mask_weights(job, target)
         # HF: the config (and module attributes no forward reads) follow the weights
         config = sync_config(target, getattr(model, "config", None), example_inputs)
-        after = Size.of(target, example_inputs)  # masks keep the dense MACs
+        after = Size(count_params(target), _macs_after(structure, before, example_inputs))
     changes = _changes(structure, sparse, config)
     attach_report(target, _report(job, before, after, structure, sparse, config, changes))
     attach_record(target, _record(job, structure, sparse, changes))
     return target
+
+
+def _macs_after(structure: StructuredResult, before: Size, example_inputs: ExampleInputs) -> int:
+    """The pruned model's MACs: counted by the verification of its rewrite; the original's
+    when nothing was rewritten (sparsity masks keep the dense MACs)."""
+    if structure.macs is not None:
+        return structure.macs
+    if not structure.changes and not structure.dropped:
+        return before.macs
+    return count_macs(structure.model, example_inputs)
 
 
 def _names(model: nn.Module) -> list[str]:

@@ -18,6 +18,7 @@ from torch import nn
 from graphprune.analysis import DependencyGraph
 from graphprune.capture import Captured
 from graphprune.errors import GraphPruneError
+from graphprune.planning.relations import ConstantCall
 
 
 class PruneError(GraphPruneError):
@@ -48,6 +49,9 @@ class PassContext:
     dropped: list[str] = field(default_factory=list)  # module paths replaced by a skip
     # (module path, attribute) the forward's torch calls read; None: not traced
     read_attributes: set[tuple[str, str]] | None = None
+    # (node, argument) of a shape constant -> the original's eager call that passed it
+    calls: dict[tuple[str, str], ConstantCall] = field(default_factory=dict)
+    macs: int | None = None  # MACs of the rewritten model, counted by its verification
 
     @property
     def prunes(self) -> bool:

@@ -27,6 +27,13 @@ _CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward on ``example_inputs`` (eval mode, no grad)."""
+    return forward_counting_macs(model, example_inputs)[1]
+
+
+def forward_counting_macs(model: nn.Module, example_inputs: Any) -> tuple[Any, int]:
+    """One forward on ``example_inputs`` (eval mode, no grad; the modes are restored): its
+    output and its multiply-accumulates. Compile's checks of the original and of the
+    rewritten model run this, so counting MACs costs no forward of its own."""
     args, kwargs = normalize_inputs(example_inputs)
     training = {m: m.training for m in model.modules()}
     # nothing may require grad: the counter's module tracker hooks tensors that do, and a view
@@ -39,14 +46,14 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         for p in requires:
             p.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
-            model(*args, **kwargs)
+            output = model(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for p, flag in requires.items():
             p.requires_grad_(flag)
         for m, t in training.items():
             m.train(t)
-    return int(counter.get_total_flops() // 2)
+    return output, int(counter.get_total_flops() // 2)
 
 
 def si(n: int) -> str:

@@ -22,9 +22,11 @@ symbol becomes "dimension ``d`` of node ``n``", whose size after pruning the ana
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import sys
+import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -226,6 +228,7 @@ _DISPATCH_FILES = (
     "torch/utils/_device.py",
     "torch/nn/functional.py",
     "torch/functional.py",
+    "graphprune/analysis/provenance.py",  # the call recorder running a functional's body
 )
 
 
@@ -446,9 +449,93 @@ def _trace(model: nn.Module, example_inputs: Any, objects: bool) -> ShapeTrace:
     for position, t in enumerate(flat):
         if isinstance(t, torch.Tensor):
             known[id(t)] = ("", position)
+    originals = _swap_attributes(model, attributes)
+    try:
+        with module_stack(model) as stack, eval_mode(model), torch.no_grad():
+            recorder = _Recorder(known, stack)
+            with recorder:
+                model(*args, **kwargs)
+    except Exception as exc:  # a forward that rejects int subclasses: report, don't guess
+        trace = ShapeTrace(error=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+        trace.attributes = attributes
+        return trace
+    finally:
+        for holder, name, value in originals:
+            holder.__dict__[name] = value
+    recorder.trace.attributes = attributes
+    return recorder.trace
+
+
+CallKey = tuple[str, str, str, int]  # (line, module, torch function, occurrence)
+
+# torch.nn.functional compositions whose body the export graph shows op by op: the call
+# recorder runs their body under the mode, so the view sizes inside are recorded too
+_EXPANDED = frozenset({"multi_head_attention_forward"})
+_expanding = threading.local()
+_functional_check = vars(torch.nn.functional)["has_torch_function"]
+
+
+def _has_torch_function(args: Any) -> bool:
+    """torch.nn.functional's dispatch check, answering False in a thread expanding a call
+    (the mode is already handling it)."""
+    return False if getattr(_expanding, "on", False) else bool(_functional_check(args))
+
+
+class _CallRecorder(TorchFunctionMode):
+    """The ints every torch call gets, keyed like :class:`IntUse` (nothing is traced or
+    swapped: the forward runs exactly as it would)."""
+
+    def __init__(self, modules: list[str]) -> None:
+        super().__init__()
+        self.calls: dict[CallKey, tuple[int, ...]] = {}
+        self._modules = modules
+        self._count: dict[tuple[str, str, str], int] = defaultdict(int)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in _EXPANDED and getattr(func, "__module__", "") == "torch.nn.functional":
+            return self._expand(func, args, kwargs)
+        line = _caller_line()
+        out = func(*args, **kwargs)
+        if func == _SHAPE_GETTER or name in ("size", "numel"):
+            return out  # shape reads: not uses (as in the shape trace)
+        ints = _ints((args, kwargs))
+        if ints:
+            module = self._modules[-1] if self._modules else ""
+            key = (line, module, name)
+            self.calls[(*key, self._count[key])] = tuple(int(v) for v in ints)
+            self._count[key] += 1
+        return out
+
+    def _expand(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """Run ``func``'s body with this mode on (its own dispatch check answers False)."""
+        functional = vars(torch.nn.functional)  # (harmless if left: it defers when not on)
+        saved = functional["has_torch_function"]
+        functional["has_torch_function"] = _has_torch_function
+        _expanding.on = True
+        try:
+            with self:
+                return func(*args, **kwargs)
+        finally:
+            _expanding.on = False
+            functional["has_torch_function"] = saved
+
+
+def as_uses(calls: dict[CallKey, tuple[int, ...]]) -> list[IntUse]:
+    """Recorded calls as the shape trace's uses (every int a literal), in call order."""
+    return [
+        IntUse(line, module, func, occurrence, values, tuple(const(v) for v in values))
+        for (line, module, func, occurrence), values in calls.items()
+    ]
+
+
+@contextlib.contextmanager
+def module_stack(model: nn.Module) -> Iterator[list[str]]:
+    """While inside, the paths of the modules whose forward is running in this thread,
+    innermost last (kept by global forward hooks)."""
     paths = {id(m): p for p, m in model.named_modules()}
     stack: list[str] = []
-    recorder = _Recorder(known, stack)
 
     def enter(module: nn.Module, _args: Any) -> None:
         stack.append(paths.get(id(module), stack[-1] if stack else ""))
@@ -457,25 +544,24 @@ def _trace(model: nn.Module, example_inputs: Any, objects: bool) -> ShapeTrace:
         if stack:
             stack.pop()
 
-    originals = _swap_attributes(model, attributes)
     hooks = [
         torch.nn.modules.module.register_module_forward_pre_hook(own_thread(enter)),
         torch.nn.modules.module.register_module_forward_hook(own_thread(leave)),
     ]
     try:
-        with eval_mode(model), torch.no_grad(), recorder:
-            model(*args, **kwargs)
-    except Exception as exc:  # a forward that rejects int subclasses: report, don't guess
-        trace = ShapeTrace(error=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
-        trace.attributes = attributes
-        return trace
+        yield stack
     finally:
         for hook in hooks:
             hook.remove()
-        for holder, name, value in originals:
-            holder.__dict__[name] = value
-    recorder.trace.attributes = attributes
-    return recorder.trace
+
+
+@contextlib.contextmanager
+def recorded_calls(model: nn.Module) -> Iterator[dict[CallKey, tuple[int, ...]]]:
+    """While inside, the ints of every torch call a forward of ``model`` (in this thread)
+    makes, keyed by (line, module path, function, occurrence) as the shape trace keys its
+    uses; the dict is filled as the forward runs."""
+    with module_stack(model) as stack, _CallRecorder(stack) as recorder:
+        yield recorder.calls
 
 
 def _close(a: tuple[float, float], b: tuple[float, float]) -> bool:

@@ -20,9 +20,10 @@ from typing import Any
 
 from torch import nn
 
-from graphprune.analysis import analyze
+from graphprune.analysis import analyze_captured
+from graphprune.analysis.cache import analysed
 from graphprune.analysis.macs import count_macs, count_params
-from graphprune.capture import ExampleInputs, LabelledBatch, capture
+from graphprune.capture import ExampleInputs, LabelledBatch
 from graphprune.compile import compile
 from graphprune.finetune.schedule import schedule_ratios
 from graphprune.oneshot.reconstruct import sparsegpt
@@ -219,7 +220,7 @@ class Pruner:
 
     def _units(self, model: nn.Module) -> dict[str, Unit]:
         """The pruning units of the plan's groups by name (stable across steps)."""
-        dg = analyze(model, self.example_inputs)
+        dg = analysed(model, self.example_inputs, analyze_captured).dg  # compile reuses it
         modules = dict(model.named_modules())
         plan = self.plan
         groups = candidate_groups(dg, plan)
@@ -229,7 +230,8 @@ class Pruner:
 
 def residual_blocks_of(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
     """The blocks compile's granularity='layers' chooses from (the same function)."""
-    return droppable_blocks(model, capture(model, example_inputs), example_inputs)
+    captured = analysed(model, example_inputs, analyze_captured).captured
+    return droppable_blocks(model, captured, example_inputs)
 
 
 def _calibration(

@@ -42,6 +42,19 @@ class ScoringInputs:
     modules: dict[str, nn.Module]
     rng: np.random.Generator
     input_norms: dict[str, Tensor] = field(default_factory=dict)  # wanda: consumer -> ||x_j||
+    # FQN -> the dims the scored groups read it along: each weight is read once for all
+    dims: dict[str, set[int]] = field(default_factory=dict)
+    _sums: dict[tuple[str, int, int], np.ndarray] = field(default_factory=dict)
+
+    def power_sums(self, fqn: str, dim: int, p: int) -> np.ndarray:
+        """:func:`power_sums` of a tensor, computed with the other dims it is scored along
+        (one pass over the weight) and kept for the groups that ask again."""
+        t = self.tensors[fqn]
+        dim = dim % max(t.dim(), 1)
+        if (fqn, dim, p) not in self._sums:
+            dims = {d % max(t.dim(), 1) for d in self.dims.get(fqn, set())} | {dim}
+            self._sums.update({(fqn, d, p): v for d, v in power_sums_along(t, dims, p).items()})
+        return self._sums[(fqn, dim, p)]
 
 
 def _rows(t: Tensor, dim: int) -> np.ndarray:
@@ -66,21 +79,33 @@ def _weights(group: Group, inputs: ScoringInputs) -> list[Member]:
 
 
 def power_sums(t: Tensor, dim: int, p: int) -> np.ndarray:
-    """sum of |t|^p over every dim but ``dim``, per index of ``dim`` (float64): one reduction
-    in torch (no float64 numpy copy of the weight; torch may still widen it for the sum)."""
+    """sum of |t|^p over every dim but ``dim``, per index of ``dim`` (float64)."""
     dim = dim % max(t.dim(), 1)
-    others = [d for d in range(t.dim()) if d != dim]
-    x = t.detach() if t.is_floating_point() else t.detach().double()
-    if not others:  # a vector: each entry is its own channel
-        return (x.double().abs() ** p).cpu().numpy()
-    norms = torch.linalg.vector_norm(x, ord=p, dim=others, dtype=torch.float64)
-    return (norms**p).cpu().numpy()
+    return power_sums_along(t, {dim}, p)[dim]
+
+
+def power_sums_along(t: Tensor, dims: set[int], p: int) -> dict[int, np.ndarray]:
+    """:func:`power_sums` for each of ``dims``, from one |t|^p: float64 for float32/64
+    tensors, float32 for 16-bit ones (their 8-11 bits of mantissa are far below float32's
+    rounding; a 1 B-parameter model in bf16 is then read once, not once per dim in float64)."""
+    x = t.detach()
+    if x.dim() <= 1:  # a vector: each entry is its own channel
+        return {d: (x.double().abs() ** p).cpu().numpy() for d in dims}
+    wide = torch.float32 if x.is_floating_point() and x.element_size() <= 2 else torch.float64
+    powered = x.to(wide).abs()
+    if p != 1:
+        powered = powered.pow_(p)
+    found = {}
+    for d in dims:
+        others = [o for o in range(x.dim()) if o != d]
+        found[d] = powered.sum(dim=others, dtype=torch.float64).cpu().numpy()
+    return found
 
 
 def magnitude(group: Group, inputs: ScoringInputs, p: int) -> np.ndarray:
     def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
         for m in _weights(group, inputs):
-            yield m, power_sums(inputs.tensors[m.fqn], m.dim, p)
+            yield m, inputs.power_sums(m.fqn, m.dim, p)
 
     return _accumulate(group, member_scores())
 
@@ -151,12 +176,11 @@ def is_consumer(member: Member, modules: dict[str, nn.Module]) -> bool:
 def wanda(group: Group, inputs: ScoringInputs) -> np.ndarray:
     def member_scores() -> Iterable[tuple[Member, np.ndarray]]:
         for m in _weights(group, inputs):
-            w = inputs.tensors[m.fqn]
             norms = inputs.input_norms.get(m.module) if is_consumer(m, inputs.modules) else None
             if norms is not None:
-                yield m, power_sums(w, m.dim, 1) * norms.cpu().numpy()
+                yield m, inputs.power_sums(m.fqn, m.dim, 1) * norms.cpu().numpy()
             else:
-                yield m, power_sums(w, m.dim, 2)
+                yield m, inputs.power_sums(m.fqn, m.dim, 2)
 
     return _accumulate(group, member_scores())
 
@@ -247,6 +271,9 @@ def score_groups(
         consumers = {m.module for g in groups for m in g.members if is_consumer(m, modules)}
         norms = input_norms(model, sorted(consumers), batches)
     inputs = ScoringInputs(tensors, grads, modules, np.random.default_rng(seed), norms)
+    for g in groups:
+        for member in g.members:
+            inputs.dims.setdefault(member.fqn, set()).add(member.dim)
     if callable(criterion):  # the user's function gets copies: it cannot change the weights
         own = {n: t.clone() for n, t in tensors.items()}
         own_grads = {n: [g.clone() for g in gs] for n, gs in grads.items()}

@@ -38,7 +38,7 @@ from torch import fx
 from graphprune.analysis import DependencyGraph
 from graphprune.analysis.arguments import argument_position
 from graphprune.analysis.graph import ShapeConstantUse
-from graphprune.analysis.provenance import AttrKey, DimKey, Expr, IntUse, ShapeTrace
+from graphprune.analysis.provenance import AttrKey, CallKey, DimKey, Expr, IntUse, ShapeTrace
 from graphprune.analysis.registry import flatten_args, source_line
 from graphprune.capture import Captured, owning_module
 
@@ -102,7 +102,12 @@ class Relation:
 
 
 def match_uses(captured: Captured, trace: ShapeTrace) -> dict[str, IntUse]:
-    """Export node name -> the eager call that made it (for nodes with int arguments).
+    """Export node name -> the eager call that made it (for nodes with int arguments)."""
+    return _match(captured, trace.uses)
+
+
+def _match(captured: Captured, uses: list[IntUse]) -> dict[str, IntUse]:
+    """Export node name -> the call among ``uses`` that made it.
 
     Nodes and calls are aligned in order per (source line, module instance); a node takes the
     next call whose function is compatible with its op (``reshape`` for ``aten.view``, ...).
@@ -118,7 +123,7 @@ def match_uses(captured: Captured, trace: ShapeTrace) -> dict[str, IntUse]:
     taken: set[int] = set()
     for keyed in (lambda line, module: (line, module), lambda _line, module: ("", module)):
         calls: dict[tuple[str, str], list[tuple[int, IntUse]]] = defaultdict(list)
-        for k, use in enumerate(trace.uses):
+        for k, use in enumerate(uses):
             if k not in taken:
                 calls[keyed(use.line, use.module)].append((k, use))
         cursor: dict[tuple[str, str], int] = defaultdict(int)
@@ -135,6 +140,37 @@ def match_uses(captured: Captured, trace: ShapeTrace) -> dict[str, IntUse]:
                     taken.add(k)
                     cursor[key] = j + 1
                     break
+    return found
+
+
+@dataclass(frozen=True)
+class ConstantCall:
+    """The eager call that passed a shape constant: its key, how many ints it got, and
+    which of them is the constant."""
+
+    key: CallKey
+    count: int
+    position: int
+
+
+def constant_calls(
+    dg: DependencyGraph, captured: Captured, recorded: list[IntUse]
+) -> dict[tuple[str, str], ConstantCall]:
+    """(node, argument) of each shape constant -> the call among the original's ``recorded``
+    calls that passed it, where the call's ints are exactly the node's (so the position is
+    certain). The verification reads the rewritten forward's value of the constant at the
+    same call instead of capturing the model again."""
+    nodes = {n.name: n for n in captured.graph.nodes}
+    uses = _match(captured, recorded)
+    found: dict[tuple[str, str], ConstantCall] = {}
+    for c in dg.shape_constants:
+        node, use = nodes.get(c.node), uses.get(c.node)
+        if node is None or use is None or list(use.values) != _node_ints(node):
+            continue
+        position = argument_position(node, c.argument)
+        if position is not None and 0 <= position < len(use.values):
+            key = (use.line, use.module, use.func, use.occurrence)
+            found[(c.node, c.argument)] = ConstantCall(key, len(use.values), position)
     return found
 
 

@@ -27,18 +27,26 @@ import numpy as np
 from torch import nn
 
 from graphprune.analysis import DependencyGraph, Group, analyze_captured
+from graphprune.analysis.cache import analysed
 from graphprune.analysis.macs import count_macs
+from graphprune.analysis.observe import Observed
 from graphprune.analysis.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
 from graphprune.analysis.registry import source_line
-from graphprune.capture import Captured, ExampleInputs, capture, copy_model
+from graphprune.capture import Captured, ExampleInputs, copy_model
 from graphprune.checks import GraphPruneWarning
 from graphprune.passes import structured_rewrite
 from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, RewriteFailure
 from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
-from graphprune.passes.verify import make_verifier, output_shapes
+from graphprune.passes.verify import make_verifier, shapes_of
 from graphprune.planning.importance import LossFn, nonfinite_groups, score_groups
 from graphprune.planning.plan import Plan, PlanError
-from graphprune.planning.relations import Relation, build_relations, satisfy
+from graphprune.planning.relations import (
+    ConstantCall,
+    Relation,
+    build_relations,
+    constant_calls,
+    satisfy,
+)
 from graphprune.planning.resolve import Resolution, candidate_groups, resolve
 from graphprune.planning.units import Units, pruning_units
 
@@ -80,6 +88,7 @@ class Setup:
     reference_shapes: Any
     macs_before: int
     shapes: ShapeModel | None
+    calls: dict[tuple[str, str], ConstantCall]  # shape constant -> the original's eager call
 
     def notes(self) -> list[str]:
         if self.shapes is not None and self.shapes.trace.error:
@@ -99,6 +108,7 @@ class Setup:
             resolution.kept,
             dict(resolution.attributes),
             read_attributes=self.read_attributes(),
+            calls=self.calls,
         )
 
     def read_attributes(self) -> set[tuple[str, str]] | None:
@@ -123,23 +133,25 @@ class Outcome:
 
 
 def setup(
-    model: nn.Module, example_inputs: ExampleInputs, macs_before: int, lap: Callable[[str], None]
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    original: Observed,
+    lap: Callable[[str], None],
+    *,
+    keep: bool = True,
 ) -> Setup:
-    captured = capture(model, example_inputs)
-    lap("capture")
-    dg = analyze_captured(captured)
-    lap("analyze")
-    shapes = ShapeModel.of(model, example_inputs, captured, dg)
+    """Capture, analysis and shape model of ``model`` (reused from an earlier compile of the
+    same structure, :mod:`graphprune.analysis.cache`; ``keep=False``: not stored for later).
+    ``original``: the check's forward of the model (output shapes, MACs, torch calls)."""
+    found = analysed(model, example_inputs, analyze_captured, lap, keep=keep)
+    captured, dg = found.captured, found.dg
+    shapes = found.derived("shapes", lambda: ShapeModel.of(model, example_inputs, captured, dg))
+    calls = constant_calls(dg, captured, original.uses()) if dg.shape_constants else {}
     lap("shape relations")
     return Setup(
-        model,
-        example_inputs,
-        captured,
-        dg,
-        output_shapes(model, example_inputs),
-        macs_before,
-        shapes,
-    )
+        model, example_inputs, captured, dg, shapes_of(original.output), original.macs, shapes,
+        calls,
+    )  # fmt: skip
 
 
 def attributes_for(
@@ -283,8 +295,10 @@ def prune_channels(
         lap("rewrite and verify")
         if failure is None:
             if inplace:  # replay the rewrite that worked on the user's model
+                macs = ctx.macs
                 ctx = s.context(target, resolution)
                 PassManager(make())(ctx)
+                ctx.macs = macs
             notes = [unranked] if unranked else []
             if ratio > 0 and not resolution.changed:
                 notes.append(_nothing_pruned(plan, s.dg))

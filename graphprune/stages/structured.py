@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphprune.analysis.observe import Observed
 from graphprune.capture import copy_model
 from graphprune.oneshot.reconstruct import LayerFit, refit_consumers
 from graphprune.planning.resolve import Resolution
@@ -35,10 +36,12 @@ class StructuredResult:
     dropped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     fits: list[LayerFit] = field(default_factory=list)
+    macs: int | None = None  # of the pruned model, counted by its verification (None: not run)
 
 
-def prune_structure(job: CompileJob, target: nn.Module, macs_before: int) -> StructuredResult:
-    """Prune ``target`` (the user's model when ``inplace``, else a copy) as the plan says."""
+def prune_structure(job: CompileJob, target: nn.Module, observed: Observed) -> StructuredResult:
+    """Prune ``target`` (the user's model when ``inplace``, else a copy) as the plan says.
+    ``observed``: the check's forward of the user's model."""
     plan = job.plan
     if plan.is_sparse:
         return StructuredResult(target)
@@ -46,7 +49,9 @@ def prune_structure(job: CompileJob, target: nn.Module, macs_before: int) -> Str
     original = copy_model(job.model) if job.inplace and plan.reconstruct else job.model
     job.watch.restart()
     # the user's model is only read (trials rewrite copies; inplace replays at the end)
-    setup = freeze_retry.setup(job.model, job.example_inputs, macs_before, job.watch.lap)
+    setup = freeze_retry.setup(
+        job.model, job.example_inputs, observed, job.watch.lap, keep=not job.inplace,
+    )  # fmt: skip
     if plan.granularity == "layers":
         outcome = freeze_retry.prune_layers(target, plan, setup, job.batches, job.watch.lap)
     else:
@@ -75,6 +80,7 @@ def prune_structure(job: CompileJob, target: nn.Module, macs_before: int) -> Str
         dropped=outcome.ctx.dropped,
         notes=setup.notes() + outcome.notes,
         fits=fits,
+        macs=outcome.ctx.macs,
     )
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.analysis import DependencyGraph, analyze
+from graphprune.analysis import DependencyGraph, analyze_captured
+from graphprune.analysis.cache import analysed
 from graphprune.capture import ExampleInputs, own_thread, run_eval
 from graphprune.planning.importance import LossFn, score_groups
 from graphprune.planning.latency.tables import OpShape, TableSource, grid, op_shape
@@ -133,7 +134,7 @@ def cost_model(
     progress: bool = True,
 ) -> CostModel:
     """Units, their allowed counts and scores, and the measured tables of every layer."""
-    dg = analyze(model, example_inputs)
+    dg = analysed(model, example_inputs, analyze_captured).dg  # the rounds' compiles reuse it
     modules = dict(model.named_modules())
     groups = candidate_groups(dg, plan)
     units = pruning_units(dg, groups, modules, 0.5, plan.channel_multiple).units

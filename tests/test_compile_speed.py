@@ -1,0 +1,165 @@
+"""What makes compile fast without making it less safe (the compile-time issue):
+
+- the verification reads each shape constant from the rewritten model's eager forward (the
+  ints its torch calls get) and re-captures only what it could not read -- and still catches
+  a rewrite that left an attribute stale;
+- capture and analysis are reused across compiles of the same model structure (latency
+  rounds, Pruner steps, repeated plans) and recomputed after any change to it;
+- the MACs come from the check's and the verification's forwards.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import graphprune as gp
+import graphprune.passes.verify as verify_module
+from graphprune.analysis import cache
+from graphprune.analysis.macs import count_macs
+from graphprune.models import MODELS
+from graphprune.passes.base import RewriteFailure
+from graphprune.stages import freeze_retry
+from tests.equivalence import check_dead_channels
+
+
+class InferredHeadDim(nn.Module):
+    """Attention whose head width is inferred (``view(B, T, n_head, -1)``): a stale
+    ``n_head`` still runs -- with heads regrouped, a wrong model of the right shape."""
+
+    def __init__(self, width: int = 64, n_head: int = 4) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.n_head = n_head
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, T, nh * hd)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.attn = InferredHeadDim()
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        return self.head(h + self.attn(h))
+
+
+def _without_shape_attributes(heads: bool = False) -> list[object]:
+    """The structured rewrite minus the pass that updates ints behind shape constants."""
+    return [p for p in gp.passes.structured_rewrite(heads) if p.name != "shape_attributes"]
+
+
+def _count_captures(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = verify_module.capture
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify_module, "capture", counting)
+    return calls
+
+
+def test_heads_plan_verified_without_recapture_and_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model, x = TinyEncoder().eval(), torch.randn(2, 5, 16)
+    captures = _count_captures(monkeypatch)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads", round_to=1), x)
+    assert pruned.attn.n_head == 2
+    assert not captures  # every constant was read from the eager forward
+    check_dead_channels(TinyEncoder().eval(), (x,), {"heads"}, "heads")  # and exact
+
+
+def test_a_stale_attribute_is_caught_from_the_eager_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model, x = TinyEncoder().eval(), torch.randn(2, 5, 16)
+    monkeypatch.setattr(freeze_retry, "structured_rewrite", _without_shape_attributes)
+    captures = _count_captures(monkeypatch)
+    plan = gp.Plan(ratio=0.5, granularity="heads", round_to=1)
+    with pytest.raises(RewriteFailure, match=r"view .*size\[2\] is 4 after pruning but the kept"):
+        gp.compile(model, plan, x, strict=True)
+    assert not captures
+    # without strict: the heads are frozen with that reason, nothing is left to prune
+    with pytest.raises(gp.PruneError, match="hard-coded or derived"):
+        gp.compile(model, plan, x)
+
+
+def test_a_stale_attribute_that_breaks_the_forward_names_its_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GPT's head_dim is explicit: a stale n_head makes the view fail; the re-capture then
+    names the line and the groups, and freeze-and-retry prunes the rest."""
+    spec = MODELS["gpt"]
+    model, x = spec.build().eval(), spec.example_inputs()
+    monkeypatch.setattr(freeze_retry, "structured_rewrite", _without_shape_attributes)
+    with pytest.raises(RewriteFailure, match=r"no longer runs at .*transformers.py:72"):
+        gp.compile(model, gp.Plan(ratio=0.5, granularity="heads", round_to=1), x, strict=True)
+
+
+def test_analysis_reused_until_the_structure_changes() -> None:
+    spec = MODELS["resnet18"]
+    model, x = spec.build().eval(), spec.example_inputs()
+    plan = gp.Plan(ratio=0.5, round_to=1)
+    first = gp.compile(model, plan, x)
+    assert "capture" in gp.report(first).seconds
+    second = gp.compile(model, plan, x)
+    assert set(gp.report(second).seconds) >= {"reuse analysis"}
+    assert "capture" not in gp.report(second).seconds
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # new weight values: same structure, reused, and scored from the new values
+    with torch.no_grad():
+        model.conv1.weight.mul_(-1.0).add_(torch.randn_like(model.conv1.weight))
+    assert "capture" not in gp.report(gp.compile(model, plan, x)).seconds
+    # anything the capture depends on changes: captured again
+    changes = [
+        lambda: setattr(model.conv1, "padding", (2, 2)),  # a module attribute
+        lambda: setattr(model, "conv1", nn.Conv2d(3, 16, 3, 1, 1, bias=False)),  # a module
+        lambda: model.fc.register_forward_hook(lambda m, i, o: o * 2),  # a hook
+    ]
+    for change in changes:
+        change()
+        assert "capture" in gp.report(gp.compile(model, plan, x)).seconds
+    assert "capture" in gp.report(gp.compile(model, plan, spec.example_inputs(batch=3))).seconds
+
+
+def test_the_cache_holds_no_model_and_no_inplace_entry() -> None:
+    spec = MODELS["resnet18"]
+    model, x = spec.build().eval(), spec.example_inputs()
+    gp.compile(model, gp.Plan(ratio=0.5), x)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the entry did not keep the model (or its weights) alive
+    model = spec.build().eval()
+    gp.compile(model, gp.Plan(ratio=0.5), x)
+    assert model in cache._entries
+    gp.compile(model, gp.Plan(ratio=0.5), x, inplace=True)
+    assert model not in cache._entries  # its old tensors are not kept after the rewrite
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet", "vit", "llama"])
+def test_macs_from_the_verifying_forward_match_an_independent_count(name: str) -> None:
+    spec = MODELS[name]
+    model, x = spec.build().eval(), spec.example_inputs()
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, round_to=1), x)
+    found = gp.report(pruned)
+    assert found.macs_before == count_macs(model, x)
+    assert found.macs_after == count_macs(pruned, x) < found.macs_before
