@@ -10,7 +10,9 @@ process, and the seconds of each stage of the cold compile (from ``gp.report(m).
 MobileNetV3-L, RegNetY-800MF and ViT-B/16); ``--llama`` a LLaMA-style model of 1.1 B
 parameters (TinyLlama's shape, bf16, random init) pruned at 0.25 in place, the compile-time
 issue's target (about 2.2 GB of weights); ``--against REF`` runs the same table for revision
-REF first (in a subprocess) and prints its stages and the speed-up beside.
+REF first (in a subprocess) and prints its stages and the speed-up beside. ``--workflows``
+times a latency-target compile and a 5-step Pruner end to end (with ``--against``: both
+revisions, and whether the Pruner's final weights are the same).
 
 ``--against REF`` also measures the graphprune of git revision REF (built into a temporary
 directory, run in a subprocess on the same models and plan) and prints both side by side with
@@ -206,6 +208,60 @@ def _print_stage_table(rows: dict[str, dict[str, float]]) -> None:
         print(f"{name:<26} {r['cold']:>7.2f} " + " ".join(f"{v:>9.3f}" for v in [*cells, rest]))
 
 
+def workflow_times() -> dict[str, dict[str, float]]:
+    """End-to-end seconds of the workflows that compile a model many times: a latency-target
+    compile (0.5 of the measured onnxruntime latency; its op-latency tables measured by an
+    untimed first run, so both revisions time the same work) and a 5-step Pruner at ratio 0.5,
+    on the zoo ResNet-18 layout and the zoo ViT; with what each produced (MACs ratio, and for
+    the Pruner a checksum of the final weights: the same before and after a change)."""
+    import torch
+
+    import graphprune as gp
+    from graphprune.analysis.macs import count_macs
+    from graphprune.models import MODELS
+
+    rows: dict[str, dict[str, float]] = {}
+    for name in ("resnet18", "vit"):
+        spec = MODELS[name]
+        model, x = spec.build().eval(), spec.example_inputs()
+        plan = gp.Plan(target_latency=0.5)
+        gp.compile(model, plan, x)  # fills the op-latency tables (untimed)
+        start = time.perf_counter()
+        pruned = gp.compile(model, plan, x)
+        found = gp.report(pruned)
+        rows[f"latency 0.5 {name}"] = {
+            "seconds": time.perf_counter() - start, "macs_ratio": found.macs_ratio,
+            "rounds": float(len(found.latency.rounds)) if found.latency else float("nan"),
+        }  # fmt: skip
+        start = time.perf_counter()
+        pruner = gp.Pruner(model, gp.Plan(ratio=0.5, round_to=1), x, steps=5, progress=False)
+        final = pruner.run()
+        checksum = sum(float(t.double().abs().sum()) for t in final.state_dict().values())
+        rows[f"pruner 5 steps {name}"] = {
+            "seconds": time.perf_counter() - start,
+            "macs_ratio": pruner.history[-1].macs / max(count_macs(model, x), 1),
+            "checksum": checksum,
+        }
+        torch.manual_seed(0)
+    return rows
+
+
+def print_workflows(rows: dict[str, dict[str, float]], before: dict[str, Any] | None) -> None:
+    extra = f" {'before s':>9} {'MACs':>6} {'speed-up':>8}  same weights" if before else ""
+    print(f"{'workflow':<26} {'seconds':>8} {'MACs':>6}" + extra)
+    for name, r in rows.items():
+        line = f"{name:<26} {r['seconds']:>8.2f} {r['macs_ratio']:>6.3f}"
+        if before and name in before:
+            b = before[name]
+            same = ""
+            if "checksum" in r:
+                close = abs(r["checksum"] - b["checksum"]) <= 1e-9 * abs(b["checksum"])
+                same = "yes" if close else "NO"
+            line += (f" {b['seconds']:>9.2f} {b['macs_ratio']:>6.3f} "
+                     f"{b['seconds'] / r['seconds']:>8.2f}  {same}")  # fmt: skip
+        print(line)
+
+
 def measure(repeat: int) -> dict[str, dict[str, float]]:
     """Per model: params, graph nodes, groups and the median seconds of each stage."""
     import graphprune as gp
@@ -278,8 +334,24 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated model names (with --stages)")
     parser.add_argument("--llama", action="store_true", help="add the 1.1 B LLaMA (--stages)")
     parser.add_argument("--torchvision", action="store_true", help="add torchvision (--stages)")
-    parser.add_argument("--out", help="write the --stages rows as JSON here")
+    parser.add_argument("--out", help="write the --stages/--workflows rows as JSON here")
+    parser.add_argument("--workflows", action="store_true", help="latency target and Pruner")
     args = parser.parse_args()
+    if args.workflows:
+        if args.json_only:
+            print(json.dumps(workflow_times()))
+            return
+        cache = tempfile.mkdtemp()  # one op-latency table cache for both revisions
+        os.environ["GRAPHPRUNE_CACHE_DIR"] = cache
+        extra = ["--workflows"]
+        before = measure_revision(args.against, args.repeat, extra) if args.against else None
+        rows = workflow_times()
+        print_workflows(rows, before)
+        if args.out:
+            from graphprune.io import write_text_atomic
+
+            write_text_atomic(Path(args.out), json.dumps({"now": rows, "before": before}))
+        return
     if args.stages:
         only = args.only.split(",") if args.only else None
         if args.json_only:

@@ -42,6 +42,12 @@ def _user_line(exc: BaseException) -> str:
     return found
 
 
+def _not_finite(t: torch.Tensor) -> bool:
+    """Holds a NaN or an inf: the largest |value| is then not finite (one reduction, no
+    boolean tensor the size of the weight)."""
+    return t.is_floating_point() and t.numel() > 0 and not bool(t.detach().abs().amax().isfinite())
+
+
 def check_model(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -62,7 +68,7 @@ def check_model(
             "materialise the model (model.to_empty(device='cpu'), then load its weights) or "
             "build it on cpu/cuda"
         )
-    not_finite = [name for name, t in state if t.is_floating_point() and not t.isfinite().all()]
+    not_finite = [name for name, t in state if _not_finite(t)]
     if not_finite:
         warnings.warn(
             f"{len(not_finite)} parameters/buffers hold NaN or inf (e.g. {not_finite[0]}): "

@@ -13,6 +13,7 @@ Latency targets wrap all of it in measured rounds (:mod:`graphprune.stages.laten
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
@@ -88,6 +89,8 @@ def compile(
     if plan.targets_latency:
         return _compile_to_latency(job)
     target = model if inplace else copy_model(model)
+    # the unpruned config, to sync against (inplace rewrites the model's own)
+    original_config = copy.deepcopy(getattr(model, "config", None))
     with no_cache(target), no_cache(model):  # HF models: a KV cache output cannot be captured
         before = Size(count_params(target), original.macs)
         plan.check_patterns(_names(target))
@@ -95,7 +98,7 @@ def compile(
         target = structure.model
         sparse = mask_weights(job, target)
         # HF: the config (and module attributes no forward reads) follow the weights
-        config = sync_config(target, getattr(model, "config", None), example_inputs)
+        config = sync_config(target, original_config, example_inputs)
         after = Size(count_params(target), _macs_after(structure, before, example_inputs))
     changes = _changes(structure, sparse, config)
     attach_report(target, _report(job, before, after, structure, sparse, config, changes))

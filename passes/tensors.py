@@ -28,13 +28,16 @@ def replace_tensor(model: nn.Module, fqns: list[str], value: Tensor) -> None:
     """
     module, name = owner(model, fqns[0])
     old = getattr(module, name)
+    fresh = value.detach()
+    if isinstance(old, Tensor) and _shares_storage(fresh, old):
+        fresh = fresh.clone()  # a view of the old tensor would keep all of it alive
     new: Tensor
     if isinstance(old, nn.Parameter):
-        old.data = value.detach().clone()
+        old.data = fresh
         old.grad = None
         new = old
     else:
-        new = value.detach().clone()
+        new = fresh
     for fqn in fqns:
         module, name = owner(model, fqn)
         if name in module._parameters:
@@ -45,7 +48,24 @@ def replace_tensor(model: nn.Module, fqns: list[str], value: Tensor) -> None:
             setattr(module, name, new)
 
 
+def _shares_storage(a: Tensor, b: Tensor) -> bool:
+    if a.device.type == "meta" or b.device.type == "meta":
+        return a is b
+    return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
 def select(t: Tensor, dim: int, index: list[int] | torch.Tensor) -> Tensor:
+    """A new tensor of ``t``'s positions ``index`` along ``dim`` (rows by indexing, other
+    dims by a mask when the index is increasing: both faster than index_select on CPU)."""
     index_t = torch.as_tensor(index, dtype=torch.long, device=t.device)
+    dim = dim % max(t.dim(), 1)
     with torch.no_grad():
+        if t.is_meta:  # shapes only: a mask's selection size would depend on its values
+            return t.index_select(dim, index_t)
+        if dim == 0:
+            return t.detach()[index_t]
+        if index_t.numel() > 1 and bool((index_t[1:] > index_t[:-1]).all()):
+            mask = torch.zeros(t.shape[dim], dtype=torch.bool, device=t.device)
+            mask[index_t] = True
+            return t.detach()[(slice(None),) * dim + (mask,)]
         return t.index_select(dim, index_t)

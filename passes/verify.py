@@ -11,6 +11,7 @@ needs no forward of its own for them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import fx
 
 from graphprune.analysis.arguments import argument_value
 from graphprune.analysis.graph import ShapeConstantUse
-from graphprune.analysis.observe import observe
+from graphprune.analysis.observe import Observed, observe
 from graphprune.analysis.provenance import CallKey
 from graphprune.analysis.registry import source_line
 from graphprune.capture import capture, run_eval
@@ -63,10 +64,15 @@ def _changed(ctx: PassContext) -> list[ShapeConstantUse]:
     return [c for c in ctx.dg.shape_constants if c.expected(ctx.kept) != c.value]
 
 
-def make_verifier(reference_shapes: Any) -> Any:
+def make_verifier(
+    reference_shapes: Any, forward: Callable[[torch.nn.Module, Any], Observed] = observe
+) -> Any:
+    """The verification of a rewrite (module docstring); ``forward`` runs the model once
+    (under fake tensors for a model on the meta device)."""
+
     def verify(ctx: PassContext) -> None:
         try:
-            observed = observe(ctx.model, ctx.example_inputs)
+            observed = forward(ctx.model, ctx.example_inputs)
         except Exception as exc:
             if _changed(ctx):  # a stale constant: the re-capture names its line
                 _check_constants(ctx)

@@ -26,6 +26,7 @@ from graphprune.models import MODELS
 from graphprune.passes.base import RewriteFailure
 from graphprune.stages import freeze_retry
 from tests.equivalence import check_dead_channels
+from tests.test_shape_relations import Picky
 
 
 class InferredHeadDim(nn.Module):
@@ -163,3 +164,29 @@ def test_macs_from_the_verifying_forward_match_an_independent_count(name: str) -
     found = gp.report(pruned)
     assert found.macs_before == count_macs(model, x)
     assert found.macs_after == count_macs(pruned, x) < found.macs_before
+
+
+def test_inplace_trials_rewrite_the_model_and_undo_a_failure() -> None:
+    """inplace=True rewrites the user's model directly (no rehearsal on a copy): a trial that
+    fails verification is undone, the retry prunes the rest, as compile on a copy does."""
+    plan, x = gp.Plan(ratio=0.5, round_to=1), torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    reference = gp.compile(Picky().eval(), plan, x)
+    torch.manual_seed(0)
+    model = Picky().eval()
+    assert gp.compile(model, plan, x, inplace=True) is model
+    assert [f.name for f in gp.report(model).frozen] == ["stem.0.weight[0]"]
+    pairs = zip(reference.state_dict().items(), model.state_dict().items(), strict=True)
+    for (k, a), (_, b) in pairs:
+        assert torch.equal(a, b), k
+    # a failure with strict=True: the model is exactly as it was, the same parameter objects
+    torch.manual_seed(0)
+    model = Picky().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    objects = [id(p) for p in model.parameters()] + [id(m) for m in model.modules()]
+    with pytest.raises(gp.PruneError, match="view"):
+        gp.compile(model, plan, x, inplace=True, strict=True)
+    assert objects == [id(p) for p in model.parameters()] + [id(m) for m in model.modules()]
+    assert model.width == 16 and model.stem[0].out_channels == 16
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

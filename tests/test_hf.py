@@ -253,3 +253,17 @@ def test_a_layout_no_config_builds_is_reported_not_guessed(tmp_path: Path) -> No
     torch.manual_seed(0)
     loaded = gp.load(Hardwired(_llama().config).eval(), tmp_path / "m.pt", x)
     torch.testing.assert_close(outputs(loaded, x), outputs(pruned, x))
+
+
+def test_inplace_compile_syncs_the_config_like_a_copy() -> None:
+    """inplace=True rewrites the model's own config: the sync still compares with the
+    unpruned one (it once compared the config with itself and reported nothing changed)."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    x = {"input_ids": torch.randint(0, 100, (2, 8))}
+    copy_report = gp.report(gp.compile(model, gp.Plan(ratio=0.5), x)).config
+    in_place = gp.report(gp.compile(model, gp.Plan(ratio=0.5), x, inplace=True)).config
+    assert copy_report is not None and in_place is not None
+    assert in_place.changes == copy_report.changes == {"hidden_size": 32, "intermediate_size": 64}
+    assert in_place.expressible and copy_report.expressible
+    assert model.config.hidden_size == 32

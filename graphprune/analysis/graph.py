@@ -118,6 +118,41 @@ class Group:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PositionArrays:
+    """Positions of a tensor dim as arrays: ``groups[i, j]``, ``channels[i, j]`` is the j-th
+    (group, channel) position i depends on (group -1: padding), so which positions survive a
+    resolution is a few numpy operations, not a Python loop over the positions."""
+
+    groups: np.ndarray  # (positions, width) int64
+    channels: np.ndarray  # (positions, width) int64
+
+    @classmethod
+    def of(cls, rows: list[tuple[tuple[int, int], ...]]) -> PositionArrays:
+        width = max((len(r) for r in rows), default=0)
+        groups = np.full((len(rows), width), -1, dtype=np.int64)
+        channels = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            for j, (g, c) in enumerate(row):
+                groups[i, j], channels[i, j] = g, c
+        return cls(groups, channels)
+
+    def surviving(self, kept: Mapping[int, Iterable[int]]) -> np.ndarray:
+        """Per position: every channel it depends on is kept (groups absent from ``kept``
+        keep all)."""
+        ok = np.ones(self.groups.shape[0], dtype=bool)
+        for g in np.unique(self.groups[self.groups >= 0]).tolist():
+            if g not in kept:
+                continue
+            here = self.groups == g
+            alive = np.zeros(int(self.channels[here].max()) + 1, dtype=bool)
+            chans = np.fromiter((int(c) for c in kept[g]), dtype=np.int64)
+            alive[chans[chans < alive.size]] = True
+            lost = here & ~alive[np.where(here, self.channels, 0)]
+            ok &= ~lost.any(axis=1)
+        return ok
+
+
 @dataclass
 class ShapeConstantUse:
     """An integer argument that must be recomputed when these groups are pruned."""
@@ -132,16 +167,16 @@ class ShapeConstantUse:
     source: str
     positions: list[tuple[tuple[int, int], ...]] = field(repr=False, default_factory=list)
 
+    _encoded: PositionArrays | None = field(default=None, init=False, repr=False, compare=False)
+
     def expected(self, kept: Mapping[int, Iterable[int]]) -> int:
         """The value this argument must take when each group keeps ``kept[group]``."""
-        sets = {
-            g: chans if isinstance(chans, set | frozenset) else {int(c) for c in chans}
-            for g, chans in kept.items()
-        }
-        return sum(all(c in sets.get(g, {c}) for g, c in row) for row in self.positions)
+        if self._encoded is None:
+            self._encoded = PositionArrays.of(self.positions)
+        return int(self._encoded.surviving(kept).sum())
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in vars(self).items() if k != "positions"}
+        data = {k: v for k, v in vars(self).items() if k != "positions" and k[0] != "_"}
         return data
 
 
@@ -170,6 +205,7 @@ class DependencyGraph:
         self.groups = groups
         self._graph = graph
         self._positions = positions
+        self._encoded: dict[TensorDim, PositionArrays] = {}  # made on first use
         self.shape_constants = shape_constants
         self.diagnostics = diagnostics
         self._aliases = aliases
@@ -204,12 +240,12 @@ class DependencyGraph:
         name); None for a node or dim the analysis has no layout for."""
         return self._node_rows(node, dim) if self._node_rows is not None else None
 
-    def kept_positions(self, fqn: str, dim: int, kept: dict[int, Iterable[int]]) -> np.ndarray:
+    def kept_positions(self, fqn: str, dim: int, kept: Mapping[int, Iterable[int]]) -> np.ndarray:
         """Positions of ``fqn``'s dim that survive when each group keeps ``kept[group]``."""
-        keep_sets = {g: set(int(c) for c in chans) for g, chans in kept.items()}
-        rows = self._positions[(fqn, dim)]
-        ok = [all(c in keep_sets.get(g, {c}) for g, c in row) for row in rows]
-        return np.flatnonzero(np.array(ok, dtype=bool))
+        encoded = self._encoded.get((fqn, dim))
+        if encoded is None:
+            encoded = self._encoded[(fqn, dim)] = PositionArrays.of(self._positions[(fqn, dim)])
+        return np.flatnonzero(encoded.surviving(kept))
 
     def to_networkx(self) -> nx.MultiGraph:
         """Tensor dims as nodes (attribute ``groups``), coupling ops as edges (``op``, ``why``)."""
@@ -516,6 +552,7 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
     frozen, notes = atoms.by_space(walked.facts.frozen), atoms.by_space(walked.facts.notes)
     kinds = atoms.kinds()
     members = _members(captured, positions, len(numbering.order))
+    ops = _group_ops(graph, node_groups)
     groups = [
         Group(
             id=i,
@@ -523,7 +560,7 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
             members=members[i],
             frozen_reasons=_unique(frozen.get(s, [])),
             notes=_unique(notes.get(s, [])),
-            ops=_group_ops(graph, node_groups, i),
+            ops=ops.get(i, []),
             kind=kinds.get(s, "channels"),
         )
         for i, s in enumerate(numbering.order)
@@ -551,15 +588,13 @@ def _members(
     return members
 
 
-def _group_ops(graph: nx.MultiGraph, node_groups: dict[str, set[int]], group: int) -> list[str]:
-    """The ops (with their modules) whose both ends carry ``group``'s channels."""
-    return sorted(
-        {
-            f"{data['op']} ({data['module'] or '<root>'})"
-            for a, b, data in graph.edges(data=True)
-            if group in node_groups.get(a, ()) and group in node_groups.get(b, ())
-        }
-    )
+def _group_ops(graph: nx.MultiGraph, node_groups: dict[str, set[int]]) -> dict[int, list[str]]:
+    """Per group: the ops (with their modules) whose both ends carry its channels."""
+    found: dict[int, set[str]] = {}
+    for a, b, data in graph.edges(data=True):
+        for g in node_groups.get(a, set()) & node_groups.get(b, set()):
+            found.setdefault(g, set()).add(f"{data['op']} ({data['module'] or '<root>'})")
+    return {g: sorted(ops) for g, ops in found.items()}
 
 
 def _constants(walked: Walked, numbering: _Numbering) -> list[ShapeConstantUse]:

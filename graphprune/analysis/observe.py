@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from graphprune.analysis.macs import forward_counting_macs
 from graphprune.analysis.provenance import CallKey, IntUse, as_uses, recorded_calls
@@ -30,3 +31,11 @@ def observe(model: nn.Module, example_inputs: ExampleInputs) -> Observed:
     with recorded_calls(model) as calls:
         output, macs = forward_counting_macs(model, example_inputs)
     return Observed(output, macs, calls)
+
+
+def observe_fake(model: nn.Module, example_inputs: ExampleInputs) -> Observed:
+    """:func:`observe` for a model on the meta device: under fake tensors, so the forward runs
+    on shapes alone (code that branches on values sees a tracing tensor, as under export;
+    Hugging Face's mask helpers then skip their data-dependent checks)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return observe(model, example_inputs)

@@ -5,8 +5,10 @@
    (:mod:`graphprune.planning.relations`).
 2. **Resolve** the plan into kept channels per unit (:mod:`graphprune.planning.resolve`),
    then let the relation solver drive, tie or freeze groups and pick attribute values.
-3. **Rewrite and verify** on a copy of the original model: slice, update attributes,
-   re-capture, compare every shape constant and the output shapes.
+3. **Rewrite and verify** on a copy of the original model (``inplace``: on the model itself,
+   undone on failure): slice, update attributes, run the rewritten model once, compare every
+   shape constant with the value its torch call got (re-capturing only for constants whose
+   call is unknown) and the output shapes (:mod:`graphprune.passes.verify`).
 4. **Freeze and retry.** A rewrite that fails freezes the groups whose channels reach the
    failing line (or, when the failure names none, the smallest set found by bisection) with
    the failure as the reason, and everything is resolved again from the original model -- a
@@ -20,16 +22,16 @@ import dataclasses
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from torch import nn
+from torch import Tensor, nn
 
 from graphprune.analysis import DependencyGraph, Group, analyze_captured
 from graphprune.analysis.cache import analysed
 from graphprune.analysis.macs import count_macs
-from graphprune.analysis.observe import Observed
+from graphprune.analysis.observe import Observed, observe
 from graphprune.analysis.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
 from graphprune.analysis.registry import source_line
 from graphprune.capture import Captured, ExampleInputs, copy_model
@@ -37,6 +39,7 @@ from graphprune.checks import GraphPruneWarning
 from graphprune.passes import structured_rewrite
 from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, RewriteFailure
 from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
+from graphprune.passes.undo import Undo
 from graphprune.passes.verify import make_verifier, shapes_of
 from graphprune.planning.importance import LossFn, nonfinite_groups, score_groups
 from graphprune.planning.plan import Plan, PlanError
@@ -81,7 +84,7 @@ class ShapeModel:
 class Setup:
     """Everything computed once per compile, shared by every trial."""
 
-    original: nn.Module  # never rewritten: each trial starts from a copy of it
+    original: nn.Module  # the user's: trials rewrite copies of it (inplace: it, with undo)
     example_inputs: ExampleInputs
     captured: Captured
     dg: DependencyGraph
@@ -89,6 +92,10 @@ class Setup:
     macs_before: int
     shapes: ShapeModel | None
     calls: dict[tuple[str, str], ConstantCall]  # shape constant -> the original's eager call
+    # how the model runs (a model on the meta device: under fake tensors) and where its
+    # weights are read for scoring (None: the model's own)
+    forward: Callable[[nn.Module, ExampleInputs], Observed] = observe
+    weights: Mapping[str, Tensor] | None = None
 
     def notes(self) -> list[str]:
         if self.shapes is not None and self.shapes.trace.error:
@@ -139,6 +146,8 @@ def setup(
     lap: Callable[[str], None],
     *,
     keep: bool = True,
+    forward: Callable[[nn.Module, ExampleInputs], Observed] = observe,
+    weights: Mapping[str, Tensor] | None = None,
 ) -> Setup:
     """Capture, analysis and shape model of ``model`` (reused from an earlier compile of the
     same structure, :mod:`graphprune.analysis.cache`; ``keep=False``: not stored for later).
@@ -150,7 +159,7 @@ def setup(
     lap("shape relations")
     return Setup(
         model, example_inputs, captured, dg, shapes_of(original.output), original.macs, shapes,
-        calls,
+        calls, forward, weights,
     )  # fmt: skip
 
 
@@ -202,6 +211,7 @@ class _Resolver:
                     batches=self.batches,
                     loss_fn=self.loss_fn,
                     seed=self.plan.seed,
+                    weights=self.s.weights,
                 )
             )
         return self.scores[g]
@@ -255,8 +265,9 @@ def prune_channels(
     strict: bool,
 ) -> Outcome:
     """Channels or heads (see the module docstring). ``target`` is the user's model when
-    ``inplace`` (then trials run on copies and the result is replayed on it), else a copy
-    the first trial may rewrite."""
+    ``inplace`` (then every trial rewrites it, and a failed one is undone:
+    :class:`~graphprune.passes.undo.Undo`), else a copy the first trial may rewrite (later
+    trials rewrite fresh copies of the original)."""
     dg = s.dg
     modules = dict(s.original.named_modules())
     groups = candidate_groups(dg, plan)
@@ -270,8 +281,9 @@ def prune_channels(
         raise PruneError(_nothing_prunable(plan, dg))
     units = pruning_units(dg, groups, modules, plan.ratio or 0.5, plan.channel_multiple)
     scores = score_groups(
-        s.original, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
-    )
+        s.original, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn,
+        seed=plan.seed, weights=s.weights,
+    )  # fmt: skip
     lap("score")
     unranked = _nonfinite_note(scores, dg, s.original, plan)
     resolver = _Resolver(plan, s, groups, units, scores, modules, s.original, batches, loss_fn)
@@ -280,29 +292,28 @@ def prune_channels(
     def make() -> list[Pass]:
         return structured_rewrite(heads)
 
-    verify = make_verifier(s.reference_shapes)
+    verify = make_verifier(s.reference_shapes, s.forward)
     frozen: dict[int, str] = {}
-    first = not inplace
+    first = True
     for _ in range(MAX_ROUNDS):
         ratio = _ratio_for_target(plan, resolver, frozen, s, make)
         resolution = resolver(ratio, frozen)
         lap("resolve")
-        model = target if first else copy_model(s.original)
+        # the user's model (inplace: undone if the rewrite fails) or a fresh copy
+        model = target if first or inplace else copy_model(s.original)
         first = False
         if not resolution.changed and resolution.frozen and ratio > 0:
             break  # the relations froze everything the plan would prune
+        undo = Undo.of(model) if inplace else None
         ctx, failure = _attempt(model, resolution, s, make, verify)
         lap("rewrite and verify")
         if failure is None:
-            if inplace:  # replay the rewrite that worked on the user's model
-                macs = ctx.macs
-                ctx = s.context(target, resolution)
-                PassManager(make())(ctx)
-                ctx.macs = macs
             notes = [unranked] if unranked else []
             if ratio > 0 and not resolution.changed:
                 notes.append(_nothing_pruned(plan, s.dg))
             return Outcome(ctx.model, ctx, resolution, groups, notes)
+        if undo is not None:
+            undo.restore()
         if strict:
             raise failure
         culprits = _culprits(failure, resolution, s)
