@@ -5,6 +5,7 @@ from __future__ import annotations
 from graphprune.advise import Advice, advise
 from graphprune.analysis import DependencyGraph, Group, Member, analyze
 from graphprune.capture import LabelledBatch, capture
+from graphprune.checkpoint import CheckpointReport, compile_checkpoint
 from graphprune.compile import compile
 from graphprune.errors import AnalysisError, CaptureError, GraphPruneError, InputError
 from graphprune.finetune import GroupLasso, Pruner, StepRecord, recalibrate_norms, rewind
@@ -23,6 +24,7 @@ __all__ = [
     "Advice",
     "AnalysisError",
     "CaptureError",
+    "CheckpointReport",
     "CompileReport",
     "DependencyGraph",
     "ExportError",
@@ -45,6 +47,7 @@ __all__ = [
     "analyze",
     "capture",
     "compile",
+    "compile_checkpoint",
     "export_onnx",
     "finalize",
     "load",

@@ -20,6 +20,7 @@ from torch import nn
 from graphprune.advise import advise, default_candidates, plot_advice
 from graphprune.analysis import analyze
 from graphprune.analysis.macs import count_macs, count_params, si
+from graphprune.checkpoint import compile_checkpoint
 from graphprune.compile import compile
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.io import write_text_atomic
@@ -307,6 +308,26 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
+def _cmd_compile_checkpoint(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)
+    found = compile_checkpoint(
+        args.src, plan, args.dst, verify_bytes=int(args.verify_gib * 2**30), progress=True
+    )
+    print(f"graphprune compile-checkpoint {args.src} -> {args.dst}")
+    macs = found.macs_after / max(found.macs_before, 1)
+    print(f"  parameters {si(found.params_before)} -> {si(found.params_after)} "
+          f"({found.param_ratio:.3f}), MACs kept {macs:.3f}")  # fmt: skip
+    for name, (kept, total) in list(found.kept.items())[:8]:
+        print(f"  {name}: {kept} of {total}")
+    if found.config is not None:
+        changes = ", ".join(f"{k}={v}" for k, v in found.config.changes.items()) or "none"
+        state = "synced" if found.config.expressible else f"NOT synced: {found.config.reason}"
+        print(f"  config {state} ({changes})")
+    print(f"  verified: {found.verified}")
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in found.seconds.items()))
+    return 0
+
+
 def _cmd_advise(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())
@@ -427,6 +448,20 @@ def _advise_parser(sub: Any) -> None:
     p.set_defaults(run=_cmd_advise)
 
 
+def _checkpoint_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "compile-checkpoint",
+        help="prune a save_pretrained checkpoint (SRC) into a new one (DST), layer by layer, "
+        "without loading the model",
+    )
+    p.add_argument("src", help="a directory written by save_pretrained (safetensors)")
+    p.add_argument("dst", help="a new directory for the pruned checkpoint")
+    _plan_args(p)
+    p.add_argument("--verify-gib", type=float, default=4.0,
+                   help="compare with an in-memory compile up to this model size")  # fmt: skip
+    p.set_defaults(run=_cmd_compile_checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -498,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_sparsity)
 
     _advise_parser(sub)
+
+    _checkpoint_parser(sub)
 
     p = sub.add_parser("models", help="list the built-in models")
     p.set_defaults(run=_cmd_list)

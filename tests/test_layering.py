@@ -42,7 +42,15 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [  # in pipeline order; longest pref
     ("records", ("graphprune.report", "graphprune.record")),
     ("stages", ("graphprune.stages",)),
     ("driver", ("graphprune.compile",)),
-    ("workflows", ("graphprune.serialize", "graphprune.finetune", "graphprune.advise")),
+    (
+        "workflows",
+        (
+            "graphprune.serialize",
+            "graphprune.finetune",
+            "graphprune.advise",
+            "graphprune.checkpoint",
+        ),
+    ),
     ("interface", ("graphprune.cli", "graphprune.models")),
 ]
 RANK = {prefix: i for i, (_, prefixes) in enumerate(STAGES) for prefix in prefixes}

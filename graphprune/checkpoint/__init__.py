@@ -1,0 +1,230 @@
+"""Checkpoint in, checkpoint out: prune a model larger than memory.
+
+:func:`compile_checkpoint` builds the model on the meta device from ``src``'s config, captures
+and analyses it from shapes alone, scores the groups from the weights read one tensor at a
+time from the memory-mapped shards, resolves the plan, rewrites and verifies the *meta*
+model (the verification's forward runs on fake tensors: shapes, shape constants, MACs), and
+then writes each decoder layer's tensors sliced to ``dst`` -- one layer in memory at a time --
+with the config synced to the pruned shapes. The written checkpoint is checked by building
+the model from the written config on the meta device (every tensor's shape), and, when it
+fits in ``verify_bytes``, by loading it with ``from_pretrained`` and running it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune.analysis.macs import count_params
+from graphprune.analysis.observe import observe_fake
+from graphprune.capture import ExampleInputs, no_cache, serialized, tensor_aliases
+from graphprune.checkpoint.source import Checkpoint, CheckpointTensors
+from graphprune.checkpoint.write import Slices, finish, staging_dir, write_shards
+from graphprune.compile import compile, report
+from graphprune.errors import InputError
+from graphprune.hf import ConfigSync, sync_config
+from graphprune.planning.plan import Plan, PlanError
+from graphprune.stages import freeze_retry
+from graphprune.stages.context import Stopwatch
+
+VERIFY_BYTES = 4 << 30  # a written checkpoint up to this size is loaded and run as a check
+
+__all__ = ["CheckpointReport", "compile_checkpoint"]
+
+
+@dataclass
+class CheckpointReport:
+    """What :func:`compile_checkpoint` did."""
+
+    src: str
+    dst: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    kept: dict[str, tuple[int, int]]  # group name -> (kept, total), for the changed groups
+    config: ConfigSync | None
+    verified: str  # how the written checkpoint was checked
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+
+@serialized
+def compile_checkpoint(
+    src: str | Path,
+    plan: Plan,
+    dst: str | Path,
+    *,
+    example_inputs: ExampleInputs | None = None,
+    model_class: type | None = None,
+    verify_bytes: int = VERIFY_BYTES,
+    progress: bool = True,
+) -> CheckpointReport:
+    """Prune the checkpoint at ``src`` (as ``save_pretrained`` writes it) as ``plan`` says and
+    write the pruned checkpoint to ``dst`` (a new directory; an interrupted run with the same
+    source and plan resumes). Peak memory is about one decoder layer, not the model.
+
+    Structured plans with a weight criterion (l1, l2, fpgm, random); ``example_inputs``
+    default to 16 token ids (batch 1) for a causal LM; ``model_class`` defaults to the
+    config's ``architectures[0]``. ``src`` is never modified."""
+    watch = Stopwatch()
+    source, target = Checkpoint.open(src, model_class), Path(dst)
+    _check_request(plan, source, target)
+    model = source.build_meta()
+    source.check_against(model)
+    inputs = example_inputs if example_inputs is not None else _token_ids(source.config)
+    params_before = count_params(model)
+    original_config = _copy_config(source.config)
+    watch.lap("open")
+    with no_cache(model):
+        outcome, setup = _prune_meta(model, plan, inputs, source, watch)
+        config = sync_config(model, original_config, None)
+    watch.lap("config sync")
+    slices = _slices(source, setup, outcome.resolution.kept)
+    identity = {"src": str(Path(src).resolve()), "plan": plan.to_dict()}
+    staging = staging_dir(target, identity)
+    weight_map = write_shards(source, slices, staging, _printer(progress))
+    finish(source, staging, target, weight_map, model.config)
+    watch.lap("write")
+    verified, checked = _verify_written(target, source, model, plan, inputs, verify_bytes)
+    watch.lap("verify")
+    return CheckpointReport(
+        str(src), str(target), params_before, count_params(model), setup.macs_before,
+        outcome.ctx.macs or setup.macs_before,
+        {
+            f"group {g.id} ({g.name})": (len(outcome.resolution.kept[g.id]), g.size)
+            for g in setup.dg.groups if g.id in outcome.resolution.changed
+        },
+        checked or config, verified, watch.seconds,
+    )  # fmt: skip
+
+
+def _check_request(plan: Plan, source: Checkpoint, target: Path) -> None:
+    if not isinstance(plan, Plan):
+        raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
+    if plan.is_sparse or plan.sparsity is not None or plan.granularity == "layers":
+        raise PlanError(
+            "compile_checkpoint prunes channels or heads; sparsity and layer plans from a "
+            "checkpoint are not supported yet (load the model and use graphprune.compile)"
+        )
+    if plan.reconstruct or plan.targets_latency:
+        raise PlanError(
+            "compile_checkpoint runs without calibration data or latency measurement: "
+            "reconstruct=True and latency targets need the model in memory"
+        )
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise InputError(f"{target} exists: choose a new directory (it is never overwritten)")
+    if target.resolve() == source.path.resolve():
+        raise InputError("dst is src: the source checkpoint is never modified")
+
+
+def _token_ids(config: Any) -> tuple[torch.Tensor]:
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab <= 0:
+        raise InputError("the config has no vocab_size: pass example_inputs=")
+    return (torch.zeros((1, 16), dtype=torch.long),)
+
+
+def _copy_config(config: Any) -> Any:
+    return type(config).from_dict(config.to_dict())
+
+
+def _on_meta(inputs: ExampleInputs) -> Any:
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs
+    )
+
+
+def _prune_meta(
+    model: nn.Module, plan: Plan, inputs: ExampleInputs, source: Checkpoint, watch: Stopwatch
+) -> tuple[freeze_retry.Outcome, freeze_retry.Setup]:
+    """The structured stage on the meta model, scored from the checkpoint's tensors."""
+    meta_inputs = _on_meta(inputs)
+    observed = observe_fake(model, meta_inputs)
+    setup = freeze_retry.setup(
+        model, meta_inputs, observed, watch.lap, keep=False, forward=observe_fake,
+        weights=CheckpointTensors(source, tensor_aliases(model)),
+    )  # fmt: skip
+    outcome = freeze_retry.prune_channels(
+        model, plan, setup, [meta_inputs], None, watch.lap, inplace=True, strict=False
+    )
+    return outcome, setup
+
+
+def _slices(
+    source: Checkpoint, setup: freeze_retry.Setup, kept: dict[int, list[int]]
+) -> Slices:
+    """The kept positions of every stored tensor's pruned dims (tied names resolved)."""
+    dims = set(setup.dg.member_dims())
+    aliases = setup.captured.aliases
+    found: dict[str, dict[int, np.ndarray]] = {}
+    for name, shape in source.shapes.items():
+        for d, size in enumerate(shape):
+            known = next((a for a in [name, *aliases.get(name, [])] if (a, d) in dims), None)
+            if known is not None:
+                index = setup.dg.kept_positions(known, d, kept)
+                if len(index) < size:
+                    found.setdefault(name, {})[d] = index
+    return Slices(found)
+
+
+def _printer(progress: bool) -> Any:
+    def show(shard: str) -> None:
+        if progress:
+            print(f"  wrote {shard}", flush=True)
+
+    return show
+
+
+def _verify_written(
+    dst: Path, source: Checkpoint, pruned: nn.Module, plan: Plan, inputs: ExampleInputs,
+    verify_bytes: int,
+) -> tuple[str, ConfigSync | None]:
+    """Build the model from the written config on meta: every written tensor must have the
+    shape the pruned model has. When the source fits in ``verify_bytes``, also compile it in
+    memory as :func:`graphprune.compile` does and compare: ``from_pretrained(dst)`` must give
+    the outputs of that model (then its config check, made on real outputs, is returned)."""
+    written = Checkpoint.open(dst, source.model_class)
+    written.check_against(written.build_meta())
+    want = {k: tuple(v.shape) for k, v in pruned.state_dict().items() if k in written.shapes}
+    if want != written.shapes:
+        raise InputError(f"the written checkpoint {dst} does not hold the pruned shapes")
+    itemsize = torch.empty(0, dtype=source.dtype).element_size()
+    size = sum(int(np.prod(s)) for s in source.shapes.values()) * itemsize
+    if size > verify_bytes:
+        return "shapes: the model built from the written config has the pruned shapes", None
+    model_class: Any = source.model_class
+    original = model_class.from_pretrained(str(source.path), dtype=source.dtype).eval()
+    reference = compile(original, plan, inputs, inplace=True)
+    loaded = model_class.from_pretrained(str(dst), dtype=source.dtype).eval()
+    ids = torch.randint(0, int(source.config.vocab_size), (2, 12), generator=_seeded())
+    expected, found = _logits(reference, ids), _logits(loaded, ids)
+    gap = float((expected.double() - found.double()).abs().max())
+    if gap > 1e-5:
+        raise InputError(
+            f"the written checkpoint {dst} computes other outputs than the same plan compiled "
+            f"in memory (largest difference {gap:.3g})"
+        )
+    return (
+        "outputs: from_pretrained(dst) equals graphprune.compile in memory (max |diff| "
+        f"{gap:.2g})",
+        report(reference).config,
+    )
+
+
+def _seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), no_cache(model):
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out[0]
