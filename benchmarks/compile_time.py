@@ -150,10 +150,25 @@ def stage_times(
     return rows
 
 
+TP_LIMIT_S = 60  # Torch-Pruning's dependency search does not end on some models (zoo llama)
+
+
+class _TimeLimit(Exception):
+    pass
+
+
 def _tp_seconds(prune: Any, model: Any, inputs: tuple[Any, ...], warm_up: bool = True) -> float:
-    """Torch-Pruning's seconds for the same job (NaN when it cannot prune the model)."""
+    """Torch-Pruning's seconds for the same job (NaN when it cannot prune the model, or takes
+    more than ``TP_LIMIT_S``)."""
+    import signal
+
+    def stop(*_: Any) -> None:
+        raise _TimeLimit
+
     example = inputs[0] if len(inputs) == 1 else inputs
+    previous = signal.signal(signal.SIGALRM, stop)
     try:
+        signal.alarm(TP_LIMIT_S)
         if warm_up:
             prune(model, example, 0.5, 1)
         start = time.perf_counter()
@@ -161,6 +176,9 @@ def _tp_seconds(prune: Any, model: Any, inputs: tuple[Any, ...], warm_up: bool =
         return time.perf_counter() - start
     except Exception:
         return float("nan")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 STAGES = ["capture", "analyze", "reuse analysis", "shape relations", "score", "resolve",
@@ -358,6 +376,7 @@ def main() -> None:
             print(json.dumps(stage_times(only, args.llama, args.torchvision)))
             return
         extra = ["--stages", *(["--torchvision"] if args.torchvision else [])]
+        extra += ["--llama"] if args.llama else []
         extra += ["--only", args.only] if args.only else []
         before = measure_revision(args.against, args.repeat, extra) if args.against else None
         rows = stage_times(only, args.llama, args.torchvision)

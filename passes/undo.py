@@ -24,7 +24,7 @@ class Undo:
     """What :meth:`restore` puts back: every holder's attributes and every parameter's data."""
 
     attributes: list[tuple[Any, dict[str, Any]]]
-    data: list[tuple[nn.Parameter, Tensor]]
+    data: list[tuple[nn.Parameter, Tensor, Tensor | None]]  # parameter, its data and grad
 
     @classmethod
     def of(cls, model: nn.Module) -> Undo:
@@ -35,12 +35,12 @@ class Undo:
                 if isinstance(state.get(table), dict):
                     state[table] = dict(state[table])
             attributes.append((holder, state))
-        return cls(attributes, [(p, p.data) for p in model.parameters()])
+        return cls(attributes, [(p, p.data, p.grad) for p in model.parameters()])
 
     def restore(self) -> None:
         for holder, state in self.attributes:
             vars(holder).clear()
             vars(holder).update(state)
-        for parameter, data in self.data:
+        for parameter, data, grad in self.data:
             parameter.data = data
-            parameter.grad = None
+            parameter.grad = grad

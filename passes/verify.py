@@ -96,11 +96,13 @@ def _unread(ctx: PassContext, calls: dict[CallKey, tuple[int, ...]]) -> list[Sha
     different number of ints. A call the rewritten forward no longer makes (a module replaced
     by one of graphprune's, a loop that runs fewer times) has no constant left to check."""
     unread = []
+    sizes = {g.id: g.size for g in ctx.dg.groups}
+    pruned = {g for g, k in ctx.kept.items() if len(k) < sizes.get(g, len(k))}
     for c in ctx.dg.shape_constants:
         expected = c.expected(ctx.kept)
         call = ctx.calls.get((c.node, c.argument))
-        if call is None:
-            if expected != c.value:
+        if call is None:  # an attribute may change it with the product kept: check it there
+            if expected != c.value or pruned.intersection(c.groups):
                 unread.append(c)
             continue
         values = calls.get(call.key)

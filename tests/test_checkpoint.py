@@ -130,6 +130,9 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
         gp.compile_checkpoint(src, gp.Plan(ratio=0.5, importance="taylor"), tmp_path / "o1")
     with pytest.raises(PlanError, match="not supported yet"):
         gp.compile_checkpoint(src, gp.Plan(granularity="unstructured", ratio=0.5), tmp_path / "o")
+    with pytest.raises(InputError, match="inside the source checkpoint"):
+        gp.compile_checkpoint(src, plan, src / "pruned", progress=False)
+    assert not (src / "pruned").exists() and not (src / "pruned.partial").exists()
     config = json.loads((src / "config.json").read_text())
     config["intermediate_size"] = 96  # the shards no longer match the config
     (src / "config.json").write_text(json.dumps(config))
@@ -213,3 +216,37 @@ def test_peak_memory_is_bounded_by_a_layer_not_the_model(tmp_path: Path) -> None
             }.items()}  # fmt: skip
     assert streamed < bound, mib
     assert in_memory > weights and in_memory - streamed > 0.75 * weights, mib
+
+
+def test_only_the_checkpoint_files_are_copied(tmp_path: Path) -> None:
+    """Tokenizer and generation files follow the weights; weights of another format, a .git
+    folder or stray files in src do not (they would describe the unpruned model)."""
+    src = _saved(_llama(), tmp_path / "src")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "original").mkdir()
+    (src / "original" / "consolidated.00.pth").write_bytes(b"unpruned")
+    (src / "pytorch_model.bin.index.json").write_text("{}")
+    gp.compile_checkpoint(src, gp.Plan(ratio=0.5), tmp_path / "dst", progress=False)
+    names = {p.name for p in (tmp_path / "dst").iterdir()}
+    assert {"tokenizer.json", "generation_config.json", "config.json"} <= names
+    assert not names & {"original", "pytorch_model.bin.index.json"}
+
+
+def test_a_changed_source_is_not_resumed_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _saved(_llama(), tmp_path / "src")
+    real = write_module.write_atomic
+
+    def failing(path: Path, write: Any) -> None:
+        if path.suffix == ".safetensors":
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(write_module, "write_atomic", failing)
+    with pytest.raises(KeyboardInterrupt):
+        gp.compile_checkpoint(src, gp.Plan(ratio=0.5), tmp_path / "dst", progress=False)
+    monkeypatch.setattr(write_module, "write_atomic", real)
+    _saved(_llama(), src)  # the source is saved again (a fine-tuned model, say)
+    with pytest.raises(InputError, match="another run"):
+        gp.compile_checkpoint(src, gp.Plan(ratio=0.5), tmp_path / "dst", progress=False)

@@ -51,7 +51,7 @@ class Analysed:
         return value
 
 
-_entries: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, Analysed]] = (
+_entries: weakref.WeakKeyDictionary[nn.Module, tuple[Fingerprint, Analysed]] = (
     weakref.WeakKeyDictionary()
 )
 _lock = threading.Lock()
@@ -70,7 +70,7 @@ def analysed(
     fingerprint matches (``lap("reuse analysis")``), else computed (``lap("capture")``,
     ``lap("analyze")``). ``keep=False`` stores nothing and drops the model's entry: a model
     about to be rewritten in place, whose old tensors the entry must not keep alive."""
-    key = fingerprint(model, example_inputs)
+    key = Fingerprint.of(model, example_inputs)
     with _lock:
         found = _entries.get(model) if keep else _entries.pop(model, None)
     if found is not None and found[0] == key:
@@ -92,58 +92,77 @@ def forget(model: nn.Module) -> None:
         _entries.pop(model, None)
 
 
-def fingerprint(model: nn.Module, example_inputs: ExampleInputs) -> Hashable:
-    """Everything the capture of ``model`` on ``example_inputs`` depends on, as a value."""
-    memo: dict[int, Hashable] = {}
-    modules = tuple(
-        (name, type(m), id(m), _hooks(m), _attributes(m, memo))
-        for name, m in model.named_modules(remove_duplicate=False)
-    )
-    tensors = tuple(
-        (name, id(t), tuple(t.shape), t.dtype, t.device.type)
-        for name, t in [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]
-    )
-    args, kwargs = normalize_inputs(example_inputs)
-    everywhere = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks)
-    hooks = tuple(id(h) for table in everywhere for h in table.values())
-    return modules, tensors, hooks, _value(args, memo), _value(kwargs, memo)
+@dataclass
+class Fingerprint:
+    """Everything the capture of a model on some inputs depends on, as a value; the objects
+    it names by identity are held (an id cannot be reused by another object meanwhile)."""
+
+    value: Hashable
+    held: list[Any] = field(default_factory=list, compare=False, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fingerprint) and self.value == other.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def of(cls, model: nn.Module, example_inputs: ExampleInputs) -> Fingerprint:
+        held: list[Any] = []
+        memo: dict[tuple[int, int], Hashable] = {}
+
+        def ident(obj: Any) -> int:
+            if obj is not model:  # (the root is the entry's key: holding it would leak it)
+                held.append(obj)
+            return id(obj)
+
+        modules = tuple(
+            (name, type(m), ident(m), ident(type(m).forward), _hooks(m, ident),
+             tuple((k, _value(v, memo, ident)) for k, v in sorted(vars(m).items())
+                   if k not in _BOOKKEEPING))
+            for name, m in model.named_modules(remove_duplicate=False)
+        )  # fmt: skip
+        tensors = tuple(
+            (name, ident(t), tuple(t.shape), t.dtype, t.device.type)
+            for name, t in [
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            ]
+        )
+        args, kwargs = normalize_inputs(example_inputs)
+        everywhere = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks)
+        hooks = tuple((k, ident(h)) for table in everywhere for k, h in table.items())
+        value = (modules, tensors, hooks, _value(args, memo, ident), _value(kwargs, memo, ident))
+        return cls(value, held)
 
 
-def _hooks(m: nn.Module) -> tuple[int, ...]:
+def _hooks(m: nn.Module, ident: Callable[[Any], int]) -> tuple[Hashable, ...]:
     tables = (m._forward_hooks, m._forward_pre_hooks)
-    return tuple(id(h) for table in tables for h in table.values())
+    return tuple((k, ident(h)) for table in tables for k, h in table.items())
 
 
-def _attributes(m: nn.Module, memo: dict[int, Hashable]) -> Hashable:
-    """A module's own settings: plain attributes, an instance-level forward, a config."""
-    return tuple(
-        (k, _value(v, memo)) for k, v in sorted(vars(m).items()) if k not in _BOOKKEEPING
-    )
-
-
-def _value(value: Any, memo: dict[int, Hashable], depth: int = 0) -> Hashable:
+def _value(
+    value: Any, memo: dict[tuple[int, int], Hashable], ident: Callable[[Any], int], depth: int = 0
+) -> Hashable:
     """A hashable stand-in for an attribute or input: plain values as they are, tensors by
-    shape and dtype, containers element by element, other objects (a config) by their own
-    plain attributes, one level deep."""
+    shape and dtype, containers element by element, other objects (a config, and the configs
+    it holds) by their own attributes, two levels deep; anything else by identity."""
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device.type)
     if isinstance(value, nn.Module):
-        return ("module", id(value))
+        return ("module", ident(value))
     if depth > 4:  # a container this deep is not a setting the forward branches on
-        return ("deep", id(value))
+        return ("deep", ident(value))
     if isinstance(value, list | tuple):
-        return (type(value).__name__, *(_value(v, memo, depth + 1) for v in value))
+        return (type(value).__name__, *(_value(v, memo, ident, depth + 1) for v in value))
     if isinstance(value, dict):
-        return ("dict", *((repr(k), _value(v, memo, depth + 1)) for k, v in value.items()))
-    if id(value) in memo:
-        return memo[id(value)]
-    state: Hashable = (type(value), id(value))
+        items = ((repr(k), _value(v, memo, ident, depth + 1)) for k, v in value.items())
+        return ("dict", *items)
+    if (id(value), depth) in memo:
+        return memo[(id(value), depth)]
+    state: Hashable = (type(value), ident(value))
     if depth <= 1 and hasattr(value, "__dict__") and not callable(value):
-        state = (type(value), id(value), _value(dict(vars(value)), memo, depth + 1))
-    memo[id(value)] = state
+        state = (type(value), ident(value), _value(dict(vars(value)), memo, ident, depth + 1))
+    memo[(id(value), depth)] = state
     return state

@@ -511,15 +511,16 @@ class _CallRecorder(TorchFunctionMode):
     def _expand(self, func: Any, args: Any, kwargs: Any) -> Any:
         """Run ``func``'s body with this mode on (its own dispatch check answers False)."""
         functional = vars(torch.nn.functional)  # (harmless if left: it defers when not on)
-        saved = functional["has_torch_function"]
+        saved, was_on = functional["has_torch_function"], getattr(_expanding, "on", False)
         functional["has_torch_function"] = _has_torch_function
         _expanding.on = True
         try:
             with self:
                 return func(*args, **kwargs)
         finally:
-            _expanding.on = False
-            functional["has_torch_function"] = saved
+            _expanding.on = was_on
+            if not was_on:
+                functional["has_torch_function"] = saved
 
 
 def as_uses(calls: dict[CallKey, tuple[int, ...]]) -> list[IntUse]:

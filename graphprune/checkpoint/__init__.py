@@ -13,6 +13,7 @@ fits in ``verify_bytes``, by loading it with ``from_pretrained`` and running it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,14 @@ from graphprune.analysis.macs import count_params
 from graphprune.analysis.observe import observe_fake
 from graphprune.capture import ExampleInputs, no_cache, serialized, tensor_aliases
 from graphprune.checkpoint.source import Checkpoint, CheckpointTensors
-from graphprune.checkpoint.write import Slices, finish, staging_dir, write_shards
+from graphprune.checkpoint.write import (
+    Slices,
+    finish,
+    publish,
+    reject,
+    staging_dir,
+    write_shards,
+)
 from graphprune.compile import compile, report
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, sync_config
@@ -88,13 +96,18 @@ def compile_checkpoint(
         outcome, setup = _prune_meta(model, plan, inputs, source, watch)
         config = sync_config(model, original_config, None)
     watch.lap("config sync")
+    _check_expressible(config, model)
     slices = _slices(source, setup, outcome.resolution.kept)
-    identity = {"src": str(Path(src).resolve()), "plan": plan.to_dict()}
-    staging = staging_dir(target, identity)
+    _check_slices(slices, source, model)
+    staging = staging_dir(target, _identity(source, plan, model_class))
     weight_map = write_shards(source, slices, staging, _printer(progress))
-    finish(source, staging, target, weight_map, model.config)
+    finish(source, staging, weight_map, model.config)
     watch.lap("write")
-    verified, checked = _verify_written(target, source, model, plan, inputs, verify_bytes)
+    try:
+        verified, checked = _verify_written(staging, source, model, plan, inputs, verify_bytes)
+    except InputError as exc:
+        raise InputError(f"{exc} (the output was set aside in {reject(staging, target)})") from None
+    publish(staging, target)
     watch.lap("verify")
     return CheckpointReport(
         str(src), str(target), params_before, count_params(model), setup.macs_before,
@@ -122,8 +135,56 @@ def _check_request(plan: Plan, source: Checkpoint, target: Path) -> None:
         )
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(f"{target} exists: choose a new directory (it is never overwritten)")
-    if target.resolve() == source.path.resolve():
-        raise InputError("dst is src: the source checkpoint is never modified")
+    inside = target.resolve()
+    if inside == source.path.resolve() or source.path.resolve() in inside.parents:
+        raise InputError(
+            f"{target} is inside the source checkpoint {source.path}, which is never modified: "
+            "choose a destination outside it"
+        )
+
+
+def _identity(source: Checkpoint, plan: Plan, model_class: type | None) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the source's files (names,
+    sizes, modification times), the plan, the class and graphprune's version."""
+    files = {
+        f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+        for f in [*sorted(set(source.files.values())), source.path / "config.json"]
+    }
+    return {
+        "src": str(source.path.resolve()), "files": files, "plan": plan.to_dict(),
+        "class": model_class.__qualname__ if model_class else "", "version": _version(),
+    }  # fmt: skip
+
+
+def _version() -> str:
+    try:
+        return metadata.version("graphprune")
+    except metadata.PackageNotFoundError:  # a source checkout that is not installed
+        return "unknown"
+
+
+def _check_expressible(config: ConfigSync | None, model: nn.Module) -> None:
+    """A checkpoint is read through its config: a width the config cannot hold (per-layer
+    widths from a global ranking, say) would make an output nothing can load."""
+    if config is not None and config.fields:
+        raise PlanError(
+            f"the config of {type(model).__name__} cannot express the pruned model ("
+            + "; ".join(f"{k}: {why}" for k, why in config.fields.items())
+            + "): use a uniform plan (scope='local', no per-layer overrides), or load the "
+            "model and use graphprune.compile and graphprune.save"
+        )
+
+
+def _check_slices(slices: Slices, source: Checkpoint, model: nn.Module) -> None:
+    """Every stored tensor, sliced, has the pruned meta model's shape (before writing)."""
+    state = model.state_dict()
+    wrong = [
+        f"{n}: {slices.shape(n, shape)} vs {tuple(state[n].shape)}"
+        for n, shape in source.shapes.items()
+        if n in state and slices.shape(n, shape) != tuple(state[n].shape)
+    ]
+    if wrong:
+        raise InputError(f"internal error: the slices disagree with the pruned model: {wrong[:3]}")
 
 
 def _token_ids(config: Any) -> tuple[torch.Tensor]:

@@ -1,16 +1,19 @@
 """Writing the pruned checkpoint shard by shard, so that it never looks complete before it is.
 
 Everything goes to ``<dst>.partial`` first: one safetensors shard per decoder layer (the
-tensors named ``...layers.<i>.``; the rest, embeddings and final norm, in shards of their
+tensors named ``...layers.<i>.``; the rest, embeddings and final norm, in a shard of their
 own), each written to a temp file and renamed, then the index, the config and the tokenizer
-and other files of ``src``; ``<dst>.partial`` is renamed to ``dst`` last. A manifest in the
-staging directory records the run (source, plan) and each shard once it is complete, so an
-interrupted run is resumed where it stopped: shards already written are kept when their
-header still names the expected tensors with the expected shapes.
+and generation files of ``src``; the result is checked there, and ``<dst>.partial`` is
+renamed to ``dst`` last. A manifest in the staging directory records the run (the source's
+files, the plan, graphprune's version) and each shard once it is complete, with a digest of
+the kept positions of each of its tensors, so an interrupted run resumes where it stopped:
+a shard is kept only when it was made from the same positions and its header still names
+the expected tensors with the expected shapes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from graphprune.checkpoint.source import INDEX, SINGLE, Checkpoint, _safe_open
+from graphprune.checkpoint.source import INDEX, Checkpoint, _safe_open
 from graphprune.errors import InputError
 from graphprune.io import write_atomic, write_text_atomic
 from graphprune.passes.tensors import select
@@ -33,11 +36,26 @@ MANIFEST = "graphprune-progress.json"
 _LAYER = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3." -> one shard per numbered block
 
 
+# files of a Hugging Face checkpoint besides the weights that the pruned one keeps as they are
+COPIED = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "README.md",
+)  # fmt: skip
+
+
 @dataclass
 class Slices:
     """Per tensor name: the kept positions of each dim that loses some."""
 
     kept: dict[str, dict[int, np.ndarray]]
+
+    def digest(self, name: str) -> str:
+        """Which positions ``name`` keeps, as a short hash (the manifest's resume check)."""
+        h = hashlib.sha256()
+        for dim, index in sorted(self.kept.get(name, {}).items()):
+            h.update(f"{dim}:".encode() + np.asarray(index, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
 
     def shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         dims = self.kept.get(name, {})
@@ -71,18 +89,26 @@ def _order(block: str) -> tuple[int, str]:
 def staging_dir(dst: Path, identity: dict[str, Any]) -> Path:
     """``<dst>.partial``: new, or the one an interrupted run with the same source and plan
     left (any other is refused, never overwritten)."""
+    text = json.dumps({"identity": identity, "shards": {}})  # fails before anything is made
+    identity = json.loads(text)["identity"]  # as the manifest will hold it (lists, not tuples)
     staging = dst.with_name(dst.name + ".partial")
     manifest = staging / MANIFEST
     if staging.exists():
-        found = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+        try:
+            found = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found = {}
         if found.get("identity") != identity:
             raise InputError(
-                f"{staging} holds a partial output of another run (other source or plan); "
-                "remove it or choose another destination"
+                f"{staging} holds a partial output of another run (other source, plan or "
+                "graphprune version); remove it or choose another destination"
             )
         return staging
-    staging.mkdir(parents=True)
-    write_text_atomic(manifest, json.dumps({"identity": identity, "shards": {}}))
+    making = dst.with_name(dst.name + ".partial-new")
+    shutil.rmtree(making, ignore_errors=True)
+    making.mkdir(parents=True)
+    write_text_atomic(making / MANIFEST, text)
+    os.replace(making, staging)  # appears with its manifest
     return staging
 
 
@@ -99,8 +125,9 @@ def write_shards(
     weight_map: dict[str, str] = {}
     for file, names in shard_plan(checkpoint).items():
         expected = {n: list(slices.shape(n, checkpoint.shapes[n])) for n in names}
+        made = {n: [*expected[n], slices.digest(n)] for n in names}
         weight_map.update(dict.fromkeys(names, file))
-        if manifest["shards"].get(file) == expected and _holds(staging / file, expected):
+        if manifest["shards"].get(file) == made and _holds(staging / file, expected):
             progress(f"{file} (kept from the interrupted run)")
             continue
         tensors = {n: slices.apply(n, checkpoint.tensor(n)) for n in names}
@@ -110,7 +137,7 @@ def write_shards(
 
         write_atomic(staging / file, save)
         del tensors
-        manifest["shards"][file] = expected
+        manifest["shards"][file] = made
         write_text_atomic(manifest_path, json.dumps(manifest))
         progress(file)
     return weight_map
@@ -128,26 +155,32 @@ def _holds(path: Path, expected: dict[str, list[int]]) -> bool:
     return found == expected
 
 
-def finish(
-    checkpoint: Checkpoint, staging: Path, dst: Path, weight_map: dict[str, str], config: Any
-) -> None:
-    """Index, config and the source's other files (tokenizer, generation config), then the
-    rename that makes ``dst`` appear complete."""
+def finish(checkpoint: Checkpoint, staging: Path, weight_map: dict[str, str], config: Any) -> None:
+    """Index, config and the source's tokenizer and generation files, in the staging
+    directory (other files -- original/ weights of another format, .git -- are not copied)."""
     sizes = sum((staging / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": sizes}, "weight_map": dict(sorted(weight_map.items()))}
     write_text_atomic(staging / INDEX, json.dumps(index, indent=2))
     config.save_pretrained(str(staging))
-    for item in checkpoint.path.iterdir():
-        skip = {INDEX, SINGLE, "config.json", MANIFEST}
-        if item.name in skip or item.suffix == ".safetensors" or item.name.endswith(".bin"):
-            continue
-        target = staging / item.name
-        if item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, target)
+    for name in COPIED:
+        if (checkpoint.path / name).is_file():
+            shutil.copy2(checkpoint.path / name, staging / name)
+
+
+def publish(staging: Path, dst: Path) -> None:
+    """The rename that makes ``dst`` appear, complete (temp files of killed writes removed)."""
+    for leftover in staging.glob(".*.tmp"):
+        leftover.unlink()
     (staging / MANIFEST).unlink()
     os.replace(staging, dst)
+
+
+def reject(staging: Path, dst: Path) -> Path:
+    """A staging directory whose check failed, set aside (never resumed from)."""
+    rejected = dst.with_name(dst.name + ".rejected")
+    shutil.rmtree(rejected, ignore_errors=True)
+    os.replace(staging, rejected)
+    return rejected
 
 
 def _safetensors_torch() -> Any:

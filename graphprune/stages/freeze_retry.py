@@ -305,7 +305,12 @@ def prune_channels(
         if not resolution.changed and resolution.frozen and ratio > 0:
             break  # the relations froze everything the plan would prune
         undo = Undo.of(model) if inplace else None
-        ctx, failure = _attempt(model, resolution, s, make, verify)
+        try:
+            ctx, failure = _attempt(model, resolution, s, make, verify)
+        except BaseException:  # interrupted mid-rewrite: the user's model is put back
+            if undo is not None:
+                undo.restore()
+            raise
         lap("rewrite and verify")
         if failure is None:
             notes = [unranked] if unranked else []

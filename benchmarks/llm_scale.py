@@ -1,0 +1,188 @@
+"""Pruning language models larger than memory: checkpoint in, checkpoint out.
+
+1. Writes a checkpoint of LLaMA-3.1-8B's shape (hidden 4096, 32 layers, 32/8 heads, FFN 14336,
+   vocab 128256; bf16, random init N(0, 0.02), 16 GB) to ``--src`` once, one decoder layer per
+   shard, generated tensor by tensor (the model is never in memory).
+2. ``graphprune.compile_checkpoint(src, Plan(ratio=0.25), dst)`` in a subprocess: seconds per
+   stage and the peak resident memory above the process's size after its imports (its
+   high-water mark reset then, Linux ``clear_refs``), and the raw ``ru_maxrss``.
+3. The pruned checkpoint is loaded with ``from_pretrained`` (bf16) in another subprocess and
+   generates 8 tokens greedily.
+4. ``--in-memory``: the 1.1 B LLaMA-style model of the compile-time benchmark compiled with
+   ``graphprune.compile(..., inplace=True)``: seconds per stage and peak memory over the weights.
+
+    .venv/bin/python benchmarks/llm_scale.py [--src /tmp/llama8b] [--scale 8b|1b] [--in-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
+}  # fmt: skip
+
+PRELUDE = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    sys.path.insert(0, {root!r})
+    from tests.real_models import declare_torchvision_ops
+    declare_torchvision_ops()
+    import torch, transformers
+    import graphprune as gp
+    transformers.logging.set_verbosity_error()
+
+    def status(key):  # KiB
+        return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key)))
+
+    def reset():  # the high-water mark from here on (after imports / building)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status("VmRSS")
+    """
+)
+
+COMPILE = PRELUDE + textwrap.dedent(
+    """
+    base = reset()
+    start = time.perf_counter()
+    found = gp.compile_checkpoint(sys.argv[1], gp.Plan(ratio=0.25), sys.argv[2],
+                                  verify_bytes=0, progress=False)
+    print(json.dumps({{"seconds": time.perf_counter() - start, "stages": found.seconds,
+        "peak_gib": (status("VmHWM") - base) / 2**20, "base_gib": base / 2**20,
+        "maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "params": [found.params_before, found.params_after], "verified": found.verified,
+        "config": found.config.changes if found.config else None,
+        "synced": bool(found.config and found.config.expressible)}}))
+    """
+)
+
+GENERATE = PRELUDE + textwrap.dedent(
+    """
+    start = time.perf_counter()
+    model = transformers.LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+    loaded = time.perf_counter() - start
+    seeded = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=seeded)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    print(json.dumps({{"load_s": loaded, "generate_s": time.perf_counter() - start - loaded,
+        "tokens": out[0, 8:].tolist(), "params": sum(p.numel() for p in model.parameters())}}))
+    """
+)
+
+IN_MEMORY = PRELUDE + textwrap.dedent(
+    """
+    sys.path.insert(0, {root!r} + "/benchmarks")
+    from compile_time import llama_1b
+    model, inputs = llama_1b()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    base = reset()
+    start = time.perf_counter()
+    pruned = gp.compile(model, gp.Plan(ratio=0.25), inputs, inplace=True)
+    print(json.dumps({{"seconds": time.perf_counter() - start,
+        "stages": gp.report(pruned).seconds, "weights_gib": weights,
+        "peak_over_start_gib": (status("VmHWM") - base) / 2**20, "start_gib": base / 2**20}}))
+    """
+)
+
+
+def write_checkpoint(path: Path, scale: str) -> None:
+    """The checkpoint of ``scale``'s shape, tensor by tensor (random N(0, 0.02), norms 1)."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    config = tf.LlamaConfig(**SHAPES[scale], max_position_embeddings=8192, dtype="bfloat16")
+    with torch.device("meta"):
+        meta = tf.LlamaForCausalLM(config)
+    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    staging = path.with_name(path.name + ".writing")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    layers: dict[str, list[str]] = {}
+    for name in shapes:
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if parts[1:2] == ["layers"] else "rest"
+        layers.setdefault(key, []).append(name)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, (key, names) in enumerate(layers.items()):
+        file = f"model-{i + 1:05d}-of-{len(layers):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
+            else:
+                t = torch.empty(shapes[name], dtype=torch.bfloat16)
+                tensors[name] = t.normal_(0.0, 0.02, generator=generator)
+            weight_map[name] = file
+        save_file(tensors, str(staging / file), metadata={"format": "pt"})
+        print(f"  wrote {file} ({key})", flush=True)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index))
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(str(staging))
+    staging.rename(path)
+
+
+def run(script: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", script.format(root=str(ROOT)), *args],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"subprocess failed:\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", default="/tmp/graphprune-llama8b")
+    parser.add_argument("--scale", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--in-memory", action="store_true", help="also the 1.1 B in memory")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    src = Path(args.src)
+    results: dict[str, Any] = {}
+    if not src.exists():
+        start = time.perf_counter()
+        write_checkpoint(src, args.scale)
+        print(f"wrote {src} in {time.perf_counter() - start:.0f} s")
+    dst = src.with_name(src.name + "-pruned")
+    shutil.rmtree(dst, ignore_errors=True)
+    results["compile_checkpoint"] = found = run(COMPILE, str(src), str(dst))
+    print(f"compile_checkpoint {args.scale} at ratio 0.25: {found['seconds']:.0f} s, peak "
+          f"{found['peak_gib']:.2f} GiB over {found['base_gib']:.2f} GiB after imports "
+          f"(ru_maxrss {found['maxrss_gib']:.2f} GiB); params {found['params'][0] / 1e9:.2f} B "
+          f"-> {found['params'][1] / 1e9:.2f} B; config {found['config']} "
+          f"synced={found['synced']}")  # fmt: skip
+    print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in found["stages"].items()))
+    results["generate"] = loaded = run(GENERATE, str(dst))
+    print(f"from_pretrained(pruned): {loaded['load_s']:.0f} s, {loaded['params'] / 1e9:.2f} B "
+          f"params; 8 greedy tokens in {loaded['generate_s']:.1f} s")  # fmt: skip
+    if args.in_memory:
+        results["in_memory_1b"] = mem = run(IN_MEMORY)
+        print(f"graphprune.compile 1.1 B in memory (inplace, 0.25): {mem['seconds']:.1f} s, peak "
+              f"{mem['peak_over_start_gib']:.2f} GiB over the built model "
+              f"({mem['weights_gib']:.2f} GiB of weights)")  # fmt: skip
+        print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in mem["stages"].items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
