@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# this folder holds transformers.py (a benchmark): it must not shadow the library
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 SHAPES = {
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
@@ -102,8 +105,12 @@ IN_MEMORY = PRELUDE + textwrap.dedent(
 def write_checkpoint(path: Path, scale: str) -> None:
     """The checkpoint of ``scale``'s shape, tensor by tensor (random N(0, 0.02), norms 1)."""
     import torch
-    import transformers as tf
     from safetensors.torch import save_file
+
+    from tests.real_models import declare_torchvision_ops
+
+    declare_torchvision_ops()  # transformers imports torchvision
+    import transformers as tf
 
     config = tf.LlamaConfig(**SHAPES[scale], max_position_embeddings=8192, dtype="bfloat16")
     with torch.device("meta"):
