@@ -24,7 +24,7 @@ from graphprune.analysis.observe import Observed, observe
 from graphprune.capture import ExampleInputs, copy_model, no_cache, serialized
 from graphprune.checks import check_calibration, check_model
 from graphprune.errors import InputError
-from graphprune.hf import ConfigSync, is_pretrained, sync_config
+from graphprune.hf import ConfigSync, is_pretrained, round_trip, sync_config
 from graphprune.planning.importance import LossFn
 from graphprune.planning.plan import Plan
 from graphprune.record import CompileRecord, SparsityRecord, attach_record, record_of
@@ -90,7 +90,7 @@ def compile(
     target = model if inplace else copy_model(model)
     # the unpruned config, to sync against (inplace rewrites the model's own)
     config = getattr(model, "config", None)
-    original_config = _config_copy(config) if inplace and is_pretrained(model) else config
+    original_config = round_trip(config) if inplace and is_pretrained(model) else config
     with no_cache(target), no_cache(model):  # HF models: a KV cache output cannot be captured
         before = Size(count_params(target), original.macs)
         plan.check_patterns(_names(target))
@@ -104,11 +104,6 @@ def compile(
     attach_report(target, _report(job, before, after, structure, sparse, config, changes))
     attach_record(target, _record(job, structure, sparse, changes))
     return target
-
-
-def _config_copy(config: Any) -> Any:
-    """A Hugging Face config as save_pretrained/from_pretrained would rebuild it."""
-    return type(config).from_dict(config.to_dict())
 
 
 def _macs_after(structure: StructuredResult, before: Size, example_inputs: ExampleInputs) -> int:

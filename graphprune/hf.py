@@ -409,6 +409,11 @@ def layer_count(found: ShapeMap, pruned: Shapes) -> int | None:
     return len([i for i in indices if i.isdigit()])
 
 
+def round_trip(config: Any) -> Any:
+    """``config`` as save_pretrained then from_pretrained rebuild it (with its validation)."""
+    return type(config).from_dict(config.to_dict())
+
+
 def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[bool, str, list[str]]:
     """Does ``type(model)(config)`` have the pruned model's shapes *and* compute the same (the
     same int and float attributes in every module)? An attribute pruning left at its unpruned
@@ -417,7 +422,7 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
     same; the changes made are returned."""
     config: Any = model.config
     try:  # the round trip save_pretrained/from_pretrained makes, with its validation
-        saved = type(config).from_dict(config.to_dict())
+        saved = round_trip(config)
     except Exception as exc:  # DINOv2: out_features name a stage the fewer layers lack
         return (
             False,

@@ -265,6 +265,24 @@ def fingerprint(t: torch.Tensor) -> tuple[float, float]:
 _SHAPE_GETTER = torch.Tensor.shape.__get__  # type: ignore[attr-defined]
 
 
+CallKey = tuple[str, str, str, int]  # (line, module, torch function, occurrence)
+
+
+class _CallKeys:
+    """Each call's key: its line, the innermost running module (``modules``, kept by forward
+    hooks), the torch function, and how many calls of it that line and module made before --
+    the order the export graph's nodes have too."""
+
+    def __init__(self, modules: list[str]) -> None:
+        self._modules = modules
+        self._count: dict[tuple[str, str, str], int] = defaultdict(int)
+
+    def next(self, line: str, name: str) -> CallKey:
+        key = (line, self._modules[-1] if self._modules else "", name)
+        self._count[key] += 1
+        return (*key, self._count[key] - 1)
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, known: dict[int, tuple[str, int]], modules: list[str]) -> None:
         super().__init__()
@@ -275,7 +293,7 @@ class _Recorder(TorchFunctionMode):
         self._made: dict[int, tuple[weakref.ref[torch.Tensor], str, str]] = {}
         self._read: dict[int, int] = {}  # id(tensor) -> read tensor number (kept alive below)
         self._alive: list[torch.Tensor] = []
-        self._count: dict[tuple[str, str, str], int] = defaultdict(int)
+        self._keys = _CallKeys(modules)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -287,12 +305,9 @@ class _Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         ints = _ints((args, kwargs))  # (the shape reads above returned before this)
         if ints:
-            module = self._modules[-1] if self._modules else ""
-            key = (line, module, name)
             values = tuple(int(v) for v in ints)
             exprs = tuple(expr_of(v) for v in ints)
-            self.trace.uses.append(IntUse(line, module, name, self._count[key], values, exprs))
-            self._count[key] += 1
+            self.trace.uses.append(IntUse(*self._keys.next(line, name), values, exprs))
         module = self._modules[-1] if self._modules else ""
         for t in _tensors(out):
             if self._made_at(t) is None:
@@ -466,8 +481,6 @@ def _trace(model: nn.Module, example_inputs: Any, objects: bool) -> ShapeTrace:
     return recorder.trace
 
 
-CallKey = tuple[str, str, str, int]  # (line, module, torch function, occurrence)
-
 # torch.nn.functional compositions whose body the export graph shows op by op: the call
 # recorder runs their body under the mode, so the view sizes inside are recorded too
 _EXPANDED = frozenset({"multi_head_attention_forward"})
@@ -488,8 +501,7 @@ class _CallRecorder(TorchFunctionMode):
     def __init__(self, modules: list[str]) -> None:
         super().__init__()
         self.calls: dict[CallKey, tuple[int, ...]] = {}
-        self._modules = modules
-        self._count: dict[tuple[str, str, str], int] = defaultdict(int)
+        self._keys = _CallKeys(modules)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -502,10 +514,7 @@ class _CallRecorder(TorchFunctionMode):
             return out  # shape reads: not uses (as in the shape trace)
         ints = _ints((args, kwargs))
         if ints:
-            module = self._modules[-1] if self._modules else ""
-            key = (line, module, name)
-            self.calls[(*key, self._count[key])] = tuple(int(v) for v in ints)
-            self._count[key] += 1
+            self.calls[self._keys.next(line, name)] = tuple(int(v) for v in ints)
         return out
 
     def _expand(self, func: Any, args: Any, kwargs: Any) -> Any:

@@ -35,7 +35,7 @@ from graphprune.checkpoint.write import (
 )
 from graphprune.compile import compile, report
 from graphprune.errors import InputError
-from graphprune.hf import ConfigSync, sync_config
+from graphprune.hf import ConfigSync, round_trip, sync_config
 from graphprune.planning.plan import Plan, PlanError
 from graphprune.stages import freeze_retry
 from graphprune.stages.context import Stopwatch
@@ -90,7 +90,7 @@ def compile_checkpoint(
     source.check_against(model)
     inputs = example_inputs if example_inputs is not None else _token_ids(source.config)
     params_before = count_params(model)
-    original_config = _copy_config(source.config)
+    original_config = round_trip(source.config)
     watch.lap("open")
     with no_cache(model):
         outcome, setup = _prune_meta(model, plan, inputs, source, watch)
@@ -192,10 +192,6 @@ def _token_ids(config: Any) -> tuple[torch.Tensor]:
     if vocab <= 0:
         raise InputError("the config has no vocab_size: pass example_inputs=")
     return (torch.zeros((1, 16), dtype=torch.long),)
-
-
-def _copy_config(config: Any) -> Any:
-    return type(config).from_dict(config.to_dict())
 
 
 def _on_meta(inputs: ExampleInputs) -> Any:
