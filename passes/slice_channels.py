@@ -9,10 +9,27 @@ The module attributes that describe the tensors follow in the next passes of the
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
+from graphprune.analysis import DependencyGraph
 from graphprune.passes.base import PassContext, PassResult
 from graphprune.passes.tensors import get_tensor, replace_tensor, select
+
+
+def slice_plan(
+    dg: DependencyGraph, kept: Mapping[int, Iterable[int]]
+) -> dict[str, dict[int, np.ndarray]]:
+    """Per tensor FQN: the positions kept along each dim that loses some (the slicing this
+    pass does, and compile_checkpoint does on the stored tensors)."""
+    plans: dict[str, dict[int, np.ndarray]] = {}
+    for fqn, dim in dg.member_dims():
+        index = dg.kept_positions(fqn, dim, kept)
+        if len(index) < len(dg.position_channels(fqn, dim)):
+            plans.setdefault(fqn, {})[dim] = index
+    return plans
 
 
 @dataclass
@@ -22,11 +39,7 @@ class SliceChannels:
     def __call__(self, ctx: PassContext) -> PassResult:
         if not ctx.prunes:
             return PassResult(modified=False)
-        plans: dict[str, dict[int, list[int]]] = {}
-        for fqn, dim in ctx.dg.member_dims():
-            index = ctx.dg.kept_positions(fqn, dim, ctx.kept)
-            if len(index) < len(ctx.dg.position_channels(fqn, dim)):
-                plans.setdefault(fqn, {})[dim] = index.tolist()
+        plans = slice_plan(ctx.dg, ctx.kept)
         done: set[str] = set()
         for fqn, dims in plans.items():
             aliases = ctx.captured.aliases.get(fqn, [fqn])
@@ -35,6 +48,6 @@ class SliceChannels:
             done.update(aliases)
             tensor = get_tensor(ctx.model, fqn)
             for dim, index in sorted(dims.items()):
-                tensor = select(tensor, dim, index)
+                tensor = select(tensor, dim, index.tolist())
             replace_tensor(ctx.model, aliases, tensor)
         return PassResult(True)

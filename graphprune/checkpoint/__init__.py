@@ -36,6 +36,7 @@ from graphprune.checkpoint.write import (
 from graphprune.compile import compile, report
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, round_trip, sync_config
+from graphprune.passes.slice_channels import slice_plan
 from graphprune.planning.plan import Plan, PlanError
 from graphprune.stages import freeze_retry
 from graphprune.stages.context import Stopwatch
@@ -219,17 +220,15 @@ def _prune_meta(
 def _slices(
     source: Checkpoint, setup: freeze_retry.Setup, kept: dict[int, list[int]]
 ) -> Slices:
-    """The kept positions of every stored tensor's pruned dims (tied names resolved)."""
-    dims = set(setup.dg.member_dims())
+    """The kept positions of every stored tensor's pruned dims (:func:`slice_plan`, a tied
+    tensor found under whichever of its names the checkpoint stores)."""
+    plan = slice_plan(setup.dg, kept)
     aliases = setup.captured.aliases
-    found: dict[str, dict[int, np.ndarray]] = {}
-    for name, shape in source.shapes.items():
-        for d, size in enumerate(shape):
-            known = next((a for a in [name, *aliases.get(name, [])] if (a, d) in dims), None)
-            if known is not None:
-                index = setup.dg.kept_positions(known, d, kept)
-                if len(index) < size:
-                    found.setdefault(name, {})[d] = index
+    found = {}
+    for name in source.shapes:
+        known = next((a for a in [name, *aliases.get(name, [])] if a in plan), None)
+        if known is not None:
+            found[name] = plan[known]
     return Slices(found)
 
 
