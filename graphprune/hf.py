@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -489,17 +490,14 @@ REBUILD_CHECK_BYTES = 4 << 30  # larger models: shapes and attributes checked, o
 
 
 def _rebuilt_outputs_differ(model: nn.Module, config: Any, example_inputs: Any) -> str:
-    """'' when a model built from ``config`` on the CPU (module construction derives values
-    from it, as ``from_pretrained`` does: scale buffers, rotary tables) and loaded with the
-    pruned weights gives the pruned model's outputs on ``example_inputs``; else why not."""
+    """'' when ``from_pretrained`` of the pruned weights and ``config`` (in memory: no files;
+    module construction derives values from the config, as on load: scale buffers, rotary
+    tables) gives the pruned model's outputs on ``example_inputs``; else why not."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if example_inputs is None or weights > REBUILD_CHECK_BYTES:
         return ""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
-        with contextlib.redirect_stdout(None):
-            fresh = type(model)(copy.deepcopy(config)).to(dtype)
-        fresh.load_state_dict(model.state_dict(), strict=True)
+        fresh = _loaded(model, config)
         expected, found = _outputs(model, example_inputs), _outputs(fresh, example_inputs)
     except Exception as exc:
         return (
@@ -519,6 +517,30 @@ def _rebuilt_outputs_differ(model: nn.Module, config: Any, example_inputs: Any) 
         "from the config when it builds the model differs from the pruned model's (use "
         "graphprune.save/load)"
     )
+
+
+def _loaded(model: nn.Module, config: Any) -> nn.Module:
+    """``type(model).from_pretrained`` of ``config`` and the pruned model's state dict, in the
+    model's dtype: built on the meta device and given the weights, no random init (a 1.1 B
+    model in 0.1 s, not 16 s). Buffers outside the state dict (rotary tables, embedding
+    scales: the values the config derives) are the loader's own, in the dtype the pruned
+    model holds them in (a model cast with ``.bfloat16()`` holds its rotary table in bf16;
+    that is no difference of the config's)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    with contextlib.redirect_stdout(None), contextlib.redirect_stderr(io.StringIO()):
+        fresh, info = type(model).from_pretrained(  # type: ignore[attr-defined]
+            None, config=copy.deepcopy(config), state_dict=model.state_dict(), dtype=dtype,
+            output_loading_info=True,
+        )  # fmt: skip
+    unloaded = sorted({*info.get("missing_keys", ()), *info.get("unexpected_keys", ())})
+    if unloaded:
+        raise ValueError(f"from_pretrained leaves {len(unloaded)} unloaded, e.g. {unloaded[0]}")
+    held = dict(model.named_buffers())
+    for name, buffer in list(fresh.named_buffers()):
+        if name in held and buffer.is_floating_point() and buffer.dtype != held[name].dtype:
+            owner, _, leaf = name.rpartition(".")
+            setattr(fresh.get_submodule(owner), leaf, buffer.to(held[name].dtype))
+    return fresh.train(model.training)
 
 
 def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:

@@ -206,6 +206,7 @@ class DependencyGraph:
         self._graph = graph
         self._positions = positions
         self._encoded: dict[TensorDim, PositionArrays] = {}  # made on first use
+        self._patterns: dict[TensorDim, list[tuple[int, ...]]] = {}  # made on first use
         self.shape_constants = shape_constants
         self.diagnostics = diagnostics
         self._aliases = aliases
@@ -234,6 +235,17 @@ class DependencyGraph:
     def position_channels(self, fqn: str, dim: int) -> list[tuple[tuple[int, int], ...]]:
         """For each position of ``fqn``'s dim: the (group id, channel) pairs it depends on."""
         return self._positions[(fqn, dim)]
+
+    def factor_patterns(self, fqn: str, dim: int) -> list[tuple[int, ...]]:
+        """The distinct group-id sequences the positions of ``fqn``'s dim depend on, in the
+        order first met (a composite dim, heads x head_dim, has one; a concat has one per
+        part): what the planner asks of a dim's factors, without a loop over its positions."""
+        found = self._patterns.get((fqn, dim))
+        if found is None:
+            rows = self._positions[(fqn, dim)]
+            found = list(dict.fromkeys(tuple(g for g, _ in row) for row in rows))
+            self._patterns[(fqn, dim)] = found
+        return found
 
     def node_channels(self, node: str, dim: int) -> list[tuple[tuple[int, int], ...]] | None:
         """Like :meth:`position_channels` for any tensor of the captured graph (by fx node

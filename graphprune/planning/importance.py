@@ -84,16 +84,18 @@ def power_sums(t: Tensor, dim: int, p: int) -> np.ndarray:
     return power_sums_along(t, {dim}, p)[dim]
 
 
-WIDEN_CHUNK = 1 << 24  # elements widened at once (64 MiB of float32): big tensors go by rows
+# elements widened at once: a block of rows that stays in cache (1 MiB of float32) while it
+# is squared and summed, 2x faster than a 64 MiB block that streams through memory each time
+WIDEN_CHUNK = 1 << 18
 
 
 def power_sums_along(t: Tensor, dims: set[int], p: int) -> dict[int, np.ndarray]:
     """:func:`power_sums` for each of ``dims``, from one |t|^p: in float64 for float32/64
     tensors, in float32 for 16-bit ones (their 8-11 bits of mantissa are far below float32's
     rounding), summed in that type (a float64 sum of a float32 tensor is 20x slower on CPU).
-    A 1 B-parameter model in bf16 is so read once, not once per dim in float64; a tensor
-    larger than ``WIDEN_CHUNK`` is widened a block of rows at a time (an 8 B model's embedding
-    would otherwise take 2 GB more as float32)."""
+    A 1 B-parameter model in bf16 is so read once, not once per dim in float64, a block of
+    ``WIDEN_CHUNK`` elements' rows at a time: the block is squared and summed while in cache,
+    and an 8 B model's embedding never takes 2 GB more as float32."""
     x = t.detach()
     if x.dim() <= 1:  # a vector: each entry is its own channel
         return {d: (x.double().abs() ** p).cpu().numpy() for d in dims}
@@ -103,9 +105,8 @@ def power_sums_along(t: Tensor, dims: set[int], p: int) -> dict[int, np.ndarray]
     rows = max(1, WIDEN_CHUNK // max(1, x[0].numel()))
     pieces: dict[int, list[Tensor]] = {d: [] for d in dims}
     for start in range(0, x.shape[0], rows):
-        powered = x[start : start + rows].to(wide, copy=True).abs_()
-        if p != 1:
-            powered = powered.square_() if p == 2 else powered.pow_(p)
+        powered = x[start : start + rows].to(wide, copy=True)
+        powered = powered.square_() if p == 2 else powered.abs_().pow_(p)
         for d in dims:
             others = [o for o in range(x.dim()) if o != d]
             pieces[d].append(powered.sum(dim=others))

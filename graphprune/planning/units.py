@@ -160,8 +160,8 @@ def conv_group_inners(
         for m in g.members:
             if m.dim > 1 or not is_grouped_conv(modules.get(m.module)):
                 continue
-            for row in dg.position_channels(m.fqn, m.dim):
-                factors = [gid for gid, _ in row if gid in eligible]
+            for pattern in dg.factor_patterns(m.fqn, m.dim):
+                factors = [gid for gid in pattern if gid in eligible]
                 if factors and (m.dim == 1 or len(factors) > 1):
                     inners.add(factors[-1])
     return inners
@@ -186,8 +186,8 @@ def held_groups(
     alone: set[int] = set()  # groups that are a tensor dim's only factor somewhere
     for g in groups:
         for m in g.members:
-            for row in dg.position_channels(m.fqn, m.dim):
-                factors = [gid for gid, _ in row if gid in eligible]
+            for pattern in dg.factor_patterns(m.fqn, m.dim):
+                factors = [gid for gid in pattern if gid in eligible]
                 if len(factors) == 1:
                     alone.add(factors[0])
                 for outer in factors[:-1]:
