@@ -40,6 +40,7 @@ from torch import nn
 
 from graphprune.capture import no_cache, run_eval
 from graphprune.dictview import DictView
+from graphprune.hf_defaults import ABSENT, defaulted_fields, drop_needless
 
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers")
 MAX_CANDIDATES = 64  # config combinations tried when inverting the shape map
@@ -110,6 +111,9 @@ class ShapeMap:
     base: Shapes
     footprints: dict[str, Footprint]
     layer_list: str | None  # FQN of the ModuleList that follows the layer count
+    # fields the modelling code reads with a default (hf_defaults), at their effective values:
+    # the footprints are measured with them written
+    defaults: dict[str, int] = field(default_factory=dict)
 
 
 def _build(model_class: type, config: Any) -> nn.Module | None:
@@ -134,7 +138,7 @@ def _with(config: Any, values: dict[str, Any]) -> Any:
     return changed
 
 
-def _shapes(model_class: type, config: Any) -> Shapes | None:
+def meta_shapes(model_class: type, config: Any) -> Shapes | None:
     """Parameter and buffer shapes of ``model_class(config)`` built on the meta device."""
     model = _build(model_class, config)
     return None if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -176,7 +180,9 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
     key = (model_class, json.dumps(config.to_dict(), sort_keys=True, default=str))
     if key in _MAPS:
         return _MAPS[key]
-    base = _shapes(model_class, config)  # _build works on a copy
+    defaults = defaulted_fields(model_class, config, meta_shapes)
+    config = _with(config, defaults) if defaults else config
+    base = meta_shapes(model_class, config) if config is not None else None  # (on a copy)
     if base is None:
         return None
     footprints: dict[str, Footprint] = {}
@@ -188,7 +194,7 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
                 if isinstance(items, list) and len(items) == value:
                     changes[key] = items * 2
         perturbed = _with(config, changes)
-        shapes = _shapes(model_class, perturbed) if perturbed is not None else None
+        shapes = meta_shapes(model_class, perturbed) if perturbed is not None else None
         if shapes is None:
             continue
         dims = {
@@ -202,7 +208,7 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
             footprints[name] = Footprint(name, value, 2 * value, dims)
         if name in LAYER_FIELDS and layer_list is None:
             layer_list = _grown_list(base.keys(), shapes.keys())
-    found = ShapeMap(base, footprints, layer_list)
+    found = ShapeMap(base, footprints, layer_list, defaults)
     _MAPS[key] = found
     return found
 
@@ -298,6 +304,11 @@ def sync_config(
         )
         return sync
     pruned = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # fields read with a default are solved for like the others, then written only where
+    # the derived default would build other shapes (a heads-pruned Qwen2's head_dim)
+    written = {k: getattr(config, k, ABSENT) for k in found.defaults}
+    for name, value in found.defaults.items():
+        setattr(config, name, value)
     values, problems = _invert(found, pruned, int_fields(config), model)
     for name, value in values.items():
         if getattr(config, name, None) != value:
@@ -305,6 +316,7 @@ def sync_config(
                 setattr(config, name, value)
             except Exception as exc:  # the config class's validators refuse it
                 problems[name] = f"the config refuses {value}: {type(exc).__name__}: {exc}"
+    drop_needless(model, written, lambda c: not problems and _builds_pruned(model, c, pruned))
     aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
     for name, value in int_fields(config).items():
         if getattr(before, name, None) != value:
@@ -318,6 +330,15 @@ def sync_config(
         return sync
     sync.expressible, sync.reason, sync.attributes = _rebuilds(model, before, example_inputs)
     return sync
+
+
+def _builds_pruned(model: nn.Module, config: Any, pruned: Shapes) -> bool:
+    """``type(model)(config)`` has the pruned shapes and the pruned modules' counts."""
+    fresh = _build(type(model), config)
+    if fresh is None:
+        return False
+    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return shapes == pruned and not attribute_differences(model, fresh)
 
 
 def _invert(

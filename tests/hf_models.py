@@ -49,7 +49,8 @@ TOKENS = 16
 # None: the granularity does not apply (PlanError with the reason)
 SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
     "qwen3": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
-    "qwen2": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
+    # reads config.head_dim with a default (hidden / heads): the sync writes it
+    "qwen2": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
     "mistral": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
     "opt": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
     "roberta": ("AutoModel", {"channels": True, "heads": False, "layers": True}),

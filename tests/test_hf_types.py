@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import graphprune as gp
+from graphprune.hf import meta_shapes
+from graphprune.hf_defaults import defaulted_fields
 from tests import hf_models
 from tests.equivalence import outputs
 from tests.hf_models import SAMPLE
@@ -115,3 +117,28 @@ def test_a_config_claim_is_checked_on_outputs_not_shapes(tmp_path: Path) -> None
     pruned.save_pretrained(tmp_path / "hf")
     rebuilt = type(pruned).from_pretrained(tmp_path / "hf").eval()
     assert not torch.allclose(outputs(rebuilt, x), outputs(pruned, x), atol=1e-5)
+
+
+def test_a_field_read_with_a_default_is_found_and_written_only_where_needed(
+    tmp_path: Path,
+) -> None:
+    """Qwen2's attention reads ``getattr(config, "head_dim", None) or hidden // heads``: the
+    field is found from the modelling code (no table), written when heads are pruned (2 of 4
+    heads of width 16: derived, it would be 32) and left out when nothing needs it."""
+    model = hf_models.build("qwen2", "AutoModelForCausalLM")
+    assert "head_dim" not in model.config.to_dict() or model.config.head_dim is None
+    assert defaulted_fields(type(model), model.config, meta_shapes) == {"head_dim": 16}
+    llama = hf_models.build("llama", "AutoModelForCausalLM")  # states head_dim itself
+    assert defaulted_fields(type(llama), llama.config, meta_shapes) == {}
+
+    x = hf_models.example_inputs(model)
+    heads = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    config = gp.report(heads).config
+    assert config["changes"] == {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    heads.save_pretrained(tmp_path / "heads")
+    rebuilt = type(heads).from_pretrained(tmp_path / "heads").eval()
+    torch.testing.assert_close(outputs(rebuilt, x), outputs(heads, x))
+
+    layers = gp.compile(model, gp.Plan(ratio=0.5, granularity="layers"), x)
+    assert gp.report(layers).config["changes"] == {"num_hidden_layers": 1}
+    assert getattr(layers.config, "head_dim", None) is None

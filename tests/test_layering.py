@@ -33,7 +33,10 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [  # in pipeline order; longest pref
             "graphprune.modules",
         ),
     ),
-    ("capture", ("graphprune.capture", "graphprune.checks", "graphprune.hf")),
+    (
+        "capture",
+        ("graphprune.capture", "graphprune.checks", "graphprune.hf", "graphprune.hf_defaults"),
+    ),
     ("analysis", ("graphprune.analysis",)),
     ("oneshot", ("graphprune.oneshot",)),
     ("planning", ("graphprune.planning",)),
@@ -134,9 +137,7 @@ def test_imports_never_climb_to_a_later_stage(graph: nx.DiGraph) -> None:
 def test_no_function_local_graphprune_imports() -> None:
     files = module_files()
     found = {
-        module: local
-        for module, path in files.items()
-        if (local := imports(path, set(files))[1])
+        module: local for module, path in files.items() if (local := imports(path, set(files))[1])
     }
     assert not found, found
 

@@ -1,0 +1,130 @@
+"""Config fields the modelling code reads with a default: ``head_dim`` is the common one.
+
+Qwen2's attention takes ``getattr(config, "head_dim", None) or hidden_size // heads``: a
+config without the field (or with ``None``) derives the width, one that has it states it. A
+heads-pruned Qwen2 (4 of 8 query heads, width 32 each) is only expressible with the field
+written: derived, ``hidden_size // 4`` would be 64. No table names these fields: they are
+found by building the model on the meta device with a config that records every attribute
+read that comes back missing or ``None``; a field is *defaulted* when setting it to an int
+changes parameter shapes, and its effective value is the one that rebuilds the unpruned
+shapes (shapes are linear in it, as in the shape map). The config sync then solves for it
+like any int field, and writes it only where the derived default would build other shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+Shapes = dict[str, tuple[int, ...]]
+PROBE = 8  # the trial value a candidate field is set to (and twice it): shapes linear in it
+
+
+def read_absent(model_class: type, config: Any) -> list[str]:
+    """Public attribute names of ``config`` that building ``model_class`` on the meta device
+    reads and finds missing or ``None``, in the order read."""
+    read: dict[str, None] = {}
+    base = type(config)
+
+    class Recording(base):  # type: ignore[misc, valid-type]
+        def __getattribute__(self, key: str) -> Any:
+            try:
+                value = super().__getattribute__(key)
+            except AttributeError:
+                if not key.startswith("_"):
+                    read[key] = None
+                raise
+            if value is None and not key.startswith("_"):
+                read[key] = None
+            return value
+
+    recording = copy.deepcopy(config)
+    recording.__class__ = Recording
+    try:
+        with torch.device("meta"), contextlib.redirect_stdout(None):
+            model_class(recording)
+    except Exception:
+        return []
+    return list(read)
+
+
+def defaulted_fields(
+    model_class: type, config: Any, shapes_of: Callable[[type, Any], Shapes | None]
+) -> dict[str, int]:
+    """Fields read with a default (:func:`read_absent`) that size parameters, with the value
+    each takes in ``config`` (``shapes_of(model_class, config)`` builds on meta)."""
+    base = shapes_of(model_class, config)
+    if base is None:
+        return {}
+    found: dict[str, int] = {}
+    for name in read_absent(model_class, config):
+        low, high = _with(config, name, PROBE), _with(config, name, 2 * PROBE)
+        at_low = shapes_of(model_class, low) if low is not None else None
+        if at_low is None or at_low == base:
+            continue
+        at_high = shapes_of(model_class, high) if high is not None else None
+        value = _effective(base, at_low, at_high) if at_high is not None else None
+        trial = _with(config, name, value) if value is not None else None
+        if trial is not None and value is not None and shapes_of(model_class, trial) == base:
+            found[name] = value
+    return found
+
+
+def _effective(base: Shapes, low: Shapes, high: Shapes) -> int | None:
+    """The field value that gives ``base``, from the shapes at PROBE and 2 x PROBE (each dim
+    that changes is linear in the field); None where the dims disagree."""
+    values = set()
+    for fqn in base.keys() & low.keys() & high.keys():
+        if not len(base[fqn]) == len(low[fqn]) == len(high[fqn]):
+            continue
+        for b, s0, s1 in zip(base[fqn], low[fqn], high[fqn], strict=True):
+            if s0 == s1:
+                continue
+            value = PROBE + (b - s0) * PROBE / (s1 - s0)
+            if value <= 0 or value != int(value):
+                return None
+            values.add(int(value))
+    return values.pop() if len(values) == 1 else None
+
+
+def _with(config: Any, name: str, value: int) -> Any:
+    changed = copy.deepcopy(config)
+    try:
+        setattr(changed, name, value)
+    except Exception:
+        return None
+    return changed
+
+
+def drop_needless(
+    model: nn.Module, fields: dict[str, Any], builds_same: Callable[[Any], bool]
+) -> list[str]:
+    """Restore each materialised field of ``model.config`` to how it was (``fields``: name ->
+    the original value, or ``_ABSENT``) where the config without it still builds the pruned
+    model (``builds_same(config)``); the names that must stay written."""
+    config: Any = model.config
+    kept = []
+    for name, original in fields.items():
+        value = getattr(config, name)
+        _restore(config, name, original)
+        if builds_same(config):
+            continue
+        setattr(config, name, value)
+        kept.append(name)
+    return kept
+
+
+ABSENT = object()  # a field the config did not have at all
+
+
+def _restore(config: Any, name: str, original: Any) -> None:
+    if original is ABSENT:
+        with contextlib.suppress(AttributeError):
+            delattr(config, name)
+    else:
+        setattr(config, name, original)
