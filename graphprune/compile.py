@@ -25,6 +25,7 @@ from graphprune.capture import ExampleInputs, copy_model, no_cache, serialized
 from graphprune.checks import check_calibration, check_model
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, is_pretrained, round_trip, sync_config
+from graphprune.oneshot.distributed import sharing
 from graphprune.planning.importance import LossFn
 from graphprune.planning.plan import Plan
 from graphprune.record import CompileRecord, SparsityRecord, attach_record, record_of
@@ -94,9 +95,12 @@ def compile(
     with no_cache(target), no_cache(model):  # HF models: a KV cache output cannot be captured
         before = Size(count_params(target), original.macs)
         plan.check_patterns(_names(target))
-        structure = prune_structure(job, target, original)
-        target = structure.model
-        sparse = mask_weights(job, target)
+        # in a torch.distributed group: this rank's calibration share, statistics summed
+        with sharing(job.batches, job.calibrated) as share:
+            job = dataclasses.replace(job, batches=share)
+            structure = prune_structure(job, target, original)
+            target = structure.model
+            sparse = mask_weights(job, target)
         # HF: the config (and module attributes no forward reads) follow the weights
         config = sync_config(target, original_config, example_inputs)
         after = Size(count_params(target), _macs_after(structure, before, example_inputs))

@@ -48,6 +48,7 @@ from graphprune.oneshot.calibration import (
     layer_inputs,
     rows_unsupported,
 )
+from graphprune.oneshot.distributed import all_sum, batch_total, fold_of, sum_int
 from graphprune.progress import track
 
 
@@ -96,6 +97,11 @@ class Statistics:
         self.C[fold] += a.T @ y
         self.yy[fold] += (y * y).sum()
         self.rows += a.shape[0]
+
+    def gather(self) -> None:
+        """Sum the statistics over every process's share of the batches."""
+        all_sum(self.G, self.C, self.yy)
+        self.rows = sum_int(self.rows)
 
     def error(self, b: Tensor, fold: int | None = None) -> float:
         """||Y - A B||^2 from the statistics (both folds when ``fold`` is None)."""
@@ -210,12 +216,12 @@ def refit_consumers(
 
     def visit(name: str, new: nn.Module, parts: list[Tensor], targets: list[Tensor]) -> None:
         pairs = list(zip(targets, parts, strict=True))
-        refit(name, new, pairs, len(pairs) > 1)
+        refit(name, new, pairs, batch_total(len(pairs)) > 1)
 
     if not in_lockstep(original, pruned, found, batches, reference, visit):
         for name in todo_names:
             pairs = _targets(original, pruned, name, output_index(name), batches)
-            refit(name, pruned.get_submodule(name), pairs, len(batches) > 1)
+            refit(name, pruned.get_submodule(name), pairs, batch_total(len(batches)) > 1)
     for _ in steps:  # drain the bar
         pass
     return in_forward_order(fits, found.order)
@@ -266,6 +272,8 @@ def _refit_norm(
             sums += torch.stack([u.sum(0), (u * u).sum(0), z.sum(0), (u * z).sum(0),
                                  (z * z).sum(0)])  # fmt: skip
             rows += u.shape[0]
+    all_sum(sums)  # over every process's share of the batches
+    rows = sum_int(rows)
     su, suu, sz, suz, szz = sums
     n = float(rows)
     var_u = suu - su * su / n
@@ -306,11 +314,12 @@ def _refit_layer(
             a = input_rows(new, x_new)  # (rows, columns)
             if has_bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-            if by_batch:
-                stats.add(a, y, b % 2)
+            if by_batch:  # the folds: alternate batches (of all processes')
+                stats.add(a, y, fold_of(b))
             else:  # one batch: its two halves are the folds
                 for fold, (a_part, y_part) in enumerate(_split(a, y)):
                     stats.add(a_part, y_part, fold)
+        stats.gather()
         current = weight.detach().reshape(out, -1).double().T  # (columns, out)
         if has_bias:
             assert isinstance(new.bias, Tensor)
@@ -488,6 +497,8 @@ def _sparsegpt_layer(
             a = input_rows(module, x).float()  # (rows, columns)
             h += (a.T @ a).double()  # one batch in float32 (SparseGPT's own), summed in double
             rows += a.shape[0]
+    all_sum(h)  # over every process's share of the batches
+    rows = sum_int(rows)
     work = torch.promote_types(weight.dtype, torch.float32)  # float32; a float64 model keeps its
     perm = nm_columns(weight) if adaptive == "n:m" else None
     w = weight.detach().reshape(weight.shape[0], -1).to(work)

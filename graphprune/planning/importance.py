@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from graphprune.analysis import DependencyGraph, Group, Member
 from graphprune.capture import LabelledBatch, normalize_inputs
 from graphprune.oneshot.calibration import input_norms, rows_unsupported
+from graphprune.oneshot.distributed import refuse
 from graphprune.planning.plan import PlanError
 
 Tensors = Mapping[str, Tensor]
@@ -231,6 +232,7 @@ def gradients(
 
     The model's parameters and ``.grad`` are left as they were (gradients are read, then reset).
     """
+    refuse("a gradient criterion (taylor, fisher)")
     named = dict(model.named_parameters(remove_duplicate=False))
     saved = {n: p.grad for n, p in named.items()}
     requires = {n: p.requires_grad for n, p in named.items()}

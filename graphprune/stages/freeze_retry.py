@@ -36,6 +36,7 @@ from graphprune.analysis.provenance import AttrKey, ShapeTrace, link_read_tensor
 from graphprune.analysis.registry import source_line
 from graphprune.capture import Captured, ExampleInputs, copy_model
 from graphprune.checks import GraphPruneWarning
+from graphprune.oneshot.distributed import refuse
 from graphprune.passes import structured_rewrite
 from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, RewriteFailure
 from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
@@ -592,5 +593,6 @@ def _rank_blocks(model: nn.Module, blocks: list[str], plan: Plan, batches: list[
     if plan.importance == "random":
         order = np.random.default_rng(plan.seed).permutation(len(blocks))
         return [blocks[i] for i in order]
+    refuse("ranking layers by their contribution (granularity='layers')")
     contributions = block_contributions(model, blocks, batches)
     return sorted(blocks, key=lambda b: (contributions[b], blocks.index(b)))
