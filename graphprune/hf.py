@@ -316,7 +316,8 @@ def sync_config(
                 setattr(config, name, value)
             except Exception as exc:  # the config class's validators refuse it
                 problems[name] = f"the config refuses {value}: {type(exc).__name__}: {exc}"
-    drop_needless(model, written, lambda c: not problems and _builds_pruned(model, c, pruned))
+    # (with problems the config is not claimed: the defaults go back to how they were)
+    drop_needless(model, written, lambda a, b: bool(problems) or _same_build(type(model), a, b))
     aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
     for name, value in int_fields(config).items():
         if getattr(before, name, None) != value:
@@ -332,13 +333,13 @@ def sync_config(
     return sync
 
 
-def _builds_pruned(model: nn.Module, config: Any, pruned: Shapes) -> bool:
-    """``type(model)(config)`` has the pruned shapes and the pruned modules' counts."""
-    fresh = _build(type(model), config)
-    if fresh is None:
+def _same_build(model_class: type, a: Any, b: Any) -> bool:
+    """Configs ``a`` and ``b`` build ``model_class`` with the same shapes and attributes."""
+    first, second = _build(model_class, a), _build(model_class, b)
+    if first is None or second is None:
         return False
-    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return shapes == pruned and not attribute_differences(model, fresh)
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (first, second)]
+    return shapes[0] == shapes[1] and not attribute_differences(first, second)
 
 
 def _invert(

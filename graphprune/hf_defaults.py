@@ -102,17 +102,19 @@ def _with(config: Any, name: str, value: int) -> Any:
 
 
 def drop_needless(
-    model: nn.Module, fields: dict[str, Any], builds_same: Callable[[Any], bool]
+    model: nn.Module, fields: dict[str, Any], same_build: Callable[[Any, Any], bool]
 ) -> list[str]:
     """Restore each materialised field of ``model.config`` to how it was (``fields``: name ->
-    the original value, or ``_ABSENT``) where the config without it still builds the pruned
-    model (``builds_same(config)``); the names that must stay written."""
+    the original value, or ``ABSENT``) where the config without it builds the same model
+    (``same_build(with_it, without_it)``: shapes and module attributes); the names that must
+    stay written."""
     config: Any = model.config
     kept = []
     for name, original in fields.items():
         value = getattr(config, name)
+        written = copy.deepcopy(config)
         _restore(config, name, original)
-        if builds_same(config):
+        if same_build(written, config):
             continue
         setattr(config, name, value)
         kept.append(name)

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from graphprune.analysis import analyze_captured
+from graphprune.analysis.provenance import attributes_read, trace_shapes
 from graphprune.capture import ExampleInputs, capture, no_cache, serialized
 from graphprune.errors import InputError
-from graphprune.hf import sync_config
+from graphprune.hf import is_pretrained, round_trip, sync_config
 from graphprune.io import write_atomic
 from graphprune.kernels.sparse_modules import SPARSE_MODULES
 from graphprune.passes import structured_rewrite
@@ -152,10 +153,13 @@ def _damaged(path: Path, why: str) -> str:
 def apply_record(model: nn.Module, record: CompileRecord, example_inputs: ExampleInputs) -> None:
     """Replay the passes of a compile record (and of the compiles before it) on an unpruned
     model."""
+    # HF: the config synced as compile did, against the unpruned one (the replay sets counts
+    # a forward reads in the config itself, so the config after it is no base to measure on)
+    original = round_trip(model.config) if is_pretrained(model) else None
     with no_cache(model):
         for step in record.steps():
             _apply_one(model, step, example_inputs)
-    sync_config(model, None, example_inputs)  # HF: the config, as compile left it
+    sync_config(model, original, example_inputs)
     attach_record(model, copy.deepcopy(record))
 
 
@@ -178,7 +182,11 @@ def _apply_one(model: nn.Module, record: CompileRecord, example_inputs: ExampleI
         attributes = resolution.attributes
         if not record.stores_attributes:  # format 1: derive them as that release did
             attributes = attributes_for(model, example_inputs, captured, dg, resolution.kept)
-        ctx = PassContext(model, example_inputs, captured, dg, resolution.kept, attributes)
+        # what the forward reads: an unread head count follows the heads as in compile
+        read = attributes_read(trace_shapes(model, example_inputs))
+        ctx = PassContext(
+            model, example_inputs, captured, dg, resolution.kept, attributes, read_attributes=read
+        )
         PassManager(structured_rewrite(), verify=make_verifier(reference))(ctx)
     if record.sparsity.layers and not record.sparsity.baked:  # filled by the state_dict:
         register_placeholder_masks(model, list(record.sparsity.layers))

@@ -14,7 +14,9 @@ sliced tensors, and replace modules that cannot express the new shapes.
    width (``all_head_size``) the kept width (read ones follow their relations). Where another
    size of the attention has the same value (2 kv heads and 2 q heads per kv head; a width
    equal to the hidden size) or several attributes do, nothing is set and the report says
-   so -- never guessed.
+   so -- never guessed. An attribute whose value differs between the instances of its class
+   is an index, not a count (``layer_idx`` = 4 in the fifth decoder layer, whose KV-cache
+   slot it is), and never a candidate.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def _update_head_counts(ctx: PassContext) -> None:
     if ctx.read_attributes is None:  # no shape trace: what the forward reads is unknown
         return
     driven = {(path, name) for path, name, _ in ctx.attributes} | ctx.read_attributes
+    indices = _indices(ctx.model)
     for g in ctx.dg.groups:
         kept = ctx.kept.get(g.id)
         if g.kind not in ("heads", "kv_heads") or kept is None or len(kept) == g.size:
@@ -123,7 +126,7 @@ def _update_head_counts(ctx: PassContext) -> None:
                 if not type(module).__module__.startswith("torch.nn")  # rules 1-3 did those
                 for name, value in vars(module).items()
                 if type(value) is int and value == old and not name.startswith("_")
-                and (path, name) not in driven
+                and (path, name) not in driven and (type(module), name) not in indices
             ]  # fmt: skip
             if len(found) == 1 and clash is None:
                 path, name = found[0]
@@ -134,6 +137,18 @@ def _update_head_counts(ctx: PassContext) -> None:
                     f"{root or '<root>'}: {label} not updated ({why}): "
                     + ", ".join(f"{p}.{n}" for p, n in found)
                 )
+
+
+def _indices(model: nn.Module) -> set[tuple[type, str]]:
+    """(module class, int attribute) pairs whose value differs between the class's
+    instances: an index (a decoder layer's ``layer_idx`` for its KV-cache slot), not a size
+    -- the repeated attention modules of a model hold the same head count."""
+    values: dict[tuple[type, str], set[int]] = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if type(value) is int and not name.startswith("_"):
+                values.setdefault((type(module), name), set()).add(value)
+    return {key for key, seen in values.items() if len(seen) > 1}
 
 
 def _common_module(paths: list[str]) -> str:

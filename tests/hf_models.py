@@ -70,7 +70,8 @@ SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
     # per-stage width lists; dropped blocks become skips the config cannot say
     "convnext": ("AutoModel", {"channels": False, "layers": False}),
     "swin": ("AutoModel", {"channels": False, "layers": False}),  # per-stage widths
-    "dinov2": ("AutoModel", {"channels": False, "heads": False, "layers": False}),  # stages
+    # stages; heads: config.head_dim (read with a default) states the kept width
+    "dinov2": ("AutoModel", {"channels": False, "heads": True, "layers": False}),
     "whisper": (  # the encoder, with a classification head
         "WhisperForAudioClassification",
         {"channels": False, "heads": False, "layers": True},

@@ -101,8 +101,9 @@ EXPECTED: dict[tuple[str, str], tuple[dict[str, Any], bool]] = {
     ("llama", "channels"): ({"hidden_size": 32, "intermediate_size": 64}, True),
     ("llama", "heads"): ({"num_attention_heads": 2, "num_key_value_heads": 1}, True),
     ("llama", "layers"): ({"num_hidden_layers": 1}, True),
-    ("vit", "channels"): ({"hidden_size": 32, "intermediate_size": 64}, False),
-    ("vit", "heads"): ({}, False),  # head size is hidden / heads: no config says it
+    # ViT reads config.head_dim with a default (hidden / heads): the sync writes it
+    ("vit", "channels"): ({"hidden_size": 32, "intermediate_size": 64, "head_dim": 16}, True),
+    ("vit", "heads"): ({"num_attention_heads": 2, "head_dim": 16}, True),
     ("vit", "layers"): ({"num_hidden_layers": 1}, True),
 }
 

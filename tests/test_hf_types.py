@@ -91,18 +91,22 @@ def test_heads_of_folded_attention_are_not_guessed() -> None:
         gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), hf_models.example_inputs(model))
 
 
-def test_an_inexpressible_config_keeps_only_what_the_tensors_agree_on() -> None:
-    """Apertus derives head_dim = hidden / heads: no config says 2 of 4 heads. Doubling the
-    heads *shrinks* k_proj, so a linear inversion would claim 8 heads; the config must keep
-    only values the weights that grow with a field agree on."""
+def test_a_gqa_head_count_is_never_inverted_from_a_shrinking_width(tmp_path: Path) -> None:
+    """Apertus reads head_dim with a default of hidden / heads. Doubling the heads *shrinks*
+    k_proj there (kv_heads x hidden / heads), so a linear inversion of k_proj alone would
+    claim 8 heads; the sync must instead state 2 of 4 heads with the head_dim they keep."""
     model = hf_models.build("apertus")
     x = hf_models.example_inputs(model)
     pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
     config = gp.report(pruned).config
-    assert not config["expressible"] and "num_attention_heads" in config["fields"]
-    assert config["changes"] == {"num_key_value_heads": 1}
-    head_dim = pruned.config.hidden_size // 4  # one kv head of the original width
-    assert pruned.layers[0].self_attn.k_proj.out_features == head_dim
+    head_dim = model.config.hidden_size // 4
+    assert config["changes"] == {
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": head_dim
+    }  # fmt: skip
+    assert config["expressible"], config["reason"]
+    pruned.save_pretrained(tmp_path / "hf")
+    rebuilt = type(pruned).from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(outputs(rebuilt, x), outputs(pruned, x))
 
 
 def test_a_config_claim_is_checked_on_outputs_not_shapes(tmp_path: Path) -> None:
@@ -142,3 +146,24 @@ def test_a_field_read_with_a_default_is_found_and_written_only_where_needed(
     layers = gp.compile(model, gp.Plan(ratio=0.5, granularity="layers"), x)
     assert gp.report(layers).config["changes"] == {"num_hidden_layers": 1}
     assert getattr(layers.config, "head_dim", None) is None
+
+
+def test_a_layer_index_equal_to_a_head_count_is_not_taken_for_one() -> None:
+    """The fifth decoder layer's ``layer_idx`` (its KV-cache slot, read by no captured op) is
+    4, like the kv head count: only the head count may follow the pruned heads (4 -> 3), or
+    layer 4 writes layer 3's cache slot and cached generation goes wrong."""
+    tf = hf_models.transformers()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=192, intermediate_size=256, num_hidden_layers=6, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=256,
+    )  # fmt: skip
+    model = tf.LlamaForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 256, (1, 20))}
+    pruned = gp.compile(model, gp.Plan(ratio=0.25, granularity="heads"), x)
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == list(range(6))
+    assert gp.report(pruned).config.expressible
+    prompt = x["input_ids"][:, :5]
+    cached = pruned.generate(prompt, max_new_tokens=8, do_sample=False)
+    uncached = pruned.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)

@@ -578,6 +578,16 @@ def _close(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return all(abs(x - y) <= 1e-6 * (abs(x) + abs(y)) + 1e-9 for x, y in zip(a, b, strict=True))
 
 
+def attributes_read(trace: ShapeTrace) -> set[tuple[str, str]] | None:
+    """The (module path, attribute) pairs the traced forward's torch calls read (None: the
+    trace failed, so what the forward reads is unknown)."""
+    if trace.error:
+        return None
+    return {
+        (path, name) for use in trace.uses for expr in use.exprs for path, name, _ in expr.attrs()
+    }
+
+
 def link_read_tensors(
     trace: ShapeTrace, captured: Captured, model: nn.Module, example_inputs: Any
 ) -> dict[int, str]:

@@ -32,7 +32,13 @@ from graphprune.analysis import DependencyGraph, Group, analyze_captured
 from graphprune.analysis.cache import analysed
 from graphprune.analysis.macs import count_macs
 from graphprune.analysis.observe import Observed, observe
-from graphprune.analysis.provenance import AttrKey, ShapeTrace, link_read_tensors, trace_shapes
+from graphprune.analysis.provenance import (
+    AttrKey,
+    ShapeTrace,
+    attributes_read,
+    link_read_tensors,
+    trace_shapes,
+)
 from graphprune.analysis.registry import source_line
 from graphprune.capture import Captured, ExampleInputs, copy_model
 from graphprune.checks import GraphPruneWarning
@@ -121,14 +127,7 @@ class Setup:
 
     def read_attributes(self) -> set[tuple[str, str]] | None:
         """The module attributes the forward's torch calls read (None: not traced)."""
-        if self.shapes is None or self.shapes.trace.error:
-            return None
-        return {
-            (path, name)
-            for use in self.shapes.trace.uses
-            for expr in use.exprs
-            for path, name, _ in expr.attrs()
-        }
+        return None if self.shapes is None else attributes_read(self.shapes.trace)
 
 
 @dataclasses.dataclass
