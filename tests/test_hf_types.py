@@ -167,3 +167,20 @@ def test_a_layer_index_equal_to_a_head_count_is_not_taken_for_one() -> None:
     cached = pruned.generate(prompt, max_new_tokens=8, do_sample=False)
     uncached = pruned.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_a_sequence_as_long_as_the_head_count_does_not_freeze_the_heads() -> None:
+    """8 tokens and 8 heads: the export repeats kv heads (``reshape(1, 8, 8, 16)``) where
+    eager SDPA does not, so a call matched by order alone (``reshape(1, -1, 8, 16)``) would
+    read the sequence length as the head count and freeze every head group."""
+    tf = hf_models.transformers()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=256,
+    )  # fmt: skip
+    model = tf.LlamaForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 256, (1, 8))}
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (4, 2)
+    assert gp.report(pruned).config.expressible

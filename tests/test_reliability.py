@@ -383,7 +383,9 @@ def test_the_latency_plan_leaves_the_model_as_it_was(
     model = small_cnn().train()
     model_before, process_before = _model_state(model), _process_state()
     x = (torch.randn(8, 3, 32, 32),)
-    gp.compile(model, gp.Plan(target_latency=0.8, round_to=1), x)
+    # 0.9: within reach of this small CNN's floors however the shared machine times its ops
+    # (at 0.8 a busy run's tables predicted a floor of 0.82 and the plan was refused)
+    gp.compile(model, gp.Plan(target_latency=0.9, round_to=1), x)
     assert _same(_model_state(model), model_before)
     assert _process_state() == process_before
 

@@ -112,7 +112,10 @@ def _match(captured: Captured, uses: list[IntUse]) -> dict[str, IntUse]:
     Nodes and calls are aligned in order per (source line, module instance); a node takes the
     next call whose function is compatible with its op (``reshape`` for ``aten.view``, ...).
     Nodes whose stack trace names another line (torch.export keeps fewer frames for some
-    wrappers, e.g. ``torch.split``) get a second chance per module instance alone.
+    wrappers, e.g. ``torch.split``) get a second chance per module instance alone, taking
+    only a call that got exactly the node's ints: order alone is no evidence there (Hugging
+    Face's SDPA attention repeats kv heads under export but not in eager, so the two orders
+    differ, and a call whose sequence length equals the head count would otherwise pass).
     """
     nodes = [
         n
@@ -121,7 +124,8 @@ def _match(captured: Captured, uses: list[IntUse]) -> dict[str, IntUse]:
     ]
     found: dict[str, IntUse] = {}
     taken: set[int] = set()
-    for keyed in (lambda line, module: (line, module), lambda _line, module: ("", module)):
+    for second in (False, True):
+        keyed = _by_module if second else _by_line
         calls: dict[tuple[str, str], list[tuple[int, IntUse]]] = defaultdict(list)
         for k, use in enumerate(uses):
             if k not in taken:
@@ -135,12 +139,24 @@ def _match(captured: Captured, uses: list[IntUse]) -> dict[str, IntUse]:
             op = _short(node.target)
             for j in range(cursor[key], len(pending)):
                 k, use = pending[j]
-                if compatible(use.func, op):
+                if compatible(use.func, op) and (not second or _same_ints(use, node)):
                     found[node.name] = use
                     taken.add(k)
                     cursor[key] = j + 1
                     break
     return found
+
+
+def _by_line(line: str, module: str) -> tuple[str, str]:
+    return (line, module)
+
+
+def _by_module(_line: str, module: str) -> tuple[str, str]:
+    return ("", module)
+
+
+def _same_ints(use: IntUse, node: fx.Node) -> bool:
+    return [int(v) for v in use.values] == _node_ints(node)
 
 
 @dataclass(frozen=True)
