@@ -236,7 +236,7 @@ def _print_stage_table(rows: dict[str, dict[str, float]]) -> None:
 
 def workflow_times() -> dict[str, dict[str, float]]:
     """End-to-end seconds of the workflows that compile a model many times: a latency-target
-    compile (0.5 of the measured onnxruntime latency; its op-latency tables measured by an
+    compile (0.6 of the measured onnxruntime latency; its op-latency tables measured by an
     untimed first run, so both revisions time the same work) and a 5-step Pruner at ratio 0.5,
     on the zoo ResNet-18 layout and the zoo ViT; with what each produced (MACs ratio, and for
     the Pruner a checksum of the final weights: the same before and after a change)."""
@@ -250,12 +250,12 @@ def workflow_times() -> dict[str, dict[str, float]]:
     for name in ("resnet18", "vit"):
         spec = MODELS[name]
         model, x = spec.build().eval(), spec.example_inputs()
-        plan = gp.Plan(target_latency=0.5)
+        plan = gp.Plan(target_latency=0.6)  # 0.5 is past some runs' measured floors
         gp.compile(model, plan, x)  # fills the op-latency tables (untimed)
         start = time.perf_counter()
         pruned = gp.compile(model, plan, x)
         found = gp.report(pruned)
-        rows[f"latency 0.5 {name}"] = {
+        rows[f"latency {plan.target_latency} {name}"] = {
             "seconds": time.perf_counter() - start, "macs_ratio": found.macs_ratio,
             "rounds": float(len(found.latency.rounds)) if found.latency else float("nan"),
         }  # fmt: skip
@@ -340,14 +340,16 @@ def measure_revision(
             check=True,
         )  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(site)}
-        out = subprocess.run(
+        done = subprocess.run(
             [sys.executable, __file__, "--repeat", str(repeat), "--json-only", *(extra or [])],
             cwd=tmp,  # not ROOT: the checkout's graphprune must not shadow the built one
             env=env,
-            check=True,
             capture_output=True,
             text=True,
-        ).stdout
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"the run at {ref} failed:\n{done.stderr[-3000:]}")
+        out = done.stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
