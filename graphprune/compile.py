@@ -25,7 +25,7 @@ from graphprune.capture import ExampleInputs, copy_model, no_cache, serialized
 from graphprune.checks import check_calibration, check_model
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, is_pretrained, round_trip, sync_config
-from graphprune.oneshot.distributed import sharing
+from graphprune.oneshot.distributed import group_size, sharing
 from graphprune.planning.importance import LossFn
 from graphprune.planning.plan import Plan
 from graphprune.record import CompileRecord, SparsityRecord, attach_record, record_of
@@ -87,6 +87,11 @@ def compile(
     if job.calibrated:
         check_calibration(model, job.batches)
     if plan.targets_latency:
+        if group_size() > 1:  # each rank would time its own rounds and may choose another plan
+            raise InputError(
+                "latency targets are measured on this machine and cannot be spread over a "
+                "torch.distributed group: compile on one rank, then share the model"
+            )
         return _compile_to_latency(job)
     target = model if inplace else copy_model(model)
     # the unpruned config, to sync against (inplace rewrites the model's own)

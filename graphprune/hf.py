@@ -309,15 +309,19 @@ def sync_config(
     written = {k: getattr(config, k, ABSENT) for k in found.defaults}
     for name, value in found.defaults.items():
         setattr(config, name, value)
-    values, problems = _invert(found, pruned, int_fields(config), model)
-    for name, value in values.items():
-        if getattr(config, name, None) != value:
-            try:
-                setattr(config, name, value)
-            except Exception as exc:  # the config class's validators refuse it
-                problems[name] = f"the config refuses {value}: {type(exc).__name__}: {exc}"
-    # (with problems the config is not claimed: the defaults go back to how they were)
-    drop_needless(model, written, lambda a, b: bool(problems) or _same_build(type(model), a, b))
+    problems: dict[str, str] = {"config": "the sync did not finish"}
+    try:
+        values, problems = _invert(found, pruned, int_fields(config), model)
+        for name, value in values.items():
+            if getattr(config, name, None) != value:
+                try:
+                    setattr(config, name, value)
+                except Exception as exc:  # the config class's validators refuse it
+                    problems[name] = f"the config refuses {value}: {type(exc).__name__}: {exc}"
+    finally:  # (with problems the config is not claimed: the defaults go back as they were)
+        drop_needless(
+            model, written, lambda a, b: bool(problems) or _same_build(type(model), a, b)
+        )
     aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
     for name, value in int_fields(config).items():
         if getattr(before, name, None) != value:
@@ -554,14 +558,23 @@ def _loaded(model: nn.Module, config: Any) -> nn.Module:
             None, config=copy.deepcopy(config), state_dict=model.state_dict(), dtype=dtype,
             output_loading_info=True,
         )  # fmt: skip
-    unloaded = sorted({*info.get("missing_keys", ()), *info.get("unexpected_keys", ())})
+    unloaded = sorted(
+        {*info.get("missing_keys", ()), *info.get("unexpected_keys", ()),
+         *(str(k) for k in info.get("mismatched_keys", ()))}
+    )  # fmt: skip
     if unloaded:
         raise ValueError(f"from_pretrained leaves {len(unloaded)} unloaded, e.g. {unloaded[0]}")
-    held = dict(model.named_buffers())
-    for name, buffer in list(fresh.named_buffers()):
-        if name in held and buffer.is_floating_point() and buffer.dtype != held[name].dtype:
-            owner, _, leaf = name.rpartition(".")
-            setattr(fresh.get_submodule(owner), leaf, buffer.to(held[name].dtype))
+    # in the dtypes the pruned model holds them in (its _keep_in_fp32_modules or a wholesale
+    # .bfloat16() are the user's choice, not the config's)
+    held = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, tensor in [*fresh.named_parameters(), *fresh.named_buffers()]:
+            if name in held and tensor.is_floating_point() and tensor.dtype != held[name].dtype:
+                owner, _, leaf = name.rpartition(".")
+                module = fresh.get_submodule(owner)
+                cast = tensor.to(held[name].dtype)
+                setattr(module, leaf, nn.Parameter(cast, tensor.requires_grad)
+                        if isinstance(tensor, nn.Parameter) else cast)  # fmt: skip
     return fresh.train(model.training)
 
 

@@ -43,9 +43,9 @@ def read_absent(model_class: type, config: Any) -> list[str]:
                 read[key] = None
             return value
 
-    recording = copy.deepcopy(config)
-    recording.__class__ = Recording
     try:
+        recording = copy.deepcopy(config)
+        recording.__class__ = Recording  # (a config class with __slots__ refuses: no fields)
         with torch.device("meta"), contextlib.redirect_stdout(None):
             model_class(recording)
     except Exception:
@@ -65,10 +65,10 @@ def defaulted_fields(
     for name in read_absent(model_class, config):
         low, high = _with(config, name, PROBE), _with(config, name, 2 * PROBE)
         at_low = shapes_of(model_class, low) if low is not None else None
-        if at_low is None or at_low == base:
-            continue
         at_high = shapes_of(model_class, high) if high is not None else None
-        value = _effective(base, at_low, at_high) if at_high is not None else None
+        if at_low is None or at_high is None or at_low == at_high:  # sizes nothing
+            continue
+        value = _effective(base, at_low, at_high)
         trial = _with(config, name, value) if value is not None else None
         if trial is not None and value is not None and shapes_of(model_class, trial) == base:
             found[name] = value

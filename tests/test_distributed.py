@@ -123,7 +123,8 @@ def test_two_gloo_processes_give_the_one_process_masks_and_weights(tmp_path: Pat
 
 
 def test_a_gradient_criterion_is_refused_across_processes(tmp_path: Path) -> None:
-    """taylor's gradients are not summed over ranks: refused, not computed from one share."""
+    """taylor's gradients are not summed over ranks, and each rank would time its own latency
+    rounds: both refused, not computed from one share."""
     script = WORKER.replace(
         "torch.save(run(), sys.argv[3])",
         "from tests.test_distributed import taylor_across_ranks; taylor_across_ranks()",
@@ -144,3 +145,5 @@ def taylor_across_ranks() -> None:
     model, x, calibration = _cases()["cnn wanda refit"]
     with pytest.raises(InputError, match="not computed across processes"):
         gp.compile(model, gp.Plan(ratio=0.5, importance="taylor"), x, calibration=calibration)
+    with pytest.raises(InputError, match="cannot be spread over a torch"):
+        gp.compile(model, gp.Plan(target_latency=0.8), x)  # each rank would time its own

@@ -134,6 +134,8 @@ def test_a_field_read_with_a_default_is_found_and_written_only_where_needed(
     assert defaulted_fields(type(model), model.config, meta_shapes) == {"head_dim": 16}
     llama = hf_models.build("llama", "AutoModelForCausalLM")  # states head_dim itself
     assert defaulted_fields(type(llama), llama.config, meta_shapes) == {}
+    narrow = type(model)(hf_models.tiny_config("qwen2", num_attention_heads=8))  # 64 / 8
+    assert defaulted_fields(type(narrow), narrow.config, meta_shapes) == {"head_dim": 8}
 
     x = hf_models.example_inputs(model)
     heads = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
@@ -148,17 +150,22 @@ def test_a_field_read_with_a_default_is_found_and_written_only_where_needed(
     assert getattr(layers.config, "head_dim", None) is None
 
 
+def _llama(hidden: int, layers: int) -> torch.nn.Module:
+    """A random LLaMA causal LM with 8 query and 4 kv heads."""
+    tf = hf_models.transformers()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=hidden, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
+    )  # fmt: skip
+    return tf.LlamaForCausalLM(config).eval()
+
+
 def test_a_layer_index_equal_to_a_head_count_is_not_taken_for_one() -> None:
     """The fifth decoder layer's ``layer_idx`` (its KV-cache slot, read by no captured op) is
     4, like the kv head count: only the head count may follow the pruned heads (4 -> 3), or
     layer 4 writes layer 3's cache slot and cached generation goes wrong."""
-    tf = hf_models.transformers()
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=192, intermediate_size=256, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=4, vocab_size=256,
-    )  # fmt: skip
-    model = tf.LlamaForCausalLM(config).eval()
+    model = _llama(hidden=192, layers=6)
     x = {"input_ids": torch.randint(0, 256, (1, 20))}
     pruned = gp.compile(model, gp.Plan(ratio=0.25, granularity="heads"), x)
     assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == list(range(6))
@@ -173,13 +180,7 @@ def test_a_sequence_as_long_as_the_head_count_does_not_freeze_the_heads() -> Non
     """8 tokens and 8 heads: the export repeats kv heads (``reshape(1, 8, 8, 16)``) where
     eager SDPA does not, so a call matched by order alone (``reshape(1, -1, 8, 16)``) would
     read the sequence length as the head count and freeze every head group."""
-    tf = hf_models.transformers()
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, vocab_size=256,
-    )  # fmt: skip
-    model = tf.LlamaForCausalLM(config).eval()
+    model = _llama(hidden=128, layers=2)
     x = {"input_ids": torch.randint(0, 256, (1, 8))}
     pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
     assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (4, 2)

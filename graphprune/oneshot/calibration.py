@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from graphprune.capture import normalize_inputs, own_thread, run_eval
 from graphprune.errors import GraphPruneError, InputError
-from graphprune.oneshot.distributed import all_sum
+from graphprune.oneshot.distributed import all_sum, same_everywhere
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 STACK_BYTES = 1 << 29  # the largest layer input of the stacked batches, at most (512 MiB)
@@ -130,6 +130,7 @@ def input_norms(
     with pre_hooks(model, names, record):
         for batch in batches:
             run_eval(model, batch)
+    same_everywhere(sorted(sums), "the layers the calibration forward reached")
     for name in sorted(sums):  # over every process's share (the same order on every rank)
         all_sum(sums[name])
     return {name: s.sqrt() for name, s in sums.items()}

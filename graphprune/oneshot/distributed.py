@@ -10,7 +10,9 @@ of one process over all the batches, up to the order of float summation. The two
 validation folds of the ridge refit are the global batches' parities, as in one process.
 
 Every rank must call compile with the same model, plan and calibration list; the collectives
-run in the model's forward order, the same on every rank. Only these statistics are
+run in the model's forward order, checked to be the same on every rank (a forward whose path
+depends on the data is refused, not deadlocked). The statistics are CPU tensors: use a
+backend that reduces them (gloo; NCCL reduces GPU tensors only). Only these statistics are
 distributed: a plan that needs gradients (taylor, fisher) or whole-model forwards (layer
 contributions) is refused across processes rather than computed from one rank's share.
 """
@@ -108,6 +110,23 @@ def batch_total(local: int) -> int:
     """Batches over all ranks, for a rank holding ``local`` of them."""
     share = _ACTIVE.get()
     return share.total if share is not None else local
+
+
+def same_everywhere(value: list[str], what: str) -> None:
+    """Raise on every rank unless every rank has the same ``value`` (the layers a forward
+    reached, in order): the collectives that follow pair up by position, so a forward that
+    takes another path on one rank's data (a mixture of experts) must stop here, not
+    deadlock or sum one layer's statistics with another's."""
+    if _ACTIVE.get() is None:
+        return
+    found: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, value)
+    if any(other != value for other in found):
+        raise InputError(
+            f"{what} differs between the processes (a forward whose path depends on the "
+            "data, e.g. a mixture of experts): this one-shot step cannot be distributed; "
+            "run it in one process"
+        )
 
 
 def refuse(what: str) -> None:

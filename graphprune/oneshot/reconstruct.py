@@ -48,7 +48,13 @@ from graphprune.oneshot.calibration import (
     layer_inputs,
     rows_unsupported,
 )
-from graphprune.oneshot.distributed import all_sum, batch_total, fold_of, sum_int
+from graphprune.oneshot.distributed import (
+    all_sum,
+    batch_total,
+    fold_of,
+    same_everywhere,
+    sum_int,
+)
 from graphprune.progress import track
 
 
@@ -195,6 +201,7 @@ def refit_consumers(
                          "times per forward (a shared layer has no single input to fit)")
             )  # fmt: skip
     todo_names = [n for n in found.order if found.calls[n] == 1]
+    same_everywhere(todo_names, "the layers to refit, in forward order")
     steps = iter(track(todo_names, "reconstructing layers", progress))
     is_norm = set(norms)
 
@@ -457,6 +464,7 @@ def sparsegpt(
             fits.append(LayerFit(name, "skipped", math.nan, math.nan, 0, why))
     skipped = {f.module for f in fits}
     todo = [n for n in found.order if n not in skipped]
+    same_everywhere(todo, "the layers SparseGPT prunes, in forward order")
     doing = set(todo)
     steps = iter(track(todo, "SparseGPT", progress))
 
@@ -471,7 +479,9 @@ def sparsegpt(
             prune(name, module, parts)
 
     missed = in_one_forward(model, found, batches, visit)
-    for name in todo if missed is None else [n for n in todo if n in missed]:
+    rest = todo if missed is None else [n for n in todo if n in missed]
+    same_everywhere(rest, "the layers SparseGPT prunes one batch at a time")
+    for name in rest:
         prune(name, model.get_submodule(name), layer_inputs(model, name, batches))
     for _ in steps:  # drain the bar
         pass

@@ -104,17 +104,20 @@ def power_sums_along(t: Tensor, dims: set[int], p: int) -> dict[int, np.ndarray]
     if x.numel() == 0:
         return {d: np.zeros(x.shape[d]) for d in dims}
     rows = max(1, WIDEN_CHUNK // max(1, x[0].numel()))
-    pieces: dict[int, list[Tensor]] = {d: [] for d in dims}
+    firsts: list[Tensor] = []  # dim 0: each block's rows, in order
+    totals: dict[int, Tensor] = {}  # other dims: summed over the blocks as they come
     for start in range(0, x.shape[0], rows):
         powered = x[start : start + rows].to(wide, copy=True)
         powered = powered.square_() if p == 2 else powered.abs_().pow_(p)
         for d in dims:
-            others = [o for o in range(x.dim()) if o != d]
-            pieces[d].append(powered.sum(dim=others))
+            part = powered.sum(dim=[o for o in range(x.dim()) if o != d])
+            if d == 0:
+                firsts.append(part)
+            else:
+                totals[d] = totals[d] + part if d in totals else part
         del powered
     return {
-        d: (torch.cat(parts) if d == 0 else torch.stack(parts).sum(0)).double().cpu().numpy()
-        for d, parts in pieces.items()
+        d: (torch.cat(firsts) if d == 0 else totals[d]).double().cpu().numpy() for d in dims
     }
 
 
