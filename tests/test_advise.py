@@ -187,7 +187,9 @@ def test_advise_on_a_trained_cnn(tmp_path: Path, cache_dir: Any) -> None:
             return float((m(images[held]).argmax(1) == labels[held]).float().mean())
 
     runtimes = ("onnxruntime", "openvino") if HAS_OPENVINO else ("onnxruntime",)
-    candidates = default_candidates(latency_targets=(0.8,), sparsities=(0.5,), two_four=False)
+    # 0.9: within reach of this small CNN's floors however the shared machine times its ops
+    # (at 0.8 a busy run's tables predicted the floor above it and the row was not measured)
+    candidates = default_candidates(latency_targets=(0.9,), sparsities=(0.5,), two_four=False)
     advice = advise(
         model, x, calibration=calibration, evaluate=accuracy, runtimes=runtimes, threads=2,
         candidates=candidates, batch_sizes=(1, 16), runs=5, out=tmp_path / "advise",
@@ -218,7 +220,7 @@ def test_advise_on_a_trained_cnn(tmp_path: Path, cache_dir: Any) -> None:
     assert rows["unstructured 50%"].file_bytes < 0.75 * size  # values + bitmask
     assert rows["int8"].file_bytes < 0.4 * size
     assert rows["unstructured 50% + int8"].file_bytes < rows["int8"].file_bytes
-    assert rows["structured 80% latency"].macs < rows["original (fp32)"].macs
+    assert rows["structured 90% latency"].macs < rows["original (fp32)"].macs
     assert rows["unstructured 50%"].macs == rows["original (fp32)"].macs  # masks keep MACs
     for objective in advice.objectives:
         assert any(r.pareto.get(objective) for r in advice.rows), objective
