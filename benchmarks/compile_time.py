@@ -70,6 +70,8 @@ def llama_1b() -> tuple[Any, tuple[Any, ...]]:
     try:  # transformers imports lazily: build while the path is clean
         tf: Any = importlib.import_module("transformers")
         torch.manual_seed(0)
+        # graphprune.models.llm.LLAMA_SHAPES["1b"], spelled out: --against runs this with
+        # revisions that predate that table
         config = tf.LlamaConfig(
             hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
             num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,

@@ -36,12 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-           "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
-    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-             "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 4096},
-}  # fmt: skip
+from graphprune.models.llm import LLAMA_SHAPES  # noqa: E402 (after the path is set)
+
+SHAPES = {k: LLAMA_SHAPES[k] for k in ("1b", "tiny")}
 TOKENIZER_VOCAB = 4096  # ids above it are never produced by the tokenizer; the model has them
 
 

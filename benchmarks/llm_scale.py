@@ -30,12 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # this folder holds transformers.py (a benchmark): it must not shadow the library
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
-SHAPES = {
-    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-           "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
-}  # fmt: skip
+
+from graphprune.models.llm import LLAMA_SHAPES  # noqa: E402 (after the path is set)
+
+SHAPES = {k: LLAMA_SHAPES[k] for k in ("8b", "1b")}
 
 PRELUDE = textwrap.dedent(
     """

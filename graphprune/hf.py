@@ -40,7 +40,7 @@ from torch import nn
 
 from graphprune.capture import no_cache, run_eval
 from graphprune.dictview import DictView
-from graphprune.hf_defaults import ABSENT, defaulted_fields, drop_needless
+from graphprune.hf_defaults import ABSENT, Shapes, defaulted_fields, drop_needless, with_values
 
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers")
 MAX_CANDIDATES = 64  # config combinations tried when inverting the shape map
@@ -80,7 +80,6 @@ def is_pretrained(model: nn.Module) -> bool:
 
 
 # -- the shape map ---------------------------------------------------------------------------
-Shapes = dict[str, tuple[int, ...]]
 
 
 @dataclass
@@ -126,18 +125,6 @@ def _build(model_class: type, config: Any) -> nn.Module | None:
         return None
 
 
-def _with(config: Any, values: dict[str, Any]) -> Any:
-    """A copy of ``config`` with ``values`` set, or None where the config class refuses them
-    (its validators: DINOv2's ``out_features`` must name existing stages)."""
-    changed = copy.deepcopy(config)
-    try:
-        for key, value in values.items():
-            setattr(changed, key, value)
-    except Exception:
-        return None
-    return changed
-
-
 def meta_shapes(model_class: type, config: Any) -> Shapes | None:
     """Parameter and buffer shapes of ``model_class(config)`` built on the meta device."""
     model = _build(model_class, config)
@@ -181,7 +168,7 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
     if key in _MAPS:
         return _MAPS[key]
     defaults = defaulted_fields(model_class, config, meta_shapes)
-    config = _with(config, defaults) if defaults else config
+    config = with_values(config, defaults) if defaults else config
     base = meta_shapes(model_class, config) if config is not None else None  # (on a copy)
     if base is None:
         return None
@@ -193,7 +180,7 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
             for key, items in config.to_dict().items():
                 if isinstance(items, list) and len(items) == value:
                     changes[key] = items * 2
-        perturbed = _with(config, changes)
+        perturbed = with_values(config, changes)
         shapes = meta_shapes(model_class, perturbed) if perturbed is not None else None
         if shapes is None:
             continue
@@ -395,7 +382,7 @@ def _invert(
     combos = itertools.product(*(sorted(candidates[n]) for n in names))
     for combo in itertools.islice(combos, MAX_CANDIDATES):
         trial = {**fixed, **dict(zip(names, combo, strict=True))}
-        cfg = _with(config, trial)
+        cfg = with_values(config, trial)
         fresh = _build(model_class, cfg) if cfg is not None else None
         if fresh is None:
             continue

@@ -63,13 +63,13 @@ def defaulted_fields(
         return {}
     found: dict[str, int] = {}
     for name in read_absent(model_class, config):
-        low, high = _with(config, name, PROBE), _with(config, name, 2 * PROBE)
+        low, high = with_values(config, {name: PROBE}), with_values(config, {name: 2 * PROBE})
         at_low = shapes_of(model_class, low) if low is not None else None
         at_high = shapes_of(model_class, high) if high is not None else None
         if at_low is None or at_high is None or at_low == at_high:  # sizes nothing
             continue
         value = _effective(base, at_low, at_high)
-        trial = _with(config, name, value) if value is not None else None
+        trial = with_values(config, {name: value}) if value is not None else None
         if trial is not None and value is not None and shapes_of(model_class, trial) == base:
             found[name] = value
     return found
@@ -92,10 +92,13 @@ def _effective(base: Shapes, low: Shapes, high: Shapes) -> int | None:
     return values.pop() if len(values) == 1 else None
 
 
-def _with(config: Any, name: str, value: int) -> Any:
+def with_values(config: Any, values: dict[str, Any]) -> Any:
+    """A copy of ``config`` with ``values`` set, or None where the config class refuses them
+    (its validators: DINOv2's ``out_features`` must name existing stages)."""
     changed = copy.deepcopy(config)
     try:
-        setattr(changed, name, value)
+        for key, value in values.items():
+            setattr(changed, key, value)
     except Exception:
         return None
     return changed
