@@ -378,7 +378,7 @@ def _invert(
         fixed[key] = layers
     names = sorted(candidates)
     best: tuple[int, dict[str, int], str] | None = None
-    shape_match: dict[str, int] | None = None
+    shape_match: tuple[int, dict[str, int]] | None = None  # (attribute differences, values)
     combos = itertools.product(*(sorted(candidates[n]) for n in names))
     for combo in itertools.islice(combos, MAX_CANDIDATES):
         trial = {**fixed, **dict(zip(names, combo, strict=True))}
@@ -390,16 +390,21 @@ def _invert(
         keys = sorted(pruned.keys() | shapes.keys())
         mismatch = [k for k in keys if pruned.get(k) != shapes.get(k)]
         if not mismatch:
-            if not attribute_differences(model, fresh):
+            differences = len(attribute_differences(model, fresh))
+            if not differences:
                 return trial, {}
-            shape_match = shape_match or trial
+            # an attribute no forward reads may be stale in every candidate (a decoder
+            # layer's hidden_size); the candidate that differs in fewest wins (heads halved
+            # leaves head_dim and the attention scale as they were, head_dim halved does not)
+            if shape_match is None or differences < shape_match[0]:
+                shape_match = (differences, trial)
             continue
         first = mismatch[0]
         why = f"{first} is {_shape(pruned, first)} but the config builds {_shape(shapes, first)}"
         if best is None or len(mismatch) < best[0]:
             best = (len(mismatch), trial, why)
     if shape_match is not None:
-        return shape_match, {}
+        return _counted_fields(model, found, shape_match[1], fields), {}
     # no config builds it: the config says what the tensors agree on (most of them, for the
     # fields that disagree, which say why), never a guessed combination
     fallback = {**fixed, **single, **majority}
@@ -408,6 +413,38 @@ def _invert(
     if best is None:
         return fallback, {"config": "no candidate config builds this model"}
     return fallback, {"shapes": best[2]}
+
+
+def _counted_fields(
+    model: nn.Module, found: ShapeMap, trial: dict[str, int], fields: dict[str, int]
+) -> dict[str, int]:
+    """``trial`` with the int fields no parameter shape shows set to what the pruned modules
+    count: BERT's or GPT-2's heads, whose weights are hidden x hidden at any head count (the
+    head size is hidden / heads), show only in the attention modules' attributes. A field
+    takes an attribute's pruned value where the attribute's rebuilt value is the field's and
+    the change leaves fewer attributes differing with the same shapes (greedy, field by
+    field)."""
+    model_class, config = type(model), model.config
+    pruned = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def differences(values: dict[str, int]) -> list[tuple[str, str, Any, Any]] | None:
+        cfg = with_values(config, values)
+        fresh = _build(model_class, cfg) if cfg is not None else None
+        if fresh is None or {k: tuple(v.shape) for k, v in fresh.state_dict().items()} != pruned:
+            return None
+        return attribute_differences(model, fresh)
+
+    now = differences(trial)
+    for name, value in sorted(fields.items()):
+        if not now or name in found.footprints or name in trial:
+            continue
+        proposals = {a for _, _, a, b in now if type(a) is int and type(b) is int and b == value}
+        for proposal in sorted(proposals):
+            fewer = differences({**trial, name: proposal})
+            if fewer is not None and len(fewer) < len(now):
+                trial, now = {**trial, name: proposal}, fewer
+                break
+    return trial
 
 
 def _shape(shapes: Shapes, key: str) -> str:

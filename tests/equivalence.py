@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import graphprune as gp
+from graphprune.hf import is_pretrained
 from graphprune.models.transformers import RMSNorm
 from graphprune.passes.tensors import get_tensor
-from graphprune.planning.resolve import Resolution, is_output_dim
+from graphprune.planning.resolve import Resolution, attention_kinds, is_output_dim
 from graphprune.planning.units import pruning_units
 from graphprune.record import RECORD_ATTRIBUTE as RECORD
 
@@ -127,8 +128,11 @@ def check_dead_channels(
     model: nn.Module, x: Any, kinds: set[str], granularity: str, seed: int = 0
 ) -> gp.CompileReport:
     """Make half of some groups' channels dead, prune with them ranked first, and compare with
-    the masked unpruned model (the equivalence oracle). Mutates ``model`` (makes channels dead)."""
+    the masked unpruned model (the equivalence oracle). Mutates ``model`` (makes channels dead).
+    A channel plan prunes the attention inner width too: its kinds join ``kinds``."""
     dg = gp.analyze(model, x)
+    if granularity == "channels":
+        kinds = kinds | attention_kinds(dg, "auto", is_pretrained(model))
     dead = choose_dead(model, dg, kinds, 0.5, np.random.default_rng(seed))
     assert dead, f"{type(model).__name__} has no prunable {kinds} group"
     make_dead(model, dg, dead)

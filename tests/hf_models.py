@@ -52,7 +52,8 @@ SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
     # reads config.head_dim with a default (hidden / heads): the sync writes it
     "qwen2": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
     "mistral": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
-    "opt": ("AutoModelForCausalLM", {"channels": False, "heads": False, "layers": True}),
+    # channels take whole heads with the hidden size (hidden / heads stays the head size)
+    "opt": ("AutoModelForCausalLM", {"channels": True, "heads": False, "layers": True}),
     "roberta": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
     "deberta-v2": ("AutoModel", {"channels": False, "layers": True}),  # heads folded in bmm
     "gemma2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),  # eager, capped
@@ -74,7 +75,7 @@ SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
     "dinov2": ("AutoModel", {"channels": False, "heads": True, "layers": False}),
     "whisper": (  # the encoder, with a classification head
         "WhisperForAudioClassification",
-        {"channels": False, "heads": False, "layers": True},
+        {"channels": True, "heads": False, "layers": True},
     ),
 }
 

@@ -92,17 +92,27 @@ CASES: dict[str, Case] = {
 }
 # what each (family, granularity) must change in the config, and whether a config can say it
 EXPECTED: dict[tuple[str, str], tuple[dict[str, Any], bool]] = {
-    ("bert", "channels"): ({"hidden_size": 32, "intermediate_size": 64}, False),
+    # channels take whole heads with them (Plan.attention "auto"): hidden / heads stays the
+    # head size, which every config below can state
+    ("bert", "channels"): (
+        {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}, True
+    ),
     ("bert", "heads"): ({}, False),  # head size is hidden / heads: no config says it
     ("bert", "layers"): ({"num_hidden_layers": 1}, True),
-    ("gpt2", "channels"): ({"hidden_size": 32}, False),  # n_inner None: still 4 x hidden
+    ("gpt2", "channels"): ({"hidden_size": 32, "num_attention_heads": 2}, True),  # n_inner None
     ("gpt2", "heads"): ({}, False),  # head size is hidden / heads: no config says it
     ("gpt2", "layers"): ({"num_hidden_layers": 1}, True),
-    ("llama", "channels"): ({"hidden_size": 32, "intermediate_size": 64}, True),
+    ("llama", "channels"): (
+        {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+         "num_key_value_heads": 1},
+        True,
+    ),
     ("llama", "heads"): ({"num_attention_heads": 2, "num_key_value_heads": 1}, True),
     ("llama", "layers"): ({"num_hidden_layers": 1}, True),
+    ("vit", "channels"): (
+        {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}, True
+    ),
     # ViT reads config.head_dim with a default (hidden / heads): the sync writes it
-    ("vit", "channels"): ({"hidden_size": 32, "intermediate_size": 64, "head_dim": 16}, True),
     ("vit", "heads"): ({"num_attention_heads": 2, "head_dim": 16}, True),
     ("vit", "layers"): ({"num_hidden_layers": 1}, True),
 }
@@ -265,6 +275,9 @@ def test_inplace_compile_syncs_the_config_like_a_copy() -> None:
     copy_report = gp.report(gp.compile(model, gp.Plan(ratio=0.5), x)).config
     in_place = gp.report(gp.compile(model, gp.Plan(ratio=0.5), x, inplace=True)).config
     assert copy_report is not None and in_place is not None
-    assert in_place.changes == copy_report.changes == {"hidden_size": 32, "intermediate_size": 64}
+    assert in_place.changes == copy_report.changes == {
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }  # fmt: skip
     assert in_place.expressible and copy_report.expressible
     assert model.config.hidden_size == 32

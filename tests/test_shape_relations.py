@@ -27,13 +27,21 @@ def compiled(name: str, plan: gp.Plan = PLAN) -> tuple[torch.nn.Module, gp.Compi
 
 
 def test_head_dim_follows_the_residual_width_computed_from_x_shape() -> None:
-    pruned, report = compiled("shape_vit")
-    attn = pruned.attn[0]
-    assert (attn.qkv.in_features, attn.qkv.out_features, attn.num_heads) == (16, 48, 4)
-    driven = report.resolution["driven"]
-    assert driven and all("C // self.num_heads" in why for why in driven.values())
-    assert all("kept at 4" in why for why in driven.values())  # head_dim 8 -> 16 / 4 heads
-    assert not report.frozen
+    """With the attention inner width left to the relations (``attention="keep"``), head_dim
+    is driven by ``C // self.num_heads``; by default the plan prunes head_dim itself, to the
+    same count."""
+    kept = gp.Plan(ratio=0.5, round_to=1, attention="keep")
+    for plan in (kept, PLAN):
+        pruned, report = compiled("shape_vit", plan)
+        attn = pruned.attn[0]
+        assert (attn.qkv.in_features, attn.qkv.out_features, attn.num_heads) == (16, 48, 4)
+        assert not report.frozen
+        driven = report.resolution["driven"]
+        if plan is kept:
+            assert driven and all("C // self.num_heads" in why for why in driven.values())
+            assert all("kept at 4" in why for why in driven.values())  # 8 -> 16 / 4 heads
+        else:
+            assert not driven and any(g.kind == "head_dim" for g in report.groups)
 
 
 @pytest.mark.parametrize(

@@ -363,13 +363,16 @@ def embedding(ctx: RuleContext) -> Layout:
     return [*idx.layout, w.layout[1]]
 
 
+DEFAULT_SCALE_NOTE = "default attention scale 1/sqrt(head_dim) follows head_dim"
+
+
 @rule(*ops("scaled_dot_product_attention"))
 def sdpa(ctx: RuleContext) -> Layout:
     q, k, v = (_required(ctx, i, n) for i, n in enumerate(["query", "key", "value"]))
     ctx.couple(q.dim(-1), k.dim(-1), "query·key contraction over head_dim")
     ctx.couple(k.dim(-2), v.dim(-2), "keys and values share positions")
     if ctx.arg(6, "scale") is None:
-        ctx.note(q.layout[-1], "default attention scale 1/sqrt(head_dim) follows head_dim")
+        ctx.note(q.layout[-1], DEFAULT_SCALE_NOTE)
     ctx.tag(q.layout[-1], "head_dim")
     ctx.tag(v.layout[-1], "head_dim")
     out: Layout = []

@@ -223,7 +223,7 @@ class Pruner:
         dg = analysed(model, self.example_inputs, analyze_captured).dg  # compile reuses it
         modules = dict(model.named_modules())
         plan = self.plan
-        groups = candidate_groups(dg, plan)
+        groups = candidate_groups(dg, plan, model)
         units = pruning_units(dg, groups, modules, plan.ratio or 0.5, plan.channel_multiple)
         return {u.name: u for u in units.units}
 

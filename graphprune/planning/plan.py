@@ -22,6 +22,8 @@ SPARSE = ("unstructured", "n:m", "block")  # masks on weights: storage, not dens
 GRANULARITIES = STRUCTURED + SPARSE
 IMPORTANCES = ("l1", "l2", "bn_scale", "random", "taylor", "fisher", "hessian", "fpgm", "wanda")
 LATENCY_RUNTIMES = ("onnxruntime", "openvino")  # :data:`graphprune.onnx.runtimes.RUNTIMES`
+# what a channel plan does to the attention inner width (see Plan.attention)
+ATTENTION = ("auto", "head_dim", "heads", "keep")
 NONFINITE = ("error", "rank")  # what to do with NaN/inf scores the weights do not explain
 SPARSE_IMPORTANCES = ("l1", "l2", "random", "taylor", "fisher", "hessian", "wanda")
 
@@ -48,13 +50,19 @@ class Plan:
     importance: "l1", "l2", "bn_scale", "random", "taylor", "fisher"/"hessian", "fpgm",
         "wanda" (|W|·||x|| from the calibration batches), or a callable
         ``(group, tensors, grads) -> scores`` (not serialisable).
-    granularity: structured -- "channels" (every channel group except attention internals),
-        "heads" (attention heads; kv heads for GQA) or "layers" (whole residual blocks ->
-        identity); or sparse masks on the weights of Linear/Conv layers -- "unstructured"
-        (``ratio`` of the weights zeroed), "n:m" (``nm=[n, m]``: n of every m consecutive
-        weights along the input dim kept; 2:4 by default) or "block" (``ratio`` of the
-        ``block=[rows, cols]`` tiles of the (out, in) weight zeroed). Sparse plans keep the
+    granularity: structured -- "channels" (every channel group; the attention inner width as
+        ``attention`` says), "heads" (attention heads; kv heads for GQA) or "layers" (whole
+        residual blocks -> identity); or sparse masks on the weights of Linear/Conv layers --
+        "unstructured" (``ratio`` of the weights zeroed), "n:m" (``nm=[n, m]``: n of every m
+        consecutive weights along the input dim kept; 2:4 by default) or "block" (``ratio`` of
+        the ``block=[rows, cols]`` tiles of the (out, in) weight zeroed). Sparse plans keep the
         dense MACs: they buy storage, and speed only through sparse kernels (``sparsify``).
+    attention: what a channel plan does to the attention inner width (q, k, v and the output
+        projection's input), so that the residual width takes it with it as in the published
+        width-pruned models: "auto" (the default) prunes head_dim by the plan's ratio, or whole
+        heads (kv heads under GQA) where a position table built from head_dim (rotary
+        embeddings) ties it, which a config could not state once head_dim's channels were
+        picked; "head_dim" or "heads" forces one; "keep" leaves the attention inner width whole.
     sparsity: a sparse plan applied after this structured one, e.g.
         ``Plan(ratio=0.5, sparsity=Plan(granularity="n:m", include=["*.mlp.*"]))``.
     include: FQN globs of the layers a sparse plan masks (default: every Linear/Conv).
@@ -99,6 +107,7 @@ class Plan:
     sparsity: Plan | None = None
     reconstruct: bool = False
     nonfinite: str = "error"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,6 +152,8 @@ class Plan:
             raise PlanError(f"scope={self.scope!r}; use one of {SCOPES}")
         if self.granularity not in GRANULARITIES:
             raise PlanError(f"granularity={self.granularity!r}; use one of {GRANULARITIES}")
+        if self.attention not in ATTENTION:
+            raise PlanError(f"attention={self.attention!r}; use one of {ATTENTION}")
         if not callable(self.importance) and self.importance not in IMPORTANCES:
             raise PlanError(
                 f"unknown importance {self.importance!r}; use one of "
@@ -424,6 +435,7 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "reconstruct": (lambda v: isinstance(v, bool), "True or False"),
     "nonfinite": (lambda v: v in NONFINITE, f"one of {NONFINITE}"),
+    "attention": (lambda v: isinstance(v, str), f"one of {ATTENTION}"),
 }
 
 

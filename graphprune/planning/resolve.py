@@ -26,16 +26,20 @@ import numpy as np
 from torch import nn
 
 from graphprune.analysis import DependencyGraph, Group
+from graphprune.analysis.rules_layers import DEFAULT_SCALE_NOTE
 from graphprune.dictview import DictView
+from graphprune.hf import is_pretrained
 from graphprune.planning.plan import Plan, keep_count
 from graphprune.planning.units import Unit, Units, is_output_dim, producers, pruning_units
 
 KINDS_FOR = {"channels": {"channels"}, "heads": {"heads", "kv_heads"}}
 
 __all__ = [
+    "ATTENTION_KINDS",
     "KINDS_FOR",
     "Resolution",
     "UnitOutcome",
+    "attention_kinds",
     "candidate_groups",
     "eligible_groups",
     "is_output_dim",
@@ -111,15 +115,74 @@ class Resolution(DictView):
         )
 
 
-def candidate_groups(dg: DependencyGraph, plan: Plan) -> list[Group]:
-    """Prunable groups of the kinds the plan's granularity prunes."""
-    kinds = KINDS_FOR.get(plan.granularity, set())
-    return [g for g in dg.groups if g.prunable and g.kind in kinds]
+def candidate_groups(
+    dg: DependencyGraph, plan: Plan, model: nn.Module | None = None
+) -> list[Group]:
+    """Prunable groups of the kinds the plan's granularity prunes; for channels, with the
+    attention groups :func:`attention_kinds` picks for ``model`` (in a model built from a
+    config, heads only where the residual width they sit in is pruned too: the config states
+    hidden / heads, and heads alone would change it)."""
+    kinds = set(KINDS_FOR.get(plan.granularity, set()))
+    found = [g for g in dg.groups if g.prunable and g.kind in kinds]
+    if plan.granularity != "channels":
+        return found
+    configured = model is not None and is_pretrained(model)
+    attention = attention_kinds(dg, plan.attention, configured)
+    extra = [g for g in dg.groups if g.prunable and g.kind in attention]
+    if configured and plan.attention == "auto":
+        extra = [g for g in extra if _residual_prunable(dg, g)]
+    return sorted(found + extra, key=lambda g: g.id)
+
+
+ATTENTION_KINDS = frozenset({"heads", "kv_heads", "heads_per_kv", "head_dim"})
+
+
+def _residual_prunable(dg: DependencyGraph, group: Group) -> bool:
+    """Every channel group on the other dims of ``group``'s weights (the residual width q/k/v
+    read and the output projection writes) is prunable."""
+    by_dim: dict[tuple[str, int], list[Group]] = {}
+    for g in dg.groups:
+        for m in g.members:
+            by_dim.setdefault((m.fqn, m.dim), []).append(g)
+    residual = [
+        other
+        for m in group.members
+        if m.is_parameter
+        for (fqn, dim), groups in by_dim.items()
+        if fqn == m.fqn and dim != m.dim
+        for other in groups
+        if other.kind not in ATTENTION_KINDS
+    ]
+    return bool(residual) and all(g.prunable for g in residual)
+
+
+def attention_kinds(dg: DependencyGraph, attention: str, configured: bool) -> set[str]:
+    """The group kinds through which a channel plan narrows attention (``Plan.attention``).
+    "auto" prunes head_dim channel by channel where nothing else depends on head_dim's size,
+    and whole heads where something does: a config (``configured``: heads halved with the
+    hidden size keep hidden / heads, which every config can state), a rotary table built from
+    head_dim (a pruned model would keep a subset of its frequencies), or attention's default
+    scale 1/sqrt(head_dim), which would change with it (the pruned model would no longer
+    compute the original's scores minus the removed channels)."""
+    if attention == "keep":
+        return set()
+    if attention == "heads":
+        return set(KINDS_FOR["heads"])
+    if attention == "head_dim":
+        return {"head_dim"}
+    sized = any(
+        any(not m.is_parameter for m in g.members)
+        or any(DEFAULT_SCALE_NOTE in note for note in g.notes)
+        for g in dg.groups
+        if g.kind == "head_dim"
+    )
+    return set(KINDS_FOR["heads"]) if configured or sized else {"head_dim"}
 
 
 def eligible_groups(dg: DependencyGraph, plan: Plan, modules: dict[str, nn.Module]) -> list[Group]:
     """Candidate groups none of whose producing modules the plan ignores."""
-    return [g for g in candidate_groups(dg, plan) if not plan.ignores(producers(g, modules))]
+    found = candidate_groups(dg, plan, modules.get(""))
+    return [g for g in found if not plan.ignores(producers(g, modules))]
 
 
 def unit_keep(unit: Unit, ratio: float, plan: Plan) -> int:

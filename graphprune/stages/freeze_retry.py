@@ -57,7 +57,7 @@ from graphprune.planning.relations import (
     constant_calls,
     satisfy,
 )
-from graphprune.planning.resolve import Resolution, candidate_groups, resolve
+from graphprune.planning.resolve import ATTENTION_KINDS, Resolution, candidate_groups, resolve
 from graphprune.planning.units import Units, pruning_units
 
 MAX_ROUNDS = 8  # freeze-and-retry rounds before giving up on what is left
@@ -220,10 +220,28 @@ class _Resolver:
         self, ratio: float, frozen: dict[int, str], only: set[int] | None = None
     ) -> Resolution:
         """Resolution at ``ratio`` with ``frozen`` groups kept whole (and, for bisection, only
-        the groups in ``only`` pruned)."""
+        the groups in ``only`` pruned). Attention groups a channel plan added on its own
+        (``attention="auto"``) are left to the count relations where pruning them by the
+        ratio would freeze a group: an inner width computed from the residual's (timm's
+        ``reshape(B, N, C)``) follows it as a driven group instead."""
+        found = self._resolve(ratio, frozen, only, skip=set())
+        plan = self.plan
+        channels = plan.granularity == "channels" and plan.attention == "auto"
+        optional = {g.id for g in self.groups if g.kind in ATTENTION_KINDS} if channels else set()
+        if not (optional and set(found.frozen) - set(frozen)):
+            return found
+        without = self._resolve(ratio, frozen, only, skip=optional)
+        return without if len(without.frozen) < len(found.frozen) else found
+
+    def _resolve(
+        self, ratio: float, frozen: dict[int, str], only: set[int] | None, skip: set[int]
+    ) -> Resolution:
         plan = dataclasses.replace(self.plan, ratio=ratio, target_macs=None)
-        live = [g for g in self.groups if g.id not in frozen]
-        units = Units([u for u in self.units.units if u.group not in frozen], self.units.held)
+        live = [g for g in self.groups if g.id not in frozen and g.id not in skip]
+        units = Units(
+            [u for u in self.units.units if u.group not in frozen and u.group not in skip],
+            self.units.held,
+        )
         found = resolve(plan, self.s.dg, live, self.scores, self.modules, units=units)
         if only is not None:
             found.kept = {
@@ -270,7 +288,7 @@ def prune_channels(
     trials rewrite fresh copies of the original)."""
     dg = s.dg
     modules = dict(s.original.named_modules())
-    groups = candidate_groups(dg, plan)
+    groups = candidate_groups(dg, plan, s.original)
     if plan.granularity == "heads" and not groups:
         raise PlanError(
             "granularity='heads' found no attention heads in this model: heads are recognised "

@@ -136,7 +136,7 @@ def cost_model(
     """Units, their allowed counts and scores, and the measured tables of every layer."""
     dg = analysed(model, example_inputs, analyze_captured).dg  # the rounds' compiles reuse it
     modules = dict(model.named_modules())
-    groups = candidate_groups(dg, plan)
+    groups = candidate_groups(dg, plan, model)
     units = pruning_units(dg, groups, modules, 0.5, plan.channel_multiple).units
     scores = score_groups(
         model, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn, seed=plan.seed
