@@ -29,7 +29,7 @@ from graphprune.onnx import export_onnx
 from graphprune.onnx.export import export
 from graphprune.onnx.runtimes import get_runtime
 from graphprune.onnx.sparse_report import measure_sparsity
-from graphprune.planning.plan import GRANULARITIES, LATENCY_RUNTIMES, Plan
+from graphprune.planning.plan import ATTENTION, GRANULARITIES, LATENCY_RUNTIMES, Plan
 from graphprune.report import report
 from graphprune.serialize import load, save
 from graphprune.stages.sparse import finalize
@@ -110,6 +110,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         "scope": args.scope,
         "importance": args.importance,
         "granularity": args.granularity,
+        "attention": args.attention,
         "round_to": args.round_to,
         "min_channels": args.min_channels,
         "nm": args.nm,
@@ -402,6 +403,12 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         "the example input)",
     )
     p.add_argument("--granularity", choices=list(GRANULARITIES))
+    p.add_argument(
+        "--attention",
+        choices=list(ATTENTION),
+        help="channel plans: narrow the attention by head_dim or whole heads (auto, the "
+        "default: heads where head_dim's size matters), or keep it whole",
+    )
     p.add_argument(
         "--nm",
         type=lambda v: [int(k) for k in v.split(":")],

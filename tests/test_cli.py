@@ -52,6 +52,18 @@ def test_compile_prints_the_table_and_saves(
     assert "params" in text and "MACs" in text and out.exists()
 
 
+def test_compile_attention_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """--attention keep leaves the zoo ViT's attention whole (its heads/head_dim unpruned)."""
+    assert main(["compile", "vit", "--ratio", "0.5", "--attention", "keep"]) == 0
+    kept = capsys.readouterr().out
+    assert "attention=keep" in kept and "(heads)" not in kept
+    assert main(["compile", "vit", "--ratio", "0.5"]) == 0
+    assert "(heads)" in capsys.readouterr().out  # the default takes whole heads along
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["compile", "vit", "--ratio", "0.5", "--attention", "width"])
+    assert "auto" in capsys.readouterr().err
+
+
 def test_compile_bad_plan(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compile", "resnet18", "--ratio", "1.5"]) == 2
     assert "ratio=1.5 is outside [0, 1)" in capsys.readouterr().err
