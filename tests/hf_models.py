@@ -55,7 +55,11 @@ SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
     # channels take whole heads with the hidden size (hidden / heads stays the head size)
     "opt": ("AutoModelForCausalLM", {"channels": True, "heads": False, "layers": True}),
     "roberta": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
-    "deberta-v2": ("AutoModel", {"channels": False, "layers": True}),  # heads folded in bmm
+    # heads folded into the batch dim of bmm (found: channels no longer cut q/k/v's head_dim
+    # where the config states hidden / heads); a heads plan alone changes the head size
+    "deberta-v2": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    # a relative-position bias table (buckets x heads) added to the scores in place
+    "mpnet": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
     "gemma2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),  # eager, capped
     # the embedding scale is a buffer sqrt(hidden_size) made at construction: a rebuilt
     # channels-pruned model computes other outputs, so the config claim is refused

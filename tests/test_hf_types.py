@@ -20,7 +20,7 @@ import graphprune as gp
 from graphprune.hf import meta_shapes
 from graphprune.hf_defaults import defaulted_fields
 from tests import hf_models
-from tests.equivalence import outputs
+from tests.equivalence import check_dead_channels, outputs
 from tests.hf_models import SAMPLE
 
 pytest.importorskip("transformers")
@@ -83,9 +83,37 @@ def test_decoder_generates_the_same_with_and_without_cache(model_type: str) -> N
         assert cached.shape == (1, 11) and torch.equal(cached, uncached), granularity
 
 
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [
+        # (batch x heads, T, T) bmm, with c2p/p2c relative attention through its own
+        # projections of the position embeddings
+        ("deberta-v2", {"relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+                        "max_relative_positions": 32, "position_buckets": 16}),
+        ("mpnet", {}),  # a (buckets x heads) bias table shared by every layer, added in place
+    ],
+)  # fmt: skip
+def test_folded_and_biased_heads_prune_exactly_and_verify(
+    model_type: str, overrides: dict[str, object], tmp_path: Path
+) -> None:
+    """Heads where attention folds them into the batch dim (DeBERTa-v2) or adds a relative
+    position bias to the scores (MPNet): dead heads prune without changing the outputs, and
+    a heads plan exports and verifies in onnxruntime."""
+    head = SAMPLE[model_type][0]
+    model = hf_models.build(model_type, head, **overrides)
+    x = hf_models.example_inputs(model)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    report = gp.report(pruned)
+    assert report.groups and all(g.kind == "heads" and g.kept * 2 == g.total for g in report.groups)
+    exported = gp.export_onnx(pruned, x, tmp_path / "m.onnx")
+    assert exported.verification is not None and exported.verification.ok
+    check_dead_channels(model, x, {"heads", "kv_heads"}, "heads", seed=1)
+
+
 def test_heads_of_folded_attention_are_not_guessed() -> None:
-    """BLOOM computes attention per (batch x head) with baddbmm/bmm: the heads are folded
-    into the batch dim, so granularity='heads' says it found none instead of guessing."""
+    """BLOOM adds its ALiBi bias with baddbmm, slopes computed from the head count at run time
+    (pruning heads would change the kept heads' slopes): granularity='heads' says it found no
+    heads there instead of guessing."""
     model = hf_models.build("bloom")
     with pytest.raises(gp.PlanError, match="found no attention heads"):
         gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), hf_models.example_inputs(model))

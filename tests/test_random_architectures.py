@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import graphprune as gp
 from graphprune.models.shapes import ShapeAttention
+from graphprune.planning.resolve import attention_kinds
 from tests.equivalence import choose_dead, dead_first, make_dead, outputs
 
 SIDE = 4
@@ -190,7 +191,12 @@ def test_random_architectures(net: Net, ratio: float, scope: str, seed: int) -> 
         assert outputs(pruned, x).shape == (2, 5)
         assert gp.report(pruned).params_after <= gp.report(pruned).params_before
         return
-    dead = choose_dead(net, dg, {"channels", "head_dim"}, ratio, np.random.default_rng(seed))
+    # dead channels in what the plan prunes (the attention as Plan.attention="auto" picks),
+    # and, chosen apart (a composite heads x head_dim would hold one factor), in head_dim
+    # groups a count relation may drive (C // heads)
+    rng = np.random.default_rng(seed)
+    dead = choose_dead(net, dg, {"channels"} | attention_kinds(dg, "auto", False), ratio, rng)
+    dead = {**choose_dead(net, dg, {"head_dim"}, ratio, rng), **dead}
     model = copy.deepcopy(net)
     make_dead(model, dg, dead)
     plan = gp.Plan(ratio=ratio, importance=dead_first(dead), round_to=1)

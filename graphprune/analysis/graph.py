@@ -18,6 +18,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from graphprune.analysis.registry import FOLDED_HEADS
 from graphprune.analysis.walk import Walked
 from graphprune.capture import Captured
 from graphprune.errors import InputError
@@ -489,12 +490,14 @@ class _Atoms:
                 kinds[space] = kind
 
         for atoms, kind in self.walked.facts.tags:
-            if kind != "heads":
+            if kind not in ("heads", FOLDED_HEADS):
                 for s in self.spaces(atoms):
                     mark(s, kind)
                 continue
             for a in np.unique(atoms).tolist():
                 roots = self.roots(a)
+                if kind == FOLDED_HEADS:  # (batch x heads): the outer factor is the batch
+                    roots = roots[1:]
                 if len(roots) == 2:  # a query head is (kv head, repeat): grouped-query attention
                     mark(self.space(roots[0]), "kv_heads")
                     mark(self.space(roots[1]), "heads_per_kv")

@@ -20,6 +20,8 @@ from torch import fx
 
 from graphprune.analysis.atoms import Atoms, AtomTable
 
+FOLDED_HEADS = "folded_heads"  # a tag: heads folded into the batch dim, (batch x heads)
+
 Layout = list[Atoms]  # one atom array per tensor dimension
 Value = Any  # Layout, a list of Values (multi-output ops) or None (not a tensor)
 RuleFn = Callable[["RuleContext"], Value]

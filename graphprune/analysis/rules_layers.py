@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from graphprune.analysis.registry import Layout, RuleContext, TensorArg, ops, rule
+from graphprune.analysis.registry import FOLDED_HEADS, Layout, RuleContext, TensorArg, ops, rule
 from graphprune.analysis.rules_pointwise import broadcast
 
 aten = torch.ops.aten
@@ -181,6 +181,11 @@ def matmul(ctx: RuleContext) -> Layout:
 _PASS_THROUGH = {
     "add", "sub", "mul", "div", "masked_fill", "where", "dropout", "to", "_to_copy", "clone",
     "contiguous", "type_as", "float", "alias", "detach", "tanh",  # tanh: logit soft-capping
+    # heads folded into the batch dim and back (DeBERTa-v2: bmm on (B x heads, T, T), the
+    # softmax on (B, heads, T, T))
+    "view", "reshape", "_unsafe_view",
+    # in place (MPNet adds its relative-position bias with add_)
+    "add_", "sub_", "mul_", "div_", "masked_fill_",
 }  # fmt: skip
 
 
@@ -214,8 +219,10 @@ def _tag_eager_attention(ctx: RuleContext, probs: TensorArg, v: TensorArg) -> No
     ctx.tag(v.layout[-1], "head_dim")
     if q is not None:
         ctx.tag(q.layout[-1], "head_dim")
-    if probs.ndim >= 4:  # (..., heads, queries, keys): 3-D bmm has heads folded into batch
+    if probs.ndim >= 4:  # (..., heads, queries, keys)
         ctx.tag(probs.layout[-3], "heads")
+    elif probs.ndim == 3:  # (batch x heads, queries, keys): heads folded into the batch dim
+        ctx.tag(probs.layout[0], FOLDED_HEADS)
 
 
 @rule(*ops("outer", "ger"))
