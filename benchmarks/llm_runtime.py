@@ -4,9 +4,10 @@
    heads, FFN 5632, vocab 32000; 1.1 B parameters, random init, float32) is saved once with
    ``save_pretrained`` beside a byte-level BPE tokenizer trained on the standard library's
    source (tests/genai.py).
-2. Per ratio (0.25 and 0.5): loaded from that directory and pruned in place with graphprune --
-   hidden and FFN channels, then heads (GQA: whole kv heads with their query heads) -- into a
-   standard smaller LLaMA whose config states it (the report must say synced), saved.
+2. Per ratio (0.25 and 0.5): loaded from that directory and pruned in place with graphprune's
+   channel plan -- hidden and FFN channels, and with them whole heads (GQA: kv heads with
+   their query heads) -- into a standard smaller LLaMA whose config states it (the report must
+   say synced), saved.
 3. Each directory is converted by onnxruntime-genai's model builder (fp32, CPU).
 4. In one process, interleaved (each repetition runs every model once): prefill (``--prompt``
    tokens in, first token out) and decode (``--new`` more tokens) with greedy search; the
@@ -61,7 +62,7 @@ def save_original(work: Path, scale: str) -> Path:
 
 
 def prune(original: Path, ratio: float, work: Path) -> tuple[Path, dict[str, Any]]:
-    """Hidden and FFN channels, then heads, at ``ratio``, in place; saved with its tokenizer."""
+    """Hidden and FFN channels and heads at ``ratio``, in place; saved with its tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -72,15 +73,14 @@ def prune(original: Path, ratio: float, work: Path) -> tuple[Path, dict[str, Any
     x = {"input_ids": torch.randint(2, TOKENIZER_VOCAB, (1, 20))}
     params_before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    steps = []
-    # channels first: LlamaConfig insists that hidden_size divides by the head count, which
-    # holds for the pruned hidden size and head count (1536 / 24) but not for 2048 / 24
-    for plan in (gp.Plan(ratio=ratio), gp.Plan(ratio=ratio, granularity="heads")):
-        model = gp.compile(model, plan, x, inplace=True)
-        config = gp.report(model).config
-        if config is None or not config.expressible:
-            raise SystemExit(f"{plan}: the config is not synced: {config and config.reason}")
-        steps.append(config.changes)
+    # one channel plan: hidden and FFN channels, and whole heads with the hidden size
+    # (Plan.attention "auto"), so hidden / heads stays the head size the config states
+    plan = gp.Plan(ratio=ratio)
+    model = gp.compile(model, plan, x, inplace=True)
+    config = gp.report(model).config
+    if config is None or not config.expressible:
+        raise SystemExit(f"{plan}: the config is not synced: {config and config.reason}")
+    steps = [config.changes]
     seconds = time.perf_counter() - start
     shutil.rmtree(target, ignore_errors=True)
     model.save_pretrained(target)
