@@ -3,8 +3,8 @@
 Its model builder reads nothing but the ``save_pretrained`` directory (config, weights,
 tokenizer), so this checks the config claim the way a deployment relies on it: a LLaMA pruned
 by a channel plan (hidden and FFN channels, and with them whole heads -- GQA: kv heads with
-their query heads) is converted by the builder and generates the same greedy tokens as the pruned model in
-transformers. The speed side is ``benchmarks/llm_runtime.py``.
+their query heads) is converted by the builder and generates the same greedy tokens as the
+pruned model in transformers. The speed side is ``benchmarks/llm_runtime.py``.
 """
 
 from __future__ import annotations
