@@ -383,9 +383,13 @@ def test_the_latency_plan_leaves_the_model_as_it_was(
     model = small_cnn().train()
     model_before, process_before = _model_state(model), _process_state()
     x = (torch.randn(8, 3, 32, 32),)
-    # 0.9: within reach of this small CNN's floors however the shared machine times its ops
-    # (at 0.8 a busy run's tables predicted a floor of 0.82 and the plan was refused)
-    gp.compile(model, gp.Plan(target_latency=0.9, round_to=1), x)
+    # what is checked is the model and the process afterwards, whichever way the plan ends:
+    # this small CNN's ops take microseconds, and a busy machine's tables have predicted its
+    # floor anywhere from 0.82 to 0.987 (then the target is refused, before any change)
+    try:
+        gp.compile(model, gp.Plan(target_latency=0.9, round_to=1), x)
+    except gp.PlanError as exc:
+        assert "out of reach" in str(exc)
     assert _same(_model_state(model), model_before)
     assert _process_state() == process_before
 
