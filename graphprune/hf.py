@@ -125,6 +125,18 @@ def _build(model_class: type, config: Any) -> nn.Module | None:
         return None
 
 
+def _rebuilt(
+    model_class: type, config: Any, values: dict[str, Any]
+) -> tuple[nn.Module, Shapes] | None:
+    """``model_class`` built on meta from ``config`` with ``values`` set, and its shapes (None
+    where the config refuses the values or the class the config)."""
+    cfg = with_values(config, values)
+    fresh = _build(model_class, cfg) if cfg is not None else None
+    if fresh is None:
+        return None
+    return fresh, {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+
+
 def meta_shapes(model_class: type, config: Any) -> Shapes | None:
     """Parameter and buffer shapes of ``model_class(config)`` built on the meta device."""
     model = _build(model_class, config)
@@ -306,9 +318,7 @@ def sync_config(
                 except Exception as exc:  # the config class's validators refuse it
                     problems[name] = f"the config refuses {value}: {type(exc).__name__}: {exc}"
     finally:  # (with problems the config is not claimed: the defaults go back as they were)
-        drop_needless(
-            model, written, lambda a, b: bool(problems) or _same_build(type(model), a, b)
-        )
+        drop_needless(model, written, lambda a, b: bool(problems) or _same_build(type(model), a, b))
     aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
     for name, value in int_fields(config).items():
         if getattr(before, name, None) != value:
@@ -382,11 +392,10 @@ def _invert(
     combos = itertools.product(*(sorted(candidates[n]) for n in names))
     for combo in itertools.islice(combos, MAX_CANDIDATES):
         trial = {**fixed, **dict(zip(names, combo, strict=True))}
-        cfg = with_values(config, trial)
-        fresh = _build(model_class, cfg) if cfg is not None else None
-        if fresh is None:
+        built = _rebuilt(model_class, config, trial)
+        if built is None:
             continue
-        shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        fresh, shapes = built
         keys = sorted(pruned.keys() | shapes.keys())
         mismatch = [k for k in keys if pruned.get(k) != shapes.get(k)]
         if not mismatch:
@@ -428,11 +437,10 @@ def _counted_fields(
     pruned = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     def differences(values: dict[str, int]) -> list[tuple[str, str, Any, Any]] | None:
-        cfg = with_values(config, values)
-        fresh = _build(model_class, cfg) if cfg is not None else None
-        if fresh is None or {k: tuple(v.shape) for k, v in fresh.state_dict().items()} != pruned:
+        built = _rebuilt(model_class, config, values)
+        if built is None or built[1] != pruned:
             return None
-        return attribute_differences(model, fresh)
+        return attribute_differences(model, built[0])
 
     now = differences(trial)
     for name, value in sorted(fields.items()):

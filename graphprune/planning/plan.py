@@ -59,10 +59,11 @@ class Plan:
         dense MACs: they buy storage, and speed only through sparse kernels (``sparsify``).
     attention: what a channel plan does to the attention inner width (q, k, v and the output
         projection's input), so that the residual width takes it with it as in the published
-        width-pruned models: "auto" (the default) prunes head_dim by the plan's ratio, or whole
-        heads (kv heads under GQA) where a position table built from head_dim (rotary
-        embeddings) ties it, which a config could not state once head_dim's channels were
-        picked; "head_dim" or "heads" forces one; "keep" leaves the attention inner width whole.
+        width-pruned models: "auto" (the default) prunes head_dim by the plan's ratio where
+        nothing depends on its size, and whole heads (kv heads under GQA) where something does
+        -- the default scale 1/sqrt(head_dim), a rotary table, a config (there only where the
+        hidden size is pruned too; see :func:`graphprune.planning.resolve.attention_kinds`);
+        "head_dim" or "heads" forces one; "keep" leaves the attention inner width whole.
     sparsity: a sparse plan applied after this structured one, e.g.
         ``Plan(ratio=0.5, sparsity=Plan(granularity="n:m", include=["*.mlp.*"]))``.
     include: FQN globs of the layers a sparse plan masks (default: every Linear/Conv).

@@ -26,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from graphprune.analysis import DependencyGraph, Group
+from graphprune.analysis.graph import HEAD_KIND_PRIORITY
 from graphprune.analysis.rules_layers import DEFAULT_SCALE_NOTE
 from graphprune.dictview import DictView
 from graphprune.hf import is_pretrained
@@ -130,27 +131,28 @@ def candidate_groups(
     attention = attention_kinds(dg, plan.attention, configured)
     extra = [g for g in dg.groups if g.prunable and g.kind in attention]
     if configured and plan.attention == "auto":
-        extra = [g for g in extra if _residual_prunable(dg, g)]
+        by_dim: dict[tuple[str, int], list[Group]] = {}
+        for g in dg.groups:
+            for m in g.members:
+                by_dim.setdefault((m.fqn, m.dim), []).append(g)
+        extra = [g for g in extra if _residual_prunable(g, by_dim)]
     return sorted(found + extra, key=lambda g: g.id)
 
 
-ATTENTION_KINDS = frozenset({"heads", "kv_heads", "heads_per_kv", "head_dim"})
+MAX_RANK = 8  # tensor dims looked at beside a member's own
+ATTENTION_KINDS = frozenset(HEAD_KIND_PRIORITY)  # heads, kv heads, heads per kv, head_dim
 
 
-def _residual_prunable(dg: DependencyGraph, group: Group) -> bool:
+def _residual_prunable(group: Group, by_dim: dict[tuple[str, int], list[Group]]) -> bool:
     """Every channel group on the other dims of ``group``'s weights (the residual width q/k/v
-    read and the output projection writes) is prunable."""
-    by_dim: dict[tuple[str, int], list[Group]] = {}
-    for g in dg.groups:
-        for m in g.members:
-            by_dim.setdefault((m.fqn, m.dim), []).append(g)
+    read and the output projection writes) is prunable. ``by_dim``: (FQN, dim) -> groups."""
     residual = [
         other
         for m in group.members
         if m.is_parameter
-        for (fqn, dim), groups in by_dim.items()
-        if fqn == m.fqn and dim != m.dim
-        for other in groups
+        for dim in range(MAX_RANK)
+        if dim != m.dim
+        for other in by_dim.get((m.fqn, dim), [])
         if other.kind not in ATTENTION_KINDS
     ]
     return bool(residual) and all(g.prunable for g in residual)
