@@ -29,7 +29,13 @@ from graphprune.onnx import export_onnx
 from graphprune.onnx.export import export
 from graphprune.onnx.runtimes import get_runtime
 from graphprune.onnx.sparse_report import measure_sparsity
-from graphprune.planning.plan import ATTENTION, GRANULARITIES, LATENCY_RUNTIMES, Plan
+from graphprune.planning.plan import (
+    ATTENTION,
+    CONFIG_MODES,
+    GRANULARITIES,
+    LATENCY_RUNTIMES,
+    Plan,
+)
 from graphprune.report import report
 from graphprune.serialize import load, save
 from graphprune.stages.sparse import finalize
@@ -111,6 +117,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         "importance": args.importance,
         "granularity": args.granularity,
         "attention": args.attention,
+        "config": args.config_mode,
         "round_to": args.round_to,
         "min_channels": args.min_channels,
         "nm": args.nm,
@@ -408,6 +415,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         choices=list(ATTENTION),
         help="channel plans: narrow the attention by head_dim or whole heads (auto, the "
         "default: heads where head_dim's size matters), or keep it whole",
+    )
+    p.add_argument(
+        "--config",
+        dest="config_mode",
+        choices=list(CONFIG_MODES),
+        help="transformers models: keep widths the config can state (expressible, the "
+        "default: from_pretrained rebuilds the result) or allow any (free: graphprune save)",
     )
     p.add_argument(
         "--nm",

@@ -107,7 +107,7 @@ def compile(
             target = structure.model
             sparse = mask_weights(job, target)
         # HF: the config (and module attributes no forward reads) follow the weights
-        config = sync_config(target, original_config, example_inputs)
+        config = sync_config(target, original_config, example_inputs, plan.config)
         after = Size(count_params(target), _macs_after(structure, before, example_inputs))
     changes = _changes(structure, sparse, config)
     attach_report(target, _report(job, before, after, structure, sparse, config, changes))

@@ -40,10 +40,20 @@ from torch import nn
 
 from graphprune.capture import no_cache, run_eval
 from graphprune.dictview import DictView
-from graphprune.hf_defaults import ABSENT, Shapes, defaulted_fields, drop_needless, with_values
+from graphprune.hf_defaults import (
+    ABSENT,
+    Shapes,
+    defaulted_fields,
+    drop_needless,
+    element,
+    get_field,
+    set_field,
+    with_values,
+)
 
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers")
 MAX_CANDIDATES = 64  # config combinations tried when inverting the shape map
+REFINE_ROUNDS = 2  # searches around the nearest miss (fields that share a dim)
 
 
 @dataclass
@@ -56,10 +66,14 @@ class ConfigSync(DictView):
     reason: str = ""  # why not
     fields: dict[str, str] = field(default_factory=dict)  # a field that cannot say it -> why
     attributes: list[str] = field(default_factory=list)  # stale module attributes set
+    # the plan's config mode: "expressible" (widths were kept to what the config can state)
+    # or "free" (any widths; the sync says whether the config happens to state them)
+    mode: str = "expressible"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,
+            "mode": self.mode,
             "changes": self.changes,
             "expressible": self.expressible,
             "reason": self.reason,
@@ -162,12 +176,18 @@ def attribute_differences(model: nn.Module, fresh: nn.Module) -> list[tuple[str,
 
 
 def int_fields(config: Any) -> dict[str, int]:
-    """The config's own int fields (not token ids: they size nothing)."""
-    return {
-        k: v
-        for k, v in config.to_dict().items()
-        if type(v) is int and v > 0 and not k.endswith("token_id")
-    }
+    """The config's own int fields (not token ids: they size nothing), and each entry of its
+    int lists as ``name[i]`` (per-stage widths and head counts: ConvNeXt's ``hidden_sizes``,
+    Swin's ``num_heads``)."""
+    found: dict[str, int] = {}
+    for k, v in config.to_dict().items():
+        if k.endswith("token_id") or k.endswith("token_ids"):
+            continue
+        if type(v) is int and v > 0:
+            found[k] = v
+        elif isinstance(v, list) and v and all(type(i) is int and i > 0 for i in v):
+            found.update({f"{k}[{i}]": item for i, item in enumerate(v)})
+    return found
 
 
 _MAPS: dict[tuple[type, str], ShapeMap] = {}
@@ -279,12 +299,29 @@ def remove_layers(model: nn.Module, paths: list[str]) -> bool:
             if hasattr(config, key):
                 setattr(config, key, len(keep))
                 break
+        _renumber_stages(config, count, keep)
     return True
+
+
+def _renumber_stages(config: Any, count: int, keep: list[int]) -> None:
+    """A backbone config names its outputs by stage (``stem``, ``stage1`` ... one per layer:
+    DINOv2, ViT backbones): the stages follow the kept layers, and an output index that
+    named a removed layer's stage names the stage of the last kept layer before it."""
+    stages = getattr(config, "stage_names", None)
+    indices = getattr(config, "out_indices", None)
+    if not (isinstance(stages, list) and len(stages) == count + 1 and indices is not None):
+        return
+    if not hasattr(config, "set_output_features_output_indices"):
+        return
+    old = [j % (count + 1) for j in indices]
+    new = sorted({sum(1 for i in keep if i < j) for j in old})
+    config.stage_names = [stages[0], *(f"stage{i}" for i in range(1, len(keep) + 1))]
+    config.set_output_features_output_indices(out_features=None, out_indices=new)
 
 
 # -- config sync -------------------------------------------------------------------------------
 def sync_config(
-    model: nn.Module, original: Any = None, example_inputs: Any = None
+    model: nn.Module, original: Any = None, example_inputs: Any = None, mode: str = "expressible"
 ) -> ConfigSync | None:
     """Set the config of a pruned HF model from its weights (rules 2 and 3 of the module
     docstring), in place; ``changes`` are relative to ``original`` (the unpruned config) when
@@ -293,7 +330,7 @@ def sync_config(
         return None
     config: Any = model.config
     before = original if original is not None else copy.deepcopy(config)
-    sync = ConfigSync(str(getattr(config, "model_type", type(config).__name__)))
+    sync = ConfigSync(str(getattr(config, "model_type", type(config).__name__)), mode=mode)
     found = shape_map(type(model), before)  # footprints are measured on the unpruned config
     if found is None:
         sync.expressible = False
@@ -312,17 +349,19 @@ def sync_config(
     try:
         values, problems = _invert(found, pruned, int_fields(config), model)
         for name, value in values.items():
-            if getattr(config, name, None) != value:
+            if get_field(config, name) != value:
                 try:
-                    setattr(config, name, value)
+                    set_field(config, name, value)
                 except Exception as exc:  # the config class's validators refuse it
                     problems[name] = f"the config refuses {value}: {type(exc).__name__}: {exc}"
     finally:  # (with problems the config is not claimed: the defaults go back as they were)
         drop_needless(model, written, lambda a, b: bool(problems) or _same_build(type(model), a, b))
     aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
-    for name, value in int_fields(config).items():
-        if getattr(before, name, None) != value:
-            sync.changes[aliases.get(name, name)] = value
+    for key, value in int_fields(config).items():
+        if get_field(before, key) != value:
+            name, index = element(key)  # a list is reported whole: hidden_sizes=[48, 96]
+            whole = value if index is None else getattr(config, name)
+            sync.changes[aliases.get(name, name)] = whole
     sync.fields = {aliases.get(k, k): why for k, why in problems.items()}
     if problems:
         sync.expressible = False
@@ -386,32 +425,44 @@ def _invert(
     key = next((k for k in LAYER_FIELDS if k in fields), None)
     if key is not None and layers is not None:
         fixed[key] = layers
-    names = sorted(candidates)
     best: tuple[int, dict[str, int], str] | None = None
     shape_match: tuple[int, dict[str, int]] | None = None  # (attribute differences, values)
-    combos = itertools.product(*(sorted(candidates[n]) for n in names))
-    for combo in itertools.islice(combos, MAX_CANDIDATES):
-        trial = {**fixed, **dict(zip(names, combo, strict=True))}
-        built = _rebuilt(model_class, config, trial)
-        if built is None:
-            continue
-        fresh, shapes = built
-        keys = sorted(pruned.keys() | shapes.keys())
-        mismatch = [k for k in keys if pruned.get(k) != shapes.get(k)]
-        if not mismatch:
-            differences = len(attribute_differences(model, fresh))
-            if not differences:
-                return trial, {}
-            # an attribute no forward reads may be stale in every candidate (a decoder
-            # layer's hidden_size); the candidate that differs in fewest wins (heads halved
-            # leaves head_dim and the attention scale as they were, head_dim halved does not)
-            if shape_match is None or differences < shape_match[0]:
-                shape_match = (differences, trial)
-            continue
-        first = mismatch[0]
-        why = f"{first} is {_shape(pruned, first)} but the config builds {_shape(shapes, first)}"
-        if best is None or len(mismatch) < best[0]:
-            best = (len(mismatch), trial, why)
+    for _ in range(REFINE_ROUNDS + 1):
+        names = sorted(candidates)
+        combos = itertools.product(*(sorted(candidates[n]) for n in names))
+        for combo in itertools.islice(combos, MAX_CANDIDATES):
+            trial = {**fixed, **dict(zip(names, combo, strict=True))}
+            built = _rebuilt(model_class, config, trial)
+            if built is None:
+                continue
+            fresh, shapes = built
+            keys = sorted(pruned.keys() | shapes.keys())
+            mismatch = [k for k in keys if pruned.get(k) != shapes.get(k)]
+            if not mismatch:
+                differences = len(attribute_differences(model, fresh))
+                if not differences:
+                    return trial, {}
+                # an attribute no forward reads may be stale in every candidate (a decoder
+                # layer's hidden_size); the candidate that differs in fewest wins (heads halved
+                # leaves head_dim and the attention scale as they were, head_dim halved does not)
+                if shape_match is None or differences < shape_match[0]:
+                    shape_match = (differences, trial)
+                continue
+            first = mismatch[0]
+            why = (
+                f"{first} is {_shape(pruned, first)} but the config builds "
+                f"{_shape(shapes, first)}"
+            )
+            if best is None or len(mismatch) < best[0]:
+                best = (len(mismatch), trial, why)
+        if shape_match is not None or best is None:
+            break
+        more = _local_candidates(found, pruned, fields, model, best[1])
+        grown = {n: candidates.get(n, set()) | v for n, v in more.items()}
+        if all(grown[n] <= candidates.get(n, set()) for n in grown):
+            break
+        for n, values in grown.items():  # (a field new to the search keeps its value too)
+            candidates[n] = values | {fields.get(n, found.footprints[n].value)}
     if shape_match is not None:
         return _counted_fields(model, found, shape_match[1], fields), {}
     # no config builds it: the config says what the tensors agree on (most of them, for the
@@ -422,6 +473,42 @@ def _invert(
     if best is None:
         return fallback, {"config": "no candidate config builds this model"}
     return fallback, {"shapes": best[2]}
+
+
+def _local_candidates(
+    found: ShapeMap, pruned: Shapes, fields: dict[str, int], model: nn.Module,
+    trial: dict[str, int],
+) -> dict[str, set[int]]:
+    """Field values the pruned shapes imply around ``trial`` (the nearest miss), each field
+    doubled there in turn: where one dim follows several fields, a footprint measured at the
+    unpruned config misleads. Phi-3's fused ``qkv_proj`` has (heads + 2 x kv_heads) x head_dim
+    rows: with the query heads halved, its rows say kv_heads only once heads is set."""
+    model_class, config = type(model), model.config
+    built = _rebuilt(model_class, config, trial)
+    if built is None:
+        return {}
+    at_trial = built[1]
+    missed = [k for k in pruned if k in at_trial and pruned[k] != at_trial[k]
+              and len(pruned[k]) == len(at_trial[k])]  # fmt: skip
+    found_values: dict[str, set[int]] = {}
+    for name, footprint in found.footprints.items():
+        if name in LAYER_FIELDS:
+            continue
+        value = trial.get(name, fields.get(name, footprint.value))
+        doubled = _rebuilt(model_class, config, {**trial, name: 2 * value})
+        if doubled is None:
+            continue
+        for fqn in missed:
+            s1 = doubled[1].get(fqn)
+            if s1 is None or len(s1) != len(pruned[fqn]):
+                continue
+            for want, s0, s2 in zip(pruned[fqn], at_trial[fqn], s1, strict=True):
+                if s2 == s0:
+                    continue
+                solved = value + (want - s0) * value / (s2 - s0)
+                if solved > 0 and abs(solved - round(solved)) < 1e-9:
+                    found_values.setdefault(name, set()).add(round(solved))
+    return found_values
 
 
 def _counted_fields(
@@ -524,9 +611,9 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
         except Exception:  # the rebuilt value breaks the forward: it was read after all
             after = []
         if _same(before, after):
-            why = _rebuilt_outputs_differ(model, saved, example_inputs)
+            why, folded = _differ_unless_folded(model, saved, example_inputs)
             changed = [f"{p or '<root>'}.{n}: {old} -> {new}" for p, n, old, new in stale]
-            return not why, why, changed
+            return not why, why, changed + folded
         for path, name, old, _ in stale:
             setattr(modules[path], name, old)
     if differences:
@@ -540,8 +627,65 @@ def _rebuilds(model: nn.Module, original: Any, example_inputs: Any) -> tuple[boo
             ),
             [],
         )
-    why = _rebuilt_outputs_differ(model, saved, example_inputs)
-    return not why, why, []
+    why, folded = _differ_unless_folded(model, saved, example_inputs)
+    return not why, why, folded
+
+
+def _differ_unless_folded(
+    model: nn.Module, config: Any, example_inputs: Any
+) -> tuple[str, list[str]]:
+    """:func:`_rebuilt_outputs_differ`, after folding derived scales where they differ."""
+    why = _rebuilt_outputs_differ(model, config, example_inputs)
+    folded = fold_derived_scales(model, config, example_inputs) if why else []
+    if folded:
+        why = _rebuilt_outputs_differ(model, config, example_inputs)
+    return why, folded
+
+
+def fold_derived_scales(model: nn.Module, config: Any, example_inputs: Any) -> list[str]:
+    """Carry in the weights a scalar buffer the modelling code derives from the config (Gemma's
+    embedding scale sqrt(hidden_size), made at construction): where a model built from
+    ``config`` holds another value, the buffer takes that value and its module's weight is
+    scaled by old / new -- kept only if the pruned model's outputs on ``example_inputs`` stay
+    the same (not for an embedding tied to the output head: that one stays reported). The
+    changes made are returned."""
+    if example_inputs is None:
+        return []
+    try:
+        fresh = _loaded(model, config)
+        before = _outputs(model, example_inputs)
+    except Exception:
+        return []
+    theirs = dict(fresh.named_buffers())
+    done = []
+    for name, ours in list(model.named_buffers()):
+        other = theirs.get(name)
+        if other is None or ours.numel() != 1 or other.numel() != 1:
+            continue
+        if not ours.is_floating_point() or float(ours) == float(other) or float(other) == 0:
+            continue
+        owner_name = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_name)
+        weight = getattr(owner, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        old_value, old_weight = ours.detach().clone(), weight.detach().clone()
+        factor = float(ours) / float(other)
+        with torch.no_grad():
+            weight.mul_(factor)
+            ours.copy_(other.to(ours.dtype))
+        try:
+            same = _same(before, _outputs(model, example_inputs))
+        except Exception:
+            same = False
+        if same:
+            done.append(f"{owner_name}.weight x {factor:.6g}, {name}: {float(old_value):.6g} -> "
+                        f"{float(other):.6g} (folded)")  # fmt: skip
+            continue
+        with torch.no_grad():
+            weight.copy_(old_weight)
+            ours.copy_(old_value)
+    return done
 
 
 REBUILD_CHECK_BYTES = 4 << 30  # larger models: shapes and attributes checked, outputs not

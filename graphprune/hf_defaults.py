@@ -92,13 +92,41 @@ def _effective(base: Shapes, low: Shapes, high: Shapes) -> int | None:
     return values.pop() if len(values) == 1 else None
 
 
+def element(key: str) -> tuple[str, int | None]:
+    """``("hidden_sizes", 2)`` for ``"hidden_sizes[2]"`` (one entry of a per-stage or
+    per-layer int list), ``(key, None)`` for a plain field."""
+    name, bracket, rest = key.partition("[")
+    return (name, int(rest[:-1])) if bracket and rest.endswith("]") else (key, None)
+
+
+def get_field(config: Any, key: str, default: Any = None) -> Any:
+    """The value of field ``key`` (``name`` or ``name[i]``) of ``config``."""
+    name, index = element(key)
+    value = getattr(config, name, default)
+    if index is None:
+        return value
+    return value[index] if isinstance(value, list | tuple) and index < len(value) else default
+
+
+def set_field(config: Any, key: str, value: Any) -> None:
+    """Set field ``key`` (``name`` or ``name[i]``: the list is replaced by a copy)."""
+    name, index = element(key)
+    if index is None:
+        setattr(config, name, value)
+        return
+    items = list(getattr(config, name))
+    items[index] = value
+    setattr(config, name, items)
+
+
 def with_values(config: Any, values: dict[str, Any]) -> Any:
-    """A copy of ``config`` with ``values`` set, or None where the config class refuses them
-    (its validators: DINOv2's ``out_features`` must name existing stages)."""
+    """A copy of ``config`` with ``values`` set (keys ``name`` or ``name[i]``), or None where
+    the config class refuses them (its validators: DINOv2's ``out_features`` must name
+    existing stages)."""
     changed = copy.deepcopy(config)
     try:
         for key, value in values.items():
-            setattr(changed, key, value)
+            set_field(changed, key, value)
     except Exception:
         return None
     return changed

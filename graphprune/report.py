@@ -180,7 +180,7 @@ class CompileReport:
             return []
         updates = ", ".join(f"{k}={v}" for k, v in self.config.changes.items()) or "none"
         return [
-            f"config ({self.config.family}): {updates}",
+            f"config ({self.config.family}, {self.config.mode}): {updates}",
             "  save_pretrained/from_pretrained rebuilds it"
             if self.config.expressible
             else f"  config cannot express it: {self.config.reason}",

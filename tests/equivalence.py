@@ -129,14 +129,18 @@ def check_dead_channels(
 ) -> gp.CompileReport:
     """Make half of some groups' channels dead, prune with them ranked first, and compare with
     the masked unpruned model (the equivalence oracle). Mutates ``model`` (makes channels dead).
-    A channel plan prunes the attention inner width too: its kinds join ``kinds``."""
+    A channel plan prunes the attention inner width too: its kinds join ``kinds``. The plan
+    allows any widths (``config="free"``): the oracle checks the analysis, not the config."""
     dg = gp.analyze(model, x)
     if granularity == "channels":
         kinds = kinds | attention_kinds(dg, "auto", is_pretrained(model))
     dead = choose_dead(model, dg, kinds, 0.5, np.random.default_rng(seed))
     assert dead, f"{type(model).__name__} has no prunable {kinds} group"
     make_dead(model, dg, dead)
-    plan = gp.Plan(ratio=0.5, importance=dead_first(dead), granularity=granularity, round_to=1)
+    plan = gp.Plan(
+        ratio=0.5, importance=dead_first(dead), granularity=granularity, round_to=1,
+        config="free",
+    )  # fmt: skip
     pruned = gp.compile(model, plan, x)
     resolution = Resolution.from_dict(getattr(pruned, RECORD)["resolution"])
     kept = resolution.kept

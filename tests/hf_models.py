@@ -45,41 +45,51 @@ ROLES: dict[str, tuple[int, tuple[str, ...]]] = {
 }
 TOKENS = 16
 
-# type -> (class to build, {granularity: does the config express the pruned model?})
-# None: the granularity does not apply (PlanError with the reason)
-SAMPLE: dict[str, tuple[str, dict[str, bool | None]]] = {
+# type -> (class to build, {granularity: what Plan(ratio=0.5) gives at that granularity}):
+# True: the config states the pruned model (from_pretrained rebuilds it exactly); False: it
+# compiles and the report says why the config cannot state it; REFUSED: the default
+# Plan(config="expressible") finds nothing the config can state and refuses with the reason
+# (config="free" prunes it, reported). Absent: the granularity does not apply.
+REFUSED = "refused"
+SAMPLE: dict[str, tuple[str, dict[str, bool | str]]] = {
     "qwen3": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
     # reads config.head_dim with a default (hidden / heads): the sync writes it
     "qwen2": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
     "mistral": ("AutoModelForCausalLM", {"channels": True, "heads": True, "layers": True}),
-    # channels take whole heads with the hidden size (hidden / heads stays the head size)
-    "opt": ("AutoModelForCausalLM", {"channels": True, "heads": False, "layers": True}),
-    "roberta": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    # channels take whole heads with the hidden size (hidden / heads stays the head size);
+    # a heads plan alone changes the head size, which these configs derive
+    "opt": ("AutoModelForCausalLM", {"channels": True, "heads": REFUSED, "layers": True}),
+    "roberta": ("AutoModel", {"channels": True, "heads": REFUSED, "layers": True}),
     # heads folded into the batch dim of bmm (found: channels no longer cut q/k/v's head_dim
-    # where the config states hidden / heads); a heads plan alone changes the head size
-    "deberta-v2": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    # where the config states hidden / heads)
+    "deberta-v2": ("AutoModel", {"channels": True, "heads": REFUSED, "layers": True}),
     # a relative-position bias table (buckets x heads) added to the scores in place
-    "mpnet": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "mpnet": ("AutoModel", {"channels": True, "heads": REFUSED, "layers": True}),
     "gemma2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),  # eager, capped
-    # the embedding scale is a buffer sqrt(hidden_size) made at construction: a rebuilt
-    # channels-pruned model computes other outputs, so the config claim is refused
+    # the embedding scale is a buffer sqrt(hidden_size) made at construction, and the
+    # embedding is tied to the head (untied, the scale is folded into it: test_config_ties)
     "gemma3_text": ("AutoModelForCausalLM", {"channels": False, "heads": True, "layers": True}),
-    "phi3": ("AutoModel", {"channels": True, "heads": False, "layers": True}),  # head_dim derived
-    "gpt_neox": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    # fused qkv_proj: (heads + 2 x kv_heads) x head_dim rows, solved for jointly
+    "phi3": ("AutoModel", {"channels": True, "heads": True, "layers": True}),
+    "gpt_neox": ("AutoModel", {"channels": True, "heads": REFUSED, "layers": True}),
     "t5": ("T5EncoderModel", {"channels": True, "heads": True, "layers": True}),
-    "distilbert": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
+    "distilbert": ("AutoModel", {"channels": True, "heads": REFUSED, "layers": True}),
     "falcon": ("AutoModel", {"channels": True, "layers": True}),  # x.T in every Linear
-    "bloom": ("AutoModel", {"channels": False, "layers": True}),  # FFN is 4 x hidden_size
-    "clip_vision_model": ("AutoModel", {"channels": True, "heads": False, "layers": True}),
-    "mobilevit": ("AutoModel", {"channels": False, "heads": False}),  # widths not in config
-    # per-stage width lists; dropped blocks become skips the config cannot say
-    "convnext": ("AutoModel", {"channels": False, "layers": False}),
-    "swin": ("AutoModel", {"channels": False, "layers": False}),  # per-stage widths
-    # stages; heads: config.head_dim (read with a default) states the kept width
-    "dinov2": ("AutoModel", {"channels": False, "heads": True, "layers": False}),
+    # the FFN is 4 x hidden_size, and the base model's output fixes hidden_size
+    "bloom": ("AutoModel", {"channels": REFUSED, "layers": True}),
+    "clip_vision_model": ("AutoModel", {"channels": True, "heads": REFUSED, "layers": True}),
+    # per-stage lists: the transformer's heads count is one field for every stage
+    "mobilevit": ("AutoModel", {"channels": False, "heads": REFUSED}),
+    # per-stage width lists (hidden_sizes[i]); dropped blocks become skips no config says
+    "convnext": ("AutoModel", {"channels": True, "layers": False}),
+    # every stage's width is embed_dim x 2^i, and the output fixes the last one
+    "swin": ("AutoModel", {"channels": REFUSED, "layers": False}),
+    # heads: config.head_dim (read with a default) states the kept width; layers: the
+    # backbone stage names follow the kept layers
+    "dinov2": ("AutoModel", {"channels": True, "heads": True, "layers": True}),
     "whisper": (  # the encoder, with a classification head
         "WhisperForAudioClassification",
-        {"channels": True, "heads": False, "layers": True},
+        {"channels": True, "heads": REFUSED, "layers": True},
     ),
 }
 

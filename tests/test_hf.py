@@ -8,6 +8,7 @@ everything, save_pretrained/from_pretrained whatever the config can express; gen
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,11 @@ EXPECTED: dict[tuple[str, str], tuple[dict[str, Any], bool]] = {
     ("bert", "channels"): (
         {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}, True
     ),
-    ("bert", "heads"): ({}, False),  # head size is hidden / heads: no config says it
+    # head size is hidden / heads: no config says it (refused; config="free" prunes them)
+    ("bert", "heads"): ({}, False),
     ("bert", "layers"): ({"num_hidden_layers": 1}, True),
     ("gpt2", "channels"): ({"hidden_size": 32, "num_attention_heads": 2}, True),  # n_inner None
-    ("gpt2", "heads"): ({}, False),  # head size is hidden / heads: no config says it
+    ("gpt2", "heads"): ({}, False),
     ("gpt2", "layers"): ({"num_hidden_layers": 1}, True),
     ("llama", "channels"): (
         {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
@@ -127,8 +129,13 @@ def _build(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize(("name", "granularity"), sorted(EXPECTED))
 def test_compile_syncs_config_and_round_trips(name: str, granularity: str, tmp_path: Path) -> None:
     model, x = _build(name)
-    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+    plan = gp.Plan(ratio=0.5, granularity=granularity)
     changes, expressible = EXPECTED[name, granularity]
+    if not expressible:  # the default (config="expressible") refuses, with the way out
+        with pytest.raises(gp.PruneError, match=r"config: .*config='free'"):
+            gp.compile(model, plan, x)
+        plan = dataclasses.replace(plan, config="free")
+    pruned = gp.compile(model, plan, x)
     report = gp.report(pruned)
     assert report.config["changes"] == changes
     assert report.config["expressible"] is expressible, report.config["reason"]
@@ -151,7 +158,7 @@ def test_compile_syncs_config_and_round_trips(name: str, granularity: str, tmp_p
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_attention_modules_count_their_heads(name: str) -> None:
     model, x = _build(name)
-    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads", config="free"), x)
     attention = {
         "bert": lambda m: m.bert.encoder.layer[0].attention.self,
         "gpt2": lambda m: m.transformer.h[0].attn,
@@ -181,7 +188,8 @@ def test_dead_channels_and_heads_prune_exactly(name: str) -> None:
 def test_onnx_export_verifies(name: str, tmp_path: Path) -> None:
     model, x = _build(name)
     for granularity in ("channels", "heads", "layers"):
-        pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+        plan = gp.Plan(ratio=0.5, granularity=granularity, config="free")
+        pruned = gp.compile(model, plan, x)
         report = gp.export_onnx(pruned, x, tmp_path / f"{granularity}.onnx")
         assert report.verification is not None and report.verification.ok
         assert report.verification.max_abs < 1e-4
@@ -192,7 +200,7 @@ def test_onnx_export_verifies(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("granularity", ["channels", "heads", "layers"])
 def test_generate_still_works(name: str, granularity: str) -> None:
     model, x = _build(name)
-    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity, config="free"), x)
     prompt = torch.tensor([[5, 17, 42, 3, 9]])
     cached = pruned.generate(prompt, max_new_tokens=8, do_sample=False)
     uncached = pruned.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
@@ -201,7 +209,7 @@ def test_generate_still_works(name: str, granularity: str) -> None:
 
 def test_per_layer_sizes_need_graphprune_save(tmp_path: Path) -> None:
     model, x = _build("llama")
-    plan = gp.Plan(ratio=0.0, overrides={"model.layers.0.mlp.gate_proj": 0.5})
+    plan = gp.Plan(ratio=0.0, overrides={"model.layers.0.mlp.gate_proj": 0.5}, config="free")
     pruned = gp.compile(model, plan, x)
     report = gp.report(pruned)
     assert not report.config["expressible"]

@@ -11,6 +11,7 @@ transformers ships is ``benchmarks/hf_types.py``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from graphprune.hf import meta_shapes
 from graphprune.hf_defaults import defaulted_fields
 from tests import hf_models
 from tests.equivalence import check_dead_channels, outputs
-from tests.hf_models import SAMPLE
+from tests.hf_models import REFUSED, SAMPLE
 
 pytest.importorskip("transformers")
 
@@ -36,7 +37,12 @@ def test_type_compiles_and_the_config_claim_holds(
     model = hf_models.build(model_type, head)
     x = hf_models.example_inputs(model)
     before = outputs(model, x)
-    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+    plan = gp.Plan(ratio=0.5, granularity=granularity)
+    if expected[granularity] == REFUSED:  # nothing the config can state: said, with the way out
+        with pytest.raises(gp.PruneError, match=r"config: .*config='free'"):
+            gp.compile(model, plan, x)
+        plan = dataclasses.replace(plan, config="free")
+    pruned = gp.compile(model, plan, x)
     after = outputs(pruned, x)
     report = gp.report(pruned)
     assert after.shape == before.shape and torch.isfinite(after).all()
@@ -44,7 +50,7 @@ def test_type_compiles_and_the_config_claim_holds(
     assert torch.equal(outputs(model, x), before)  # the user's model is untouched
 
     config = report.config
-    assert config["expressible"] is expected[granularity], config["reason"]
+    assert config["expressible"] is (expected[granularity] is True), config["reason"]
     if config["expressible"]:
         pruned.save_pretrained(tmp_path / "hf")
         rebuilt = type(pruned).from_pretrained(tmp_path / "hf").eval()
@@ -62,12 +68,39 @@ def test_type_exports_and_verifies(model_type: str, tmp_path: Path) -> None:
     model = hf_models.build(model_type, head)
     x = hf_models.example_inputs(model)
     granularity = next(iter(expected))
-    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+    plan = gp.Plan(ratio=0.5, granularity=granularity, config="free")
+    pruned = gp.compile(model, plan, x)
     report = gp.export_onnx(pruned, x, tmp_path / "m.onnx")
     assert report.verification is not None and report.verification.ok
 
 
 DECODERS = [t for t, (head, _) in SAMPLE.items() if head == "AutoModelForCausalLM"]
+
+
+def _mode(claim: bool | str | None) -> str:
+    """The config mode a sample case compiles with (the default unless it refuses)."""
+    return "free" if claim == REFUSED else "expressible"
+
+
+def test_fused_qkv_gqa_heads_are_stated_and_generate_the_same(tmp_path: Path) -> None:
+    """Phi-3 projects q, k and v in one fused Linear ((heads + 2 x kv_heads) x head_dim rows):
+    a heads plan keeps 2 of 4 query heads and 1 of 2 kv heads, the config states it (the
+    fused rows follow three fields at once: solved around the nearest miss),
+    from_pretrained rebuilds the logits, and generation is the same with the KV cache."""
+    model = hf_models.build("phi3", "AutoModelForCausalLM")
+    x = hf_models.example_inputs(model)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    config = gp.report(pruned).config
+    assert config["expressible"], config["reason"]
+    assert config["changes"] == {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    pruned.save_pretrained(tmp_path / "hf")
+    rebuilt = type(pruned).from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(outputs(rebuilt, x), outputs(pruned, x))
+    prompt = x["input_ids"][:1, :5]
+    for generator in (pruned, rebuilt):
+        cached = generator.generate(prompt, max_new_tokens=6, do_sample=False)
+        uncached = generator.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert cached.shape == (1, 11) and torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
@@ -76,8 +109,9 @@ def test_decoder_generates_the_same_with_and_without_cache(model_type: str) -> N
     model = hf_models.build(model_type, head)
     x = hf_models.example_inputs(model)
     prompt = x["input_ids"][:1, :5]
-    for granularity in expected:
-        pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity), x)
+    for granularity, claim in expected.items():
+        plan = gp.Plan(ratio=0.5, granularity=granularity, config=_mode(claim))
+        pruned = gp.compile(model, plan, x)
         cached = pruned.generate(prompt, max_new_tokens=6, do_sample=False)
         uncached = pruned.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
         assert cached.shape == (1, 11) and torch.equal(cached, uncached), granularity
@@ -102,7 +136,7 @@ def test_folded_and_biased_heads_prune_exactly_and_verify(
     head = SAMPLE[model_type][0]
     model = hf_models.build(model_type, head, **overrides)
     x = hf_models.example_inputs(model)
-    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads", config="free"), x)
     report = gp.report(pruned)
     assert report.groups and all(g.kind == "heads" and g.kept * 2 == g.total for g in report.groups)
     exported = gp.export_onnx(pruned, x, tmp_path / "m.onnx")

@@ -24,6 +24,8 @@ IMPORTANCES = ("l1", "l2", "bn_scale", "random", "taylor", "fisher", "hessian", 
 LATENCY_RUNTIMES = ("onnxruntime", "openvino")  # :data:`graphprune.onnx.runtimes.RUNTIMES`
 # what a channel plan does to the attention inner width (see Plan.attention)
 ATTENTION = ("auto", "head_dim", "heads", "keep")
+# whether a model built from a config (transformers) keeps widths its config can state
+CONFIG_MODES = ("expressible", "free")
 NONFINITE = ("error", "rank")  # what to do with NaN/inf scores the weights do not explain
 SPARSE_IMPORTANCES = ("l1", "l2", "random", "taylor", "fisher", "hessian", "wanda")
 
@@ -64,6 +66,12 @@ class Plan:
         -- the default scale 1/sqrt(head_dim), a rotary table, a config (there only where the
         hidden size is pruned too; see :func:`graphprune.planning.resolve.attention_kinds`);
         "head_dim" or "heads" forces one; "keep" leaves the attention inner width whole.
+    config: for a model built from a config (transformers): "expressible" (the default) keeps
+        the widths one config field holds equal wherever that field sizes them (a request
+        for per-layer widths -- ``overrides``, ``scope="global"``, a latency target -- is
+        evened out, and the report says so), and keeps whole what a field that cannot change
+        sizes (a base model's output width), so that ``save_pretrained``/``from_pretrained``
+        rebuilds the result; "free" allows any widths (saved with ``graphprune.save``).
     sparsity: a sparse plan applied after this structured one, e.g.
         ``Plan(ratio=0.5, sparsity=Plan(granularity="n:m", include=["*.mlp.*"]))``.
     include: FQN globs of the layers a sparse plan masks (default: every Linear/Conv).
@@ -109,6 +117,7 @@ class Plan:
     reconstruct: bool = False
     nonfinite: str = "error"
     attention: str = "auto"
+    config: str = "expressible"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,6 +164,8 @@ class Plan:
             raise PlanError(f"granularity={self.granularity!r}; use one of {GRANULARITIES}")
         if self.attention not in ATTENTION:
             raise PlanError(f"attention={self.attention!r}; use one of {ATTENTION}")
+        if self.config not in CONFIG_MODES:
+            raise PlanError(f"config={self.config!r}; use one of {CONFIG_MODES}")
         if not callable(self.importance) and self.importance not in IMPORTANCES:
             raise PlanError(
                 f"unknown importance {self.importance!r}; use one of "
@@ -437,6 +448,7 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reconstruct": (lambda v: isinstance(v, bool), "True or False"),
     "nonfinite": (lambda v: v in NONFINITE, f"one of {NONFINITE}"),
     "attention": (lambda v: isinstance(v, str), f"one of {ATTENTION}"),
+    "config": (lambda v: isinstance(v, str), f"one of {CONFIG_MODES}"),
 }
 
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,7 @@ class Resolution(DictView):
     frozen: dict[int, str] = field(default_factory=dict)  # group id -> why it is not pruned
     driven: dict[int, str] = field(default_factory=dict)  # group id -> relation that sized it
     unit_channels: list[list[int]] = field(default_factory=list, repr=False)
+    notes: list[str] = field(default_factory=list, repr=False)  # (the report's, not the record's)
 
     @property
     def changed(self) -> dict[int, list[int]]:
@@ -211,9 +213,11 @@ def resolve(
     modules: dict[str, nn.Module],
     *,
     units: Units | None = None,
+    ties: Sequence[tuple[list[str], list[int]]] = (),
 ) -> Resolution:
     """Kept indices per group: the same ratio in every unit (local) or ranked across units
-    (global). ``groups`` are the candidates (:func:`candidate_groups`)."""
+    (global). ``groups`` are the candidates (:func:`candidate_groups`); ``ties``: (config
+    fields, groups) that keep one fraction (:mod:`graphprune.planning.config_ties`)."""
     if units is None:
         units = pruning_units(dg, groups, modules, plan.ratio or 0.0, plan.channel_multiple)
     resolution = Resolution(sizes={g.id: g.size for g in groups}, held=dict(units.held))
@@ -233,6 +237,7 @@ def resolve(
         unit_kept[u.id] = _top(scores[u.group], u.channels, unit_keep(u, unit_ratio, plan))
     if pooled:
         unit_kept.update(_global(plan, pooled, scores, ratio))
+    notes = [_even_out(fields, tied, units, unit_kept, scores, plan) for fields, tied in ties]
     by_group: dict[int, list[int]] = {g.id: [] for g in groups}
     for u in units.units:
         by_group[u.group].extend(unit_kept[u.id])
@@ -246,7 +251,42 @@ def resolve(
     ]
     resolution.unit_channels = [list(u.channels) for u in units.units]
     resolution.refresh_units()
+    resolution.notes = [n for n in notes if n]
     return resolution
+
+
+def _even_out(
+    fields: list[str],
+    groups: list[int],
+    units: Units,
+    unit_kept: dict[int, list[int]],
+    scores: dict[int, np.ndarray],
+    plan: Plan,
+) -> str:
+    """Give every unit of ``groups`` (tied by the config ``fields``) one kept fraction: the
+    fraction of the narrowest unit after the units' mean request, scaled exactly to the others
+    (a 4 x wide FFN keeps 4 x the channels). '' when they already agree, else what changed."""
+    tied = [u for g in groups for u in units.of_group(g) if u.id in unit_kept]
+    if len(tied) < 2:
+        return ""
+    fractions = {len(unit_kept[u.id]) / u.size for u in tied}
+    if max(fractions) - min(fractions) < 1e-9:
+        return ""
+    asked = sorted({len(unit_kept[u.id]) for u in tied})
+    mean = sum(len(unit_kept[u.id]) for u in tied) / sum(u.size for u in tied)
+    narrowest = min(tied, key=lambda u: u.size)
+    anchor = unit_keep(narrowest, 1.0 - mean, plan)
+    for u in tied:
+        keep = anchor * u.size / narrowest.size
+        count = round(keep) if abs(keep - round(keep)) < 1e-9 else unit_keep(u, 1.0 - mean, plan)
+        unit_kept[u.id] = _top(scores[u.group], u.channels, max(1, min(u.size, count)))
+    widths = sorted({len(unit_kept[u.id]) for u in tied})
+    return (
+        f"config: {', '.join(fields)} {'holds' if len(fields) == 1 else 'hold'} one value for "
+        f"{len(tied)} layers, which the plan asked to keep {asked[0]}..{asked[-1]} of; they "
+        f"keep {'/'.join(map(str, widths))} so that from_pretrained rebuilds the model "
+        "(Plan(config='free') keeps per-layer widths, saved with graphprune.save)"
+    )
 
 
 def _global(

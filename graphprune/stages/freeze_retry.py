@@ -48,6 +48,7 @@ from graphprune.passes.base import Pass, PassContext, PassManager, PruneError, R
 from graphprune.passes.drop_layers import DropLayers, block_contributions, droppable_blocks
 from graphprune.passes.undo import Undo
 from graphprune.passes.verify import make_verifier, shapes_of
+from graphprune.planning.config_ties import ConfigTies, config_ties
 from graphprune.planning.importance import LossFn, nonfinite_groups, score_groups
 from graphprune.planning.plan import Plan, PlanError
 from graphprune.planning.relations import (
@@ -197,6 +198,9 @@ class _Resolver:
         self.plan, self.s, self.groups, self.units = plan, s, groups, units
         self.scores, self.modules, self.model = scores, modules, model
         self.batches, self.loss_fn = batches, loss_fn
+        # transformers: widths one config field holds move together (Plan.config)
+        expressible = plan.config == "expressible"
+        self.ties = config_ties(model, s.dg, groups) if expressible else ConfigTies()
 
     def group_scores(self, g: int) -> np.ndarray:
         """Scores of any group (groups outside the plan, driven by a relation, on demand)."""
@@ -242,7 +246,11 @@ class _Resolver:
             [u for u in self.units.units if u.group not in frozen and u.group not in skip],
             self.units.held,
         )
-        found = resolve(plan, self.s.dg, live, self.scores, self.modules, units=units)
+        live_ids = {g.id for g in live}
+        ties = [(f, [g for g in gs if g in live_ids]) for f, gs in self.ties.classes]
+        found = resolve(
+            plan, self.s.dg, live, self.scores, self.modules, units=units, ties=ties
+        )
         if only is not None:
             found.kept = {
                 g: k if g in only else list(range(found.sizes[g])) for g, k in found.kept.items()
@@ -311,7 +319,7 @@ def prune_channels(
         return structured_rewrite(heads)
 
     verify = make_verifier(s.reference_shapes, s.forward)
-    frozen: dict[int, str] = {}
+    frozen: dict[int, str] = dict(resolver.ties.pinned)
     first = True
     for _ in range(MAX_ROUNDS):
         ratio = _ratio_for_target(plan, resolver, frozen, s, make)
@@ -332,6 +340,7 @@ def prune_channels(
         lap("rewrite and verify")
         if failure is None:
             notes = [unranked] if unranked else []
+            notes += resolution.notes
             if ratio > 0 and not resolution.changed:
                 notes.append(_nothing_pruned(plan, s.dg))
             return Outcome(ctx.model, ctx, resolution, groups, notes)
@@ -516,13 +525,21 @@ def _first_line(text: str, width: int = 400) -> str:
 
 def _nothing_left(plan: Plan, frozen: dict[int, str], dg: DependencyGraph) -> str:
     reasons = [f"  group {g} ({dg.group(g).name}): {why}" for g, why in sorted(frozen.items())]
+    hints = []
+    if any(why.startswith("config: ") for why in frozen.values()):
+        hints.append(
+            "  hint: the model's config class cannot state any smaller widths here; "
+            "Plan(config='free') prunes them anyway (save with graphprune.save)"
+        )
+    if any(not why.startswith("config: ") for why in frozen.values()):
+        hints.append(
+            "  hint: a size the forward computes from a tensor's shape or a literal cannot "
+            "follow the pruned channels; compute it from a module attribute (e.g. self.n_head, "
+            "self.head_dim) that graphprune can update, or exclude these layers with ignore=[...]"
+        )
     return (
         f"nothing could be pruned with granularity={plan.granularity!r}, ratio={plan.ratio}: "
-        "every group the plan prunes was frozen:\n"
-        + "\n".join(reasons)
-        + "\n  hint: a size the forward computes from a tensor's shape or a literal cannot "
-        "follow the pruned channels; compute it from a module attribute (e.g. self.n_head, "
-        "self.head_dim) that graphprune can update, or exclude these layers with ignore=[...]"
+        "every group the plan prunes was frozen:\n" + "\n".join(reasons + hints)
     )
 
 
