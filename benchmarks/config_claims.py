@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,6 +27,11 @@ import graphprune as gp
 from graphprune.io import write_text_atomic
 
 ATOL = 1e-5
+ROOT = Path(__file__).resolve().parents[1]
+# this folder holds a transformers.py (a benchmark): off the path, so the library is found;
+# the project root on it, for tests.hf_models
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 
 
 def _outputs(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -77,7 +83,7 @@ def main() -> None:
     from tests.real_models import declare_torchvision_ops
 
     declare_torchvision_ops()
-    hf_models.transformers()
+    hf_models.transformers().utils.logging.disable_progress_bar()
     rows = []
     print(f"Plan(ratio=0.5), config='expressible' (the default); from_pretrained from files, "
           f"atol {ATOL}")  # fmt: skip

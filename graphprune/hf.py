@@ -47,6 +47,7 @@ from graphprune.hf_defaults import (
     drop_needless,
     element,
     get_field,
+    read_fields,
     set_field,
     with_values,
 )
@@ -127,6 +128,10 @@ class ShapeMap:
     # fields the modelling code reads with a default (hf_defaults), at their effective values:
     # the footprints are measured with them written
     defaults: dict[str, int] = field(default_factory=dict)
+    # config lists with one entry per layer that building the model reads (layer_types);
+    # a list that is only as long as the layer count by chance (Whisper's
+    # begin_suppress_tokens, read by generate) is not one
+    layer_lists: list[str] = field(default_factory=list)
 
 
 def _build(model_class: type, config: Any) -> nn.Module | None:
@@ -181,7 +186,7 @@ def int_fields(config: Any) -> dict[str, int]:
     Swin's ``num_heads``)."""
     found: dict[str, int] = {}
     for k, v in config.to_dict().items():
-        if k.endswith("token_id") or k.endswith("token_ids"):
+        if k.endswith(("token_id", "token_ids", "_tokens")):  # ids size nothing
             continue
         if type(v) is int and v > 0:
             found[k] = v
@@ -206,12 +211,17 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
         return None
     footprints: dict[str, Footprint] = {}
     layer_list = None
+    count = next((v for k, v in int_fields(config).items() if k in LAYER_FIELDS), None)
+    read = read_fields(model_class, config)
+    per_layer = [
+        key for key, items in config.to_dict().items()
+        if isinstance(items, list) and len(items) == count and key in read
+    ]  # fmt: skip
     for name, value in int_fields(config).items():
         changes: dict[str, Any] = {name: 2 * value}
         if name in LAYER_FIELDS:  # per-layer lists (layer_types) must keep the layer count
-            for key, items in config.to_dict().items():
-                if isinstance(items, list) and len(items) == value:
-                    changes[key] = items * 2
+            for key in per_layer:
+                changes[key] = list(getattr(config, key)) * 2
         perturbed = with_values(config, changes)
         shapes = meta_shapes(model_class, perturbed) if perturbed is not None else None
         if shapes is None:
@@ -227,7 +237,7 @@ def shape_map(model_class: type, config: Any) -> ShapeMap | None:
             footprints[name] = Footprint(name, value, 2 * value, dims)
         if name in LAYER_FIELDS and layer_list is None:
             layer_list = _grown_list(base.keys(), shapes.keys())
-    found = ShapeMap(base, footprints, layer_list, defaults)
+    found = ShapeMap(base, footprints, layer_list, defaults, per_layer)
     _MAPS[key] = found
     return found
 
@@ -289,12 +299,14 @@ def remove_layers(model: nn.Module, paths: list[str]) -> bool:
                 setattr(module, "layer_idx", new)  # noqa: B010 (the KV cache indexes by position)
     config: Any = model.config
     count = len(layers)
+    mapped = shape_map(type(model), config)
+    per_layer = mapped.layer_lists if mapped is not None else []
     # a config whose validators refuse the new count stays as it was: sync_config's rebuild
     # check then reports that from_pretrained cannot rebuild the model
     with contextlib.suppress(Exception):
         for key, value in config.to_dict().items():
-            if isinstance(value, list) and len(value) == count:  # layer_types, patterns...
-                setattr(config, key, [value[i] for i in keep])
+            if key in per_layer and isinstance(value, list) and len(value) == count:
+                setattr(config, key, [value[i] for i in keep])  # layer_types, patterns...
         for key in LAYER_FIELDS:
             if hasattr(config, key):
                 setattr(config, key, len(keep))
@@ -636,19 +648,25 @@ def _differ_unless_folded(
 ) -> tuple[str, list[str]]:
     """:func:`_rebuilt_outputs_differ`, after folding derived scales where they differ."""
     why = _rebuilt_outputs_differ(model, config, example_inputs)
-    folded = fold_derived_scales(model, config, example_inputs) if why else []
+    unfolded: list[str] = []
+    folded = fold_derived_scales(model, config, example_inputs, unfolded) if why else []
     if folded:
         why = _rebuilt_outputs_differ(model, config, example_inputs)
+    if why and unfolded:  # name the derived value that differs
+        why = why.replace(" (use graphprune.save/load)", f" ({'; '.join(unfolded)}; use "
+                          "graphprune.save/load)")  # fmt: skip
     return why, folded
 
 
-def fold_derived_scales(model: nn.Module, config: Any, example_inputs: Any) -> list[str]:
+def fold_derived_scales(
+    model: nn.Module, config: Any, example_inputs: Any, unfolded: list[str] | None = None
+) -> list[str]:
     """Carry in the weights a scalar buffer the modelling code derives from the config (Gemma's
     embedding scale sqrt(hidden_size), made at construction): where a model built from
     ``config`` holds another value, the buffer takes that value and its module's weight is
     scaled by old / new -- kept only if the pruned model's outputs on ``example_inputs`` stay
-    the same (not for an embedding tied to the output head: that one stays reported). The
-    changes made are returned."""
+    the same (not for an embedding tied to the output head: that one stays reported, and is
+    described in ``unfolded``). The changes made are returned."""
     if example_inputs is None:
         return []
     try:
@@ -685,6 +703,12 @@ def fold_derived_scales(model: nn.Module, config: Any, example_inputs: Any) -> l
         with torch.no_grad():
             weight.copy_(old_weight)
             ours.copy_(old_value)
+        if unfolded is not None:
+            unfolded.append(
+                f"{name} is {float(ours):.6g} here but {float(other):.6g} when built from the "
+                f"config, and folding it into {owner_name}.weight changes the outputs (a weight "
+                "tied to another layer)"
+            )
     return done
 
 

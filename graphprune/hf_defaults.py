@@ -28,7 +28,14 @@ PROBE = 8  # the trial value a candidate field is set to (and twice it): shapes 
 def read_absent(model_class: type, config: Any) -> list[str]:
     """Public attribute names of ``config`` that building ``model_class`` on the meta device
     reads and finds missing or ``None``, in the order read."""
-    read: dict[str, None] = {}
+    return [k for k, present in read_fields(model_class, config).items() if not present]
+
+
+def read_fields(model_class: type, config: Any) -> dict[str, bool]:
+    """Public attribute names of ``config`` that building ``model_class`` on the meta device
+    reads, in the order first read, each with whether it was there (not missing or None).
+    {} where the class cannot be built so."""
+    read: dict[str, bool] = {}
     base = type(config)
 
     class Recording(base):  # type: ignore[misc, valid-type]
@@ -37,10 +44,10 @@ def read_absent(model_class: type, config: Any) -> list[str]:
                 value = super().__getattribute__(key)
             except AttributeError:
                 if not key.startswith("_"):
-                    read[key] = None
+                    read[key] = False
                 raise
-            if value is None and not key.startswith("_"):
-                read[key] = None
+            if not key.startswith("_"):
+                read[key] = read.get(key, True) and value is not None
             return value
 
     try:
@@ -49,8 +56,8 @@ def read_absent(model_class: type, config: Any) -> list[str]:
         with torch.device("meta"), contextlib.redirect_stdout(None):
             model_class(recording)
     except Exception:
-        return []
-    return list(read)
+        return {}
+    return read
 
 
 def defaulted_fields(

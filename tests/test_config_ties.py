@@ -115,3 +115,20 @@ def test_an_embedding_scale_is_folded_into_an_untied_embedding(tmp_path: Path) -
     assert config["expressible"], config["reason"]
     assert any("embed_scale" in a and "folded" in a for a in config["attributes"])
     _rebuilds(pruned, x, tmp_path / "hf")
+
+
+def test_only_lists_the_model_reads_per_layer_follow_removed_layers() -> None:
+    """A layers plan slices the config lists with one entry per layer (Gemma-3's layer_types,
+    read as the layers are built), not a list as long as the layer count by chance (Whisper's
+    begin_suppress_tokens: two token ids, read only by generate)."""
+    gemma = hf_models.build("gemma3_text", "AutoModelForCausalLM")
+    x = hf_models.example_inputs(gemma)
+    pruned = gp.compile(gemma, gp.Plan(ratio=0.5, granularity="layers"), x)
+    assert len(pruned.config.layer_types) == pruned.config.num_hidden_layers == 1
+    whisper = hf_models.build("whisper", "WhisperForAudioClassification")
+    tokens = list(whisper.config.begin_suppress_tokens)
+    assert len(tokens) == whisper.config.num_hidden_layers  # the coincidence under test
+    x = hf_models.example_inputs(whisper)
+    pruned = gp.compile(whisper, gp.Plan(ratio=0.5, granularity="layers"), x)
+    assert pruned.config.num_hidden_layers == 1
+    assert list(pruned.config.begin_suppress_tokens) == tokens

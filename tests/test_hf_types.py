@@ -180,6 +180,7 @@ def test_a_config_claim_is_checked_on_outputs_not_shapes(tmp_path: Path) -> None
     pruned = gp.compile(model, gp.Plan(ratio=0.5), x)
     config = gp.report(pruned).config
     assert not config["expressible"] and "computes other outputs" in config["reason"]
+    assert "embed_tokens.embed_scale" in config["reason"]  # tied to the head: not folded
     pruned.save_pretrained(tmp_path / "hf")
     rebuilt = type(pruned).from_pretrained(tmp_path / "hf").eval()
     assert not torch.allclose(outputs(rebuilt, x), outputs(pruned, x), atol=1e-5)
