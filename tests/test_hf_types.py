@@ -82,17 +82,27 @@ def _mode(claim: bool | str | None) -> str:
     return "free" if claim == REFUSED else "expressible"
 
 
-def test_fused_qkv_gqa_heads_are_stated_and_generate_the_same(tmp_path: Path) -> None:
-    """Phi-3 projects q, k and v in one fused Linear ((heads + 2 x kv_heads) x head_dim rows):
-    a heads plan keeps 2 of 4 query heads and 1 of 2 kv heads, the config states it (the
-    fused rows follow three fields at once: solved around the nearest miss),
-    from_pretrained rebuilds the logits, and generation is the same with the KV cache."""
-    model = hf_models.build("phi3", "AutoModelForCausalLM")
+@pytest.mark.parametrize(
+    ("model_type", "changes"),
+    [
+        ("phi3", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}),
+        ("gemma2", {"num_attention_heads": 2, "num_key_value_heads": 1}),
+    ],
+)
+def test_gqa_heads_are_stated_and_generate_the_same(
+    model_type: str, changes: dict[str, int], tmp_path: Path
+) -> None:
+    """GQA decoders' heads plans as causal LMs: 2 of 4 query heads and 1 of 2 kv heads, the
+    config states it, from_pretrained rebuilds the logits, and generation is the same with
+    and without the KV cache, before and after the round trip. Phi-3 projects q, k and v in
+    one fused Linear ((heads + 2 x kv_heads) x head_dim rows, three fields at once: solved
+    around the nearest miss); Gemma-2 soft-caps its scores (eager attention)."""
+    model = hf_models.build(model_type, "AutoModelForCausalLM")
     x = hf_models.example_inputs(model)
     pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads"), x)
     config = gp.report(pruned).config
     assert config["expressible"], config["reason"]
-    assert config["changes"] == {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    assert config["changes"] == changes
     pruned.save_pretrained(tmp_path / "hf")
     rebuilt = type(pruned).from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(outputs(rebuilt, x), outputs(pruned, x))
@@ -142,6 +152,17 @@ def test_folded_and_biased_heads_prune_exactly_and_verify(
     exported = gp.export_onnx(pruned, x, tmp_path / "m.onnx")
     assert exported.verification is not None and exported.verification.ok
     check_dead_channels(model, x, {"heads", "kv_heads"}, "heads", seed=1)
+
+
+def test_folded_heads_are_found_with_a_batch_of_one() -> None:
+    """A batch of 1 folds (1 x heads) into the heads alone: the batch factor the analysis
+    drops from DeBERTa's (batch x heads, T, T) scores is the inputs' first dim, not simply
+    the outer one (which would be the heads here, and none were found)."""
+    model = hf_models.build("deberta-v2")
+    x = hf_models.example_inputs(model, batch=1)
+    pruned = gp.compile(model, gp.Plan(ratio=0.5, granularity="heads", config="free"), x)
+    assert [(g.kind, g.kept, g.total) for g in gp.report(pruned).groups] == [("heads", 2, 4)] * 2
+    check_dead_channels(model, x, {"heads"}, "heads", seed=1)
 
 
 def test_heads_of_folded_attention_are_not_guessed() -> None:

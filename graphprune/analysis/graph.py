@@ -489,6 +489,7 @@ class _Atoms:
             if HEAD_KIND_PRIORITY[kind] > HEAD_KIND_PRIORITY.get(kinds.get(space, ""), 0):
                 kinds[space] = kind
 
+        batch = self._batch_roots()
         for atoms, kind in self.walked.facts.tags:
             if kind not in ("heads", FOLDED_HEADS):
                 for s in self.spaces(atoms):
@@ -496,8 +497,9 @@ class _Atoms:
                 continue
             for a in np.unique(atoms).tolist():
                 roots = self.roots(a)
-                if kind == FOLDED_HEADS:  # (batch x heads): the outer factor is the batch
-                    roots = roots[1:]
+                if kind == FOLDED_HEADS:  # (batch x heads): the batch factor is no head (a
+                    # batch of 1 folds to the heads alone: nothing to drop)
+                    roots = tuple(r for r in roots if r not in batch)
                 if len(roots) == 2:  # a query head is (kv head, repeat): grouped-query attention
                     mark(self.space(roots[0]), "kv_heads")
                     mark(self.space(roots[1]), "heads_per_kv")
@@ -505,6 +507,18 @@ class _Atoms:
                     for r in roots:
                         mark(self.space(r), "heads")
         return kinds
+
+    def _batch_roots(self) -> set[int]:
+        """Base roots of the inputs' first dim (the batch)."""
+        found: set[int] = set()
+        for name, shown in self.walked.display.items():
+            layout = self.walked.values.get(name)
+            if shown.startswith("input:") and isinstance(layout, list) and layout:
+                first = layout[0]
+                if isinstance(first, np.ndarray):
+                    for a in np.unique(first).tolist():
+                        found.update(self.roots(a))
+        return found
 
     def state_rows(self, captured: Captured) -> dict[TensorDim, list[tuple[int, ...]]]:
         """Per-position base channels of every parameter/buffer dim."""
