@@ -394,14 +394,18 @@ def _same_build(model_class: type, a: Any, b: Any) -> bool:
     return shapes[0] == shapes[1] and not attribute_differences(first, second)
 
 
-def _invert(
-    found: ShapeMap, pruned: Shapes, fields: dict[str, int], model: nn.Module
-) -> tuple[dict[str, int], dict[str, str]]:
-    """Config values that rebuild ``pruned`` exactly (the model's config, as the relations
-    left it, is the starting point), and the fields that cannot say it. Of the configs that
-    build the same shapes (``head_dim`` 8 or half the heads), the one whose modules count as
-    the pruned model's do wins."""
-    model_class, config = type(model), model.config
+@dataclass
+class _Inferred:
+    """What each field's footprint alone says of the pruned shapes."""
+
+    candidates: dict[str, set[int]]  # values to try jointly
+    problems: dict[str, str]  # fields whose tensors disagree -> how
+    majority: dict[str, int]  # ... and the value most tensors that grow with it have
+    single: dict[str, int]  # fields whose tensors all agree on one value
+
+
+def _infer_fields(found: ShapeMap, pruned: Shapes, fields: dict[str, int]) -> _Inferred:
+    """Each field's values from its footprint alone (linear in it, the others fixed)."""
     candidates: dict[str, set[int]] = {}
     problems: dict[str, str] = {}
     majority: dict[str, int] = {}
@@ -432,6 +436,20 @@ def _invert(
             # a value from one field's footprint alone: the fields are solved jointly below
             # (Qwen3's k_norm has head_dim rows while k_proj has kv_heads x head_dim)
             candidates[name] = set(by_value) | {fields.get(name, footprint.value)}
+    return _Inferred(candidates, problems, majority, single)
+
+
+def _invert(
+    found: ShapeMap, pruned: Shapes, fields: dict[str, int], model: nn.Module
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Config values that rebuild ``pruned`` exactly (the model's config, as the relations
+    left it, is the starting point), and the fields that cannot say it. Of the configs that
+    build the same shapes (``head_dim`` 8 or half the heads), the one whose modules count as
+    the pruned model's do wins."""
+    model_class, config = type(model), model.config
+    inferred = _infer_fields(found, pruned, fields)
+    candidates, problems = inferred.candidates, inferred.problems
+    majority, single = inferred.majority, inferred.single
     fixed: dict[str, int] = {}
     layers = layer_count(found, pruned)
     key = next((k for k in LAYER_FIELDS if k in fields), None)

@@ -33,6 +33,7 @@ from graphprune.analysis.graph import HEAD_KIND_PRIORITY
 from graphprune.hf import LAYER_FIELDS, is_pretrained, shape_map
 
 HEAD_KINDS = frozenset(HEAD_KIND_PRIORITY)
+UNPLANNED = "not pruned by this plan"
 
 
 @dataclass
@@ -68,7 +69,7 @@ def config_ties(model: nn.Module, dg: DependencyGraph, candidates: list[Group]) 
         for key in footprint.dims:
             factors = _pruned_factors(dg, key, pruned, member_dims)
             sized[key][name] = _factor_for(factors, pruned, footprint.value)
-            if not factors and name not in fixed_why:
+            if not factors and _better_reason(dg, key, member_dims, fixed_why.get(name)):
                 fixed_why[name] = _fixed(dg, key, member_dims, names)
     ties = ConfigTies(config_class=type(config).__name__)
     tied: dict[int, list[str]] = defaultdict(list)
@@ -130,6 +131,20 @@ def _factor_for(factors: set[int], pruned: dict[int, Group], value: int) -> int 
     return counting[0] if len(counting) == 1 else -1
 
 
+def _better_reason(
+    dg: DependencyGraph, key: tuple[str, int], member_dims: set[tuple[str, int]],
+    current: str | None,
+) -> bool:  # fmt: skip
+    """Whether dim ``key`` explains a fixed field better than ``current``: any reason beats
+    none, and a group's own frozen reason (the model's output) beats "not pruned by this
+    plan"."""
+    if current is None:
+        return True
+    if UNPLANNED not in current or key not in member_dims:
+        return False
+    return any(dg.group(g).frozen_reasons for p in dg.factor_patterns(*key) for g in p)
+
+
 def _fixed(
     dg: DependencyGraph, key: tuple[str, int], member_dims: set[tuple[str, int]],
     names: dict[int, str],
@@ -140,6 +155,6 @@ def _fixed(
         return f"{fqn} (dim {dim}) is in no channel group (the forward does not prune it)"
     groups = sorted({g for pattern in dg.factor_patterns(*key) for g in pattern})
     reasons = {g: dg.group(g).frozen_reasons for g in groups}
-    whys = [f"{names[g]} ({reasons[g][0] if reasons[g] else 'not pruned by this plan'})"
+    whys = [f"{names[g]} ({reasons[g][0] if reasons[g] else UNPLANNED})"
             for g in groups]  # fmt: skip
     return f"{fqn} (dim {dim}) belongs to {'; '.join(whys)}"
