@@ -43,7 +43,6 @@ class ConfigTies:
 
     classes: list[tuple[list[str], list[int]]] = field(default_factory=list)  # (fields, groups)
     pinned: dict[int, str] = field(default_factory=dict)  # group id -> why it is kept whole
-    config_class: str = ""
 
 
 def config_ties(model: nn.Module, dg: DependencyGraph, candidates: list[Group]) -> ConfigTies:
@@ -62,22 +61,25 @@ def config_ties(model: nn.Module, dg: DependencyGraph, candidates: list[Group]) 
     # per footprint dim: field -> the pruned group that sizes it for that field (None: none
     # does; -1: several might), and the fields one of whose dims no pruned group sizes
     sized: dict[tuple[str, int], dict[str, int | None]] = defaultdict(dict)
+    factors_of: dict[tuple[str, int], set[int]] = {}  # dim -> its pruned factors
     fixed_why: dict[str, str] = {}
     for name, footprint in found.footprints.items():
         if name in LAYER_FIELDS:
             continue
         for key in footprint.dims:
-            factors = _pruned_factors(dg, key, pruned, member_dims)
+            if key not in factors_of:
+                factors_of[key] = _pruned_factors(dg, key, pruned, member_dims)
+            factors = factors_of[key]
             sized[key][name] = _factor_for(factors, pruned, footprint.value)
             if not factors and _better_reason(dg, key, member_dims, fixed_why.get(name)):
                 fixed_why[name] = _fixed(dg, key, member_dims, names)
-    ties = ConfigTies(config_class=type(config).__name__)
+    ties = ConfigTies()
     tied: dict[int, list[str]] = defaultdict(list)
     for key, per_field in sized.items():
         free = [f for f in per_field if f not in fixed_why]
         if not free:  # the dim keeps its size: whatever prunes it would break the config
             f = next(iter(per_field))
-            for g in _pruned_factors(dg, key, pruned, member_dims):
+            for g in factors_of[key]:
                 ties.pinned.setdefault(
                     g,
                     f"config: {type(config).__name__}.{f} sizes {key[0]} (dim {key[1]}) and "
