@@ -402,3 +402,40 @@ def test_cli_reconstruct_with_calibration_file(tmp_path: Any, capsys: Any) -> No
     bad.write_text("not a tensor")
     assert cli_main(["compile", "resnet18", "--reconstruct", "--calibration", str(bad)]) != 0
     assert "--calibration" in capsys.readouterr().err  # a clear message, not a traceback
+
+
+class _GatedMLP(nn.Module):
+    """gate and up read one tensor (as q, k, v do): SparseGPT needs one Hessian for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(32, 48), nn.Linear(32, 48), nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.gate(x)) * self.up(x))
+
+
+def test_sparsegpt_shares_the_hessian_of_one_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers that read the very same tensor share its Hessian and inverse factor (two of
+    three made here), with the weights of computing each: bit for bit."""
+    from graphprune.oneshot import reconstruct
+
+    torch.manual_seed(0)
+    model, calib = _GatedMLP().eval(), [torch.randn(8, 32) for _ in range(3)]
+    plan = gp.Plan(granularity="n:m", reconstruct=True)
+    made: list[int] = []
+    real = reconstruct._hessian
+    monkeypatch.setattr(
+        reconstruct,
+        "_hessian",
+        lambda *a: made.append(1) or real(*a),  # type: ignore[func-returns-value]
+    )
+    shared = gp.compile(model, plan, calib[0], calibration=calib)
+    assert len(made) == 2
+    made.clear()
+    monkeypatch.setattr(reconstruct.SharedInput, "find", lambda *_: None)
+    alone = gp.compile(model, plan, calib[0], calibration=calib)
+    assert len(made) == 3
+    for (name, a), (_, b) in zip(gp.finalize(shared).state_dict().items(),
+                                 gp.finalize(alone).state_dict().items(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name

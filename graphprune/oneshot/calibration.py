@@ -432,5 +432,3 @@ def _run_reference(
         with contextlib.suppress(_Reached):
             channel.wait_turn()
             channel.send((_ERROR, exc))
-
-

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,8 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.capture import eval_mode, tensor_aliases
+from graphprune.errors import InputError
 from graphprune.modules import stored_weight
 from graphprune.oneshot.calibration import (
+    CallOrder,
     call_order,
     channel_rows,
     in_lockstep,
@@ -356,52 +358,64 @@ def obs_prune(
     mask: Tensor | None = None,
     zeros: int | None = None,
     nm: tuple[int, int] | None = None,
+    factor: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT on one (out, columns) weight with Hessian ``h`` (columns, columns).
 
     Exactly one of: ``mask`` (bool, True = kept: held fixed), ``zeros`` (unstructured: that
     many weights zeroed, spread over the column blocks in proportion), ``nm`` (n of every m
     consecutive columns kept per row). Returns the updated weight (zero off the mask) and
-    the mask.
+    the mask. ``factor``: :func:`inverse_factor` of ``h`` when the caller has it.
     """
     work = torch.promote_types(w.dtype, torch.float32)  # float32, as SparseGPT itself
-    w, h = w.to(work).clone(), h.to(work).clone()
+    dead, hinv = factor if factor is not None else inverse_factor(h, work)
+    w = w.to(work).clone()
     columns = w.shape[1]
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += torch.eye(columns, dtype=h.dtype) * PERCDAMP * float(torch.diagonal(h).mean())
-    hinv = _inverse_cholesky(h).to(work)
     pruned = torch.zeros_like(w, dtype=torch.bool) if mask is None else ~mask.clone()
     step = BLOCK if nm is None else nm[1] * math.ceil(BLOCK / nm[1])
     for i1 in range(0, columns, step):
         i2 = min(i1 + step, columns)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        # the block transposed, (block, out): a column per row, contiguous, so each column's
+        # update of the columns after it is one rank-1 BLAS update (ger)
+        w1, hinv1 = w[:, i1:i2].T.contiguous(), hinv[i1:i2, i1:i2]
         q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
         d = torch.diagonal(hinv1)
         if zeros is not None:  # this block's share of the zeros, cumulative so the total is exact
             k = math.floor(zeros * i2 / columns + 1e-9) - math.floor(zeros * i1 / columns + 1e-9)
-            saliency = (w1 * w1 / (d * d)[None]).flatten()
+            saliency = (w1.T * w1.T / (d * d)[None]).flatten()  # in (out, block) order
             block = torch.zeros(saliency.numel(), dtype=torch.bool)
             block[torch.argsort(saliency, stable=True)[:k]] = True
-            pruned[:, i1:i2] = block.reshape(w1.shape)
+            pruned[:, i1:i2] = block.reshape(w1.T.shape)
+        pruned1 = pruned[:, i1:i2].T.contiguous()  # (block, out)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
-                saliency = w1[:, i : i + m] ** 2 / d[i : i + m][None] ** 2
+                saliency = w1[i : i + m].T ** 2 / d[i : i + m][None] ** 2  # (out, m)
                 drop = torch.topk(saliency, m - n, dim=1, largest=False).indices
                 group = torch.zeros_like(saliency, dtype=torch.bool)
                 group.scatter_(1, drop, True)
-                pruned[:, i1 + i : i1 + i + m] = group
-            col = w1[:, i]
-            q = torch.where(pruned[:, i1 + i], torch.zeros_like(col), col)
-            q1[:, i] = q
+                pruned1[i : i + m] = group.T
+            col = w1[i]
+            q = torch.where(pruned1[i], torch.zeros_like(col), col)
+            q1[i] = q
             e = (col - q) / d[i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None]
-            err1[:, i] = e
-        w[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            w1[i:].addr_(hinv1[i, i:], e, alpha=-1)  # -= hinv1[i, i:] (x) e
+            err1[i] = e
+        w[:, i1:i2] = q1.T
+        pruned[:, i1:i2] = pruned1.T
+        w[:, i2:] -= err1.T @ hinv[i1:i2, i2:]
     return w, ~pruned
+
+
+def inverse_factor(h: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The columns no input reaches (zero diagonal) and the upper Cholesky factor of the
+    damped H^-1 (1 % of the mean diagonal; a dead column's diagonal set to 1), in ``work``."""
+    h = h.to(work).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(PERCDAMP * float(torch.diagonal(h).mean()))  # no (columns, columns) eye
+    return dead, _inverse_cholesky(h).to(work)
 
 
 def _inverse_cholesky(h: Tensor) -> Tensor:
@@ -410,7 +424,9 @@ def _inverse_cholesky(h: Tensor) -> Tensor:
     for dtype in dict.fromkeys((h.dtype, torch.float64)):
         factor, info = torch.linalg.cholesky_ex(h.to(dtype))
         if int(info) == 0:
-            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            full = torch.cholesky_inverse(factor)
+            del factor  # (columns, columns) each: at most two alive at a time
+            inverse, info = torch.linalg.cholesky_ex(full, upper=True)
             if int(info) == 0:
                 return inverse
     raise torch.linalg.LinAlgError("the damped Hessian is not positive definite, even in float64")
@@ -433,44 +449,42 @@ def nm_columns(weight: Tensor) -> Tensor:
 
 def sparsegpt(
     model: nn.Module,
-    masks: dict[str, Tensor],
+    masks: Mapping[str, Tensor],
     batches: Sequence[Any],
     *,
     adaptive: str | None,
     nm: tuple[int, int] | None = None,
     progress: bool = True,
+    order: CallOrder | None = None,
+    one_forward: bool = False,
+    pruned: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], list[LayerFit]]:
     """SparseGPT on every layer in ``masks`` (bool, True = kept), in forward order, in place.
 
     ``adaptive``: "unstructured" or "n:m" chooses each layer's mask on the way (as many zeros
     as its given mask has; the n:m pattern ``nm``); None keeps the given masks. The weights of
-    ``model`` are updated (zero off the masks) and the masks that hold are returned. Each
-    layer's Hessian is taken on its input in the model as pruned so far: in one forward of the
-    stacked batches when they stack (each layer pruned in a pre-hook, before it runs), else
-    one forward up to each layer per batch.
+    ``model`` are updated (zero off the masks) and the masks of the layers it pruned are
+    returned. Each layer's Hessian is taken on its input in the model as pruned so far: in one
+    forward of the stacked batches when they stack (each layer pruned in a pre-hook, before it
+    runs), else one forward up to each layer per batch.
+
+    ``masks`` is read for a layer only when that layer is pruned (a mapping that computes it
+    then sees the layer's weights as loaded); ``order`` is the layers' call order when the
+    caller has it; ``one_forward`` raises instead of running a forward per layer (a model whose
+    weights stream in and out as the forward goes); ``pruned`` receives each layer's mask as
+    soon as it is pruned (the returned dict).
     """
-    found = call_order(model, list(masks), batches[0])
-    out = dict(masks)
-    fits = [
-        LayerFit(n, "skipped", math.nan, math.nan, 0, "not called in the forward")
-        for n in masks
-        if n not in found.calls
-    ]
-    for name in found.order:
-        why = rows_unsupported(model.get_submodule(name)) or (
-            f"called {found.calls[name]} times per forward" if found.calls[name] != 1 else ""
-        )
-        if why:
-            fits.append(LayerFit(name, "skipped", math.nan, math.nan, 0, why))
-    skipped = {f.module for f in fits}
-    todo = [n for n in found.order if n not in skipped]
+    found = order if order is not None else call_order(model, list(masks), batches[0])
+    todo, fits = sparsegpt_layers(model, list(masks), found)
     same_everywhere(todo, "the layers SparseGPT prunes, in forward order")
     doing = set(todo)
     steps = iter(track(todo, "SparseGPT", progress))
+    out: dict[str, Tensor] = pruned if pruned is not None else {}
+    shared = SharedInput()  # q, k and v (gate and up) read one tensor: one Hessian
 
     def prune(name: str, module: nn.Module, parts: Iterable[Tensor]) -> None:
         next(steps, None)  # advance the progress bar
-        kept, fit = _sparsegpt_layer(module, name, parts, masks[name], adaptive, nm)
+        kept, fit = _sparsegpt_layer(module, name, parts, masks[name], adaptive, nm, shared)
         out[name] = kept
         fits.append(fit)
 
@@ -480,12 +494,95 @@ def sparsegpt(
 
     missed = in_one_forward(model, found, batches, visit)
     rest = todo if missed is None else [n for n in todo if n in missed]
+    if rest and one_forward:
+        raise InputError(
+            "SparseGPT here needs the calibration batches in one forward: give batches of one "
+            "shape (they are stacked) whose activations fit 512 MiB per layer"
+            + ("" if missed is None else f"; the stacked forward did not reach {rest[:3]}")
+        )
     same_everywhere(rest, "the layers SparseGPT prunes one batch at a time")
     for name in rest:
         prune(name, model.get_submodule(name), layer_inputs(model, name, batches))
     for _ in steps:  # drain the bar
         pass
     return out, in_forward_order(fits, found.order)
+
+
+def sparsegpt_layers(
+    model: nn.Module, names: list[str], found: CallOrder
+) -> tuple[list[str], list[LayerFit]]:
+    """The layers SparseGPT can prune, in forward order, and a fit saying why for each other
+    (never called; called more than once; an input it cannot read as rows)."""
+    fits = [
+        LayerFit(n, "skipped", math.nan, math.nan, 0, "not called in the forward")
+        for n in names
+        if n not in found.calls
+    ]
+    wanted = set(names)
+    for name in found.order:
+        if name not in wanted:
+            continue
+        why = rows_unsupported(model.get_submodule(name)) or (
+            f"called {found.calls[name]} times per forward" if found.calls[name] != 1 else ""
+        )
+        if why:
+            fits.append(LayerFit(name, "skipped", math.nan, math.nan, 0, why))
+    skipped = {f.module for f in fits}
+    return [n for n in found.order if n in wanted and n not in skipped], fits
+
+
+@dataclass
+class Hessian:
+    """H = X^T X of one layer input (in the working dtype), its rows, and its inverse factor
+    once made."""
+
+    h: Tensor
+    rows: int
+    factor: tuple[Tensor, Tensor] | None = None
+
+
+def _hessian(module: nn.Module, inputs: Iterable[Tensor], work: torch.dtype) -> Hessian:
+    columns = stored_weight(module)[0].numel()
+    h = torch.zeros(columns, columns, dtype=torch.float64)
+    rows = 0
+    with torch.no_grad():
+        for x in inputs:
+            a = input_rows(module, x).float()  # (rows, columns)
+            h.add_(a.T @ a)  # one batch in float32 (SparseGPT's own), summed in double (cast
+            # element by element: no float64 copy of the (columns, columns) product)
+            rows += a.shape[0]
+    all_sum(h)  # over every process's share of the batches
+    hp = h.to(work)  # (columns, columns); the float64 sums go before anything else is made
+    del h
+    return Hessian(hp, sum_int(rows))
+
+
+class SharedInput:
+    """The Hessian of the last Linear input seen, and that input (held, so its memory cannot
+    be reused by another tensor that would then look the same): a Linear called on the very
+    same tensor, unchanged since (its version counter), has the same Hessian and factor."""
+
+    def __init__(self) -> None:
+        self.inputs: list[Tensor] = []
+        self.key: list[tuple[Any, ...]] = []
+        self.found: Hessian | None = None
+
+    @staticmethod
+    def _key(inputs: list[Tensor]) -> list[tuple[Any, ...]]:
+        return [(x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version) for x in inputs]
+
+    def find(self, module: nn.Module, inputs: Iterable[Tensor]) -> Hessian | None:
+        """The kept Hessian when ``module`` reads the kept input; else None (and the kept one
+        is freed before the next is made)."""
+        usable = isinstance(module, nn.Linear) and isinstance(inputs, list) and inputs
+        if usable and self.found is not None and self._key(list(inputs)) == self.key:
+            return self.found
+        self.inputs, self.key, self.found = [], [], None
+        return None
+
+    def keep(self, module: nn.Module, inputs: list[Tensor], found: Hessian) -> None:
+        if isinstance(module, nn.Linear) and inputs:
+            self.inputs, self.key, self.found = inputs, self._key(inputs), found
 
 
 def _sparsegpt_layer(
@@ -495,35 +592,34 @@ def _sparsegpt_layer(
     mask: Tensor,
     adaptive: str | None,
     nm: tuple[int, int] | None,
+    shared: SharedInput | None = None,
 ) -> tuple[Tensor, LayerFit]:
     """SparseGPT on one layer from its inputs: its weight updated in place; the mask that
-    holds and the fit."""
+    holds and the fit. ``shared`` holds the Hessian of the last Linear input seen, for the
+    next Linear that reads the very same tensor (q, k, v; gate, up)."""
     weight = stored_weight(module)
-    columns = weight[0].numel()
-    h = torch.zeros(columns, columns, dtype=torch.float64)
-    rows = 0
-    with torch.no_grad():
-        for x in inputs:
-            a = input_rows(module, x).float()  # (rows, columns)
-            h += (a.T @ a).double()  # one batch in float32 (SparseGPT's own), summed in double
-            rows += a.shape[0]
-    all_sum(h)  # over every process's share of the batches
-    rows = sum_int(rows)
     work = torch.promote_types(weight.dtype, torch.float32)  # float32; a float64 model keeps its
-    perm = nm_columns(weight) if adaptive == "n:m" else None
+    found = shared.find(module, inputs) if shared is not None else None
+    if found is None:
+        found = _hessian(module, inputs, work)
+        if shared is not None and isinstance(inputs, list):  # (a generator streams batches)
+            shared.keep(module, inputs, found)
+    hp, rows = found.h, found.rows
+    perm = nm_columns(weight) if adaptive == "n:m" and weight.dim() > 2 else None
     w = weight.detach().reshape(weight.shape[0], -1).to(work)
     given = mask.reshape(weight.shape[0], -1)
+    factor = None
     if perm is not None:  # n:m groups of m consecutive input channels at one kernel position
-        w, given, h = w[:, perm], given[:, perm], h[perm][:, perm]
-    hp = h.to(work)
-    del h
+        w, given, hp = w[:, perm], given[:, perm], hp[perm][:, perm]
+    else:  # the inverse factor depends on H alone: made once for the layers sharing it
+        factor = found.factor = found.factor or inverse_factor(hp, work)
     if adaptive == "unstructured":
-        new, kept = obs_prune(w, hp, zeros=int((~given).sum()))
+        new, kept = obs_prune(w, hp, zeros=int((~given).sum()), factor=factor)
     elif adaptive == "n:m":
         assert nm is not None
-        new, kept = obs_prune(w, hp, nm=nm)
+        new, kept = obs_prune(w, hp, nm=nm, factor=factor)
     else:
-        new, kept = obs_prune(w, hp, mask=given)
+        new, kept = obs_prune(w, hp, mask=given, factor=factor)
     before = _relative_error(w, w * given, hp)
     after = _relative_error(w, new, hp)
     note = "mask: OBS saliency" if adaptive else "mask: as given"
@@ -535,6 +631,4 @@ def _sparsegpt_layer(
         new, kept = new[:, inverse], kept[:, inverse]
     with torch.no_grad():
         weight.copy_(new.reshape(weight.shape).to(weight.dtype))
-    return kept.reshape(weight.shape), LayerFit(
-        name, "sparsegpt", before, after, rows, note
-    )
+    return kept.reshape(weight.shape), LayerFit(name, "sparsegpt", before, after, rows, note)

@@ -108,47 +108,89 @@ def compute_masks(
     for name, mask in (previous or {}).items():
         if name in scores:  # every score is >= 0: -1 ranks the cut weights below all others
             scores[name][~mask.cpu().numpy()] = -1.0
-    per_row = plan.importance == "wanda" and plan.granularity == "unstructured"
+    if plan.scope != "global":
+        for name, module in layers.items():
+            found = layer_mask(name, module, plan, scores[name])
+            if isinstance(found, str):
+                result.skipped[name] = found
+            else:
+                result.layers[name] = found
+        return result
     units: dict[str, np.ndarray] = {}  # per layer: scores of the units that are zeroed together
     for name, module in layers.items():
-        matrix = _matrix(scores[name], plan.granularity)
-        if plan.granularity == "n:m":
-            n, m = plan.nm
-            inputs = weight_of(module).shape[1]  # groups must not straddle kernel positions
-            if inputs % m:
-                result.skipped[name] = f"{inputs} input channels are not a multiple of m={m}"
-                continue
-            kept = _nm_keep(matrix, n, m)
-            result.layers[name] = LayerMask(name, "n:m", _unmatrix(kept, weight_of(module), "n:m"))
-            continue
-        if plan.granularity == "block":
-            r, c = plan.block
-            if matrix.shape[0] % r or matrix.shape[1] % c:
-                result.skipped[name] = (
-                    f"weight ({matrix.shape[0]}, {matrix.shape[1]}) does not tile into "
-                    f"{r}x{c} blocks"
-                )
-                continue
-            matrix = matrix.reshape(matrix.shape[0] // r, r, -1, c).sum(axis=(1, 3))
-        units[name] = matrix
-    if units:
-        keep_units = (
-            _global_keep(units, plan.ratio or 0.0, plan.max_ratio)
-            if plan.scope == "global"
-            else {n: _local_keep(u, plan.ratio_for([n]), per_row=per_row) for n, u in units.items()}
-        )
-        for name, kept in keep_units.items():
-            if plan.granularity == "block":
-                r, c = plan.block
-                kept = np.repeat(np.repeat(kept, r, axis=0), c, axis=1)
-            weight = weight_of(layers[name])
-            result.layers[name] = LayerMask(
-                name, plan.granularity, _unmatrix(kept, weight, plan.granularity)
-            )
+        matrix = _units(scores[name], plan, weight_of(module))
+        if isinstance(matrix, str):
+            result.skipped[name] = matrix
+        else:
+            units[name] = matrix
+    for name, kept in _global_keep(units, plan.ratio or 0.0, plan.max_ratio).items():
+        weight = weight_of(layers[name])
+        result.layers[name] = LayerMask(name, plan.granularity, _from_units(kept, plan, weight))
     return result
 
 
+def layer_mask(name: str, module: nn.Module, plan: Plan, scores: np.ndarray) -> LayerMask | str:
+    """One layer's mask under a local sparse ``plan`` from its per-weight ``scores`` (higher =
+    keep), or why the layer stays dense (a shape the pattern does not tile)."""
+    weight = weight_of(module)
+    why = unfit(plan, tuple(weight.shape))
+    if why:
+        return why
+    if plan.granularity == "n:m":
+        n, m = plan.nm
+        kept = _nm_keep(_matrix(scores, "n:m"), n, m)
+        return LayerMask(name, "n:m", _unmatrix(kept, weight, "n:m"))
+    units = _units(scores, plan, weight)
+    if isinstance(units, str):
+        return units
+    per_row = plan.importance == "wanda" and plan.granularity == "unstructured"
+    kept = _local_keep(units, plan.ratio_for([name]), per_row=per_row)
+    return LayerMask(name, plan.granularity, _from_units(kept, plan, weight))
+
+
+def _units(scores: np.ndarray, plan: Plan, weight: Tensor) -> np.ndarray | str:
+    """The scores of the units zeroed together (single weights, or summed over each block),
+    as a matrix; or why a block pattern does not tile the weight."""
+    why = unfit(plan, tuple(weight.shape))
+    if why:
+        return why
+    matrix = _matrix(scores, plan.granularity)
+    if plan.granularity != "block":
+        return matrix
+    r, c = plan.block
+    return matrix.reshape(matrix.shape[0] // r, r, -1, c).sum(axis=(1, 3))
+
+
+def unfit(plan: Plan, shape: tuple[int, ...]) -> str:
+    """Why the sparse ``plan``'s pattern does not fit a weight of ``shape`` ("" when it does):
+    n:m groups must not straddle kernel positions; blocks must tile the (out, in * k) matrix."""
+    if plan.granularity == "n:m" and shape[1] % plan.nm[1]:
+        return f"{shape[1]} input channels are not a multiple of m={plan.nm[1]}"
+    if plan.granularity == "block":
+        r, c = plan.block
+        rows, cols = shape[0], math.prod(shape[1:])
+        if rows % r or cols % c:
+            return f"weight ({rows}, {cols}) does not tile into {r}x{c} blocks"
+    return ""
+
+
+def _from_units(kept: np.ndarray, plan: Plan, weight: Tensor) -> Tensor:
+    if plan.granularity == "block":
+        r, c = plan.block
+        kept = np.repeat(np.repeat(kept, r, axis=0), c, axis=1)
+    return _unmatrix(kept, weight, plan.granularity)
+
+
 # -- scores ---------------------------------------------------------------------------------
+WEIGHT_CRITERIA = ("l1", "l2")  # scores from the weight alone, one layer at a time
+
+
+def weight_scores(weight: Tensor, criterion: str) -> np.ndarray:
+    """Per-weight scores from the weight alone: |w| (l1) or w^2 (l2), in float64."""
+    w = weight.detach().double()
+    return (w.abs() if criterion == "l1" else w * w).numpy()
+
+
 def _scores(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -158,10 +200,8 @@ def _scores(
 ) -> dict[str, np.ndarray]:
     weights = {n: weight_of(m).detach().double() for n, m in layers.items()}
     criterion = plan.importance
-    if criterion == "l1":
-        return {n: w.abs().numpy() for n, w in weights.items()}
-    if criterion == "l2":
-        return {n: (w * w).numpy() for n, w in weights.items()}
+    if criterion in WEIGHT_CRITERIA:
+        return {n: weight_scores(w, criterion) for n, w in weights.items()}
     if criterion == "random":
         rng = np.random.default_rng(plan.seed)
         return {n: rng.random(tuple(w.shape)) for n, w in weights.items()}
