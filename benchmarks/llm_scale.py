@@ -70,6 +70,33 @@ COMPILE = PRELUDE + textwrap.dedent(
     """
 )
 
+SPARSEGPT = PRELUDE + textwrap.dedent(
+    """
+    import statistics, sysconfig
+    from pathlib import Path
+    # 16 calibration sequences of 256 tokens: bytes of the standard library's sources as ids
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    text = b"".join(p.read_bytes() for p in files)[: 16 * 256]
+    ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long().reshape(16, 256)
+    calibration = [(row[None],) for row in ids]
+    plan = gp.Plan(granularity="n:m", nm=[2, 4], reconstruct=True, ignore=["lm_head"])
+    base = reset()
+    start = time.perf_counter()
+    found = gp.compile_checkpoint(sys.argv[1], plan, sys.argv[2], calibration=calibration,
+                                  verify_bytes=0, progress=False)
+    fits = [f for f in found.fits if f.method == "sparsegpt"]
+    masked = [m for m in found.sparsity if m.pattern != "dense"]
+    print(json.dumps({{"seconds": time.perf_counter() - start, "stages": found.seconds,
+        "peak_gib": (status("VmHWM") - base) / 2**20, "base_gib": base / 2**20,
+        "maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "layers": len(masked), "sparsity": statistics.mean(m.sparsity for m in masked),
+        "sparsegpt_layers": len(fits),
+        "error_before": statistics.median(f.error_before for f in fits),
+        "error_after": statistics.median(f.error_after for f in fits),
+        "verified": found.verified}}))
+    """
+)
+
 GENERATE = PRELUDE + textwrap.dedent(
     """
     start = time.perf_counter()
@@ -159,6 +186,11 @@ def main() -> None:
     parser.add_argument("--src", default="/tmp/graphprune-llama8b")
     parser.add_argument("--scale", choices=sorted(SHAPES), default="8b")
     parser.add_argument("--in-memory", action="store_true", help="also the 1.1 B in memory")
+    parser.add_argument(
+        "--sparsegpt",
+        action="store_true",
+        help="2:4 SparseGPT (16 x 256 calibration tokens) instead of structured",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     src = Path(args.src)
@@ -167,14 +199,24 @@ def main() -> None:
         start = time.perf_counter()
         write_checkpoint(src, args.scale)
         print(f"wrote {src} in {time.perf_counter() - start:.0f} s")
-    dst = src.with_name(src.name + "-pruned")
+    dst = src.with_name(src.name + ("-24" if args.sparsegpt else "-pruned"))
     shutil.rmtree(dst, ignore_errors=True)
-    results["compile_checkpoint"] = found = run(COMPILE, str(src), str(dst))
-    print(f"compile_checkpoint {args.scale} at ratio 0.25: {found['seconds']:.0f} s, peak "
-          f"{found['peak_gib']:.2f} GiB over {found['base_gib']:.2f} GiB after imports "
-          f"(ru_maxrss {found['maxrss_gib']:.2f} GiB); params {found['params'][0] / 1e9:.2f} B "
-          f"-> {found['params'][1] / 1e9:.2f} B; config {found['config']} "
-          f"synced={found['synced']}")  # fmt: skip
+    if args.sparsegpt:
+        results["sparsegpt_2_4"] = found = run(SPARSEGPT, str(src), str(dst))
+        print(
+            f"compile_checkpoint {args.scale} 2:4 SparseGPT (16 x 256 tokens, lm_head dense): "
+            f"{found['seconds']:.0f} s, peak {found['peak_gib']:.2f} GiB over "
+            f"{found['base_gib']:.2f} GiB after imports (ru_maxrss {found['maxrss_gib']:.2f} "
+            f"GiB); {found['layers']} layers at {found['sparsity']:.3f} zeros; SparseGPT "
+            f"median layer error {found['error_before']:.4f} -> {found['error_after']:.4f}"
+        )
+    else:
+        results["compile_checkpoint"] = found = run(COMPILE, str(src), str(dst))
+        print(f"compile_checkpoint {args.scale} at ratio 0.25: {found['seconds']:.0f} s, peak "
+              f"{found['peak_gib']:.2f} GiB over {found['base_gib']:.2f} GiB after imports "
+              f"(ru_maxrss {found['maxrss_gib']:.2f} GiB); params "
+              f"{found['params'][0] / 1e9:.2f} B -> {found['params'][1] / 1e9:.2f} B; config "
+              f"{found['config']} synced={found['synced']}")  # fmt: skip
     print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in found["stages"].items()))
     results["generate"] = loaded = run(GENERATE, str(dst))
     print(f"from_pretrained(pruned): {loaded['load_s']:.0f} s, {loaded['params'] / 1e9:.2f} B "

@@ -228,7 +228,6 @@ def report_line(model: nn.Module, pruned: nn.Module, inputs: Any) -> str:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
-
     model, inputs = load_model(args.model, args.input_shape, args.batch, args.tokens)
     with _progress("pruning"):
         pruned = compile(model, plan_from_args(args), inputs)
@@ -272,7 +271,6 @@ def _cmd_sparsity(args: argparse.Namespace) -> int:
         )
     print(result.table())
     if args.output:
-
         exported = export(finalize(masked), inputs, args.output, sparse_storage="auto")
         print(f"wrote {exported.path} ({exported.bytes / 1e6:.2f} MB, compact sparse storage)")
     if args.json:
@@ -319,12 +317,29 @@ def _floats(text: str) -> tuple[float, ...]:
 def _cmd_compile_checkpoint(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     found = compile_checkpoint(
-        args.src, plan, args.dst, verify_bytes=int(args.verify_gib * 2**30), progress=True
-    )
+        args.src, plan, args.dst, calibration=calibration_from_args(args),
+        verify_bytes=int(args.verify_gib * 2**30), progress=True,
+    )  # fmt: skip
     print(f"graphprune compile-checkpoint {args.src} -> {args.dst}")
     macs = found.macs_after / max(found.macs_before, 1)
     print(f"  parameters {si(found.params_before)} -> {si(found.params_after)} "
           f"({found.param_ratio:.3f}), MACs kept {macs:.3f}")  # fmt: skip
+    masked = [m for m in found.sparsity if m.pattern != "dense"]
+    if masked:
+        zeros = sum(m.sparsity for m in masked) / len(masked)
+        dense = len(found.sparsity) - len(masked)
+        print(
+            f"  masked layers: {len(masked)} ({zeros:.1%} zeros on average), {dense} left "
+            "dense (stored dense with zeros: storage and speed as the dense model)"
+        )
+    if found.fits:
+        done = [f for f in found.fits if f.method == "sparsegpt"]
+        print(
+            f"  SparseGPT: {len(done)} layers, error summed "
+            f"{sum(f.error_before for f in done):.4g} -> {sum(f.error_after for f in done):.4g}"
+        )
+    if found.resumed:
+        print(f"  resumed: {len(found.resumed)} blocks kept from the interrupted run")
     for name, (kept, total) in list(found.kept.items())[:8]:
         print(f"  {name}: {kept} of {total}")
     if found.config is not None:

@@ -85,6 +85,105 @@ def test_streamed_equals_in_memory(tmp_path: Path, plan: gp.Plan, tied: bool) ->
     assert found.macs_after == gp.report(reference).macs_after
 
 
+def _calibration(vocab: int = 100) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, vocab, (1, 24), generator=generator),) for _ in range(4)]
+
+
+SPARSE_PLANS = [
+    gp.Plan(granularity="n:m", reconstruct=True),
+    gp.Plan(granularity="unstructured", ratio=0.5, reconstruct=True),
+    gp.Plan(granularity="unstructured", ratio=0.5, importance="l1"),
+]
+
+
+@pytest.mark.parametrize("plan", SPARSE_PLANS, ids=["sparsegpt-2:4", "sparsegpt-50%", "l1-50%"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_streamed_sparse_equals_in_memory(tmp_path: Path, plan: gp.Plan, tied: bool) -> None:
+    """Sparse plans from a checkpoint, one block in memory at a time (SparseGPT in one forward
+    whose blocks are loaded and written by hooks): the same weights, bit for bit, as
+    graphprune.compile on the loaded model, and the same per-layer report."""
+    model = _llama(tied)
+    src = _saved(model, tmp_path / "src")
+    before = _digest(src)
+    batches = _calibration()
+    found = gp.compile_checkpoint(src, plan, tmp_path / "dst", calibration=batches, progress=False)
+    assert _digest(src) == before
+    assert found.verified.startswith("outputs: from_pretrained(dst) equals graphprune.compile")
+    reference = gp.compile(model, plan, (torch.zeros((1, 16), dtype=torch.long),),
+                           calibration=batches)  # fmt: skip
+    expected = {s.module: s.sparsity for s in gp.report(reference).sparsity}
+    gp.finalize(reference)
+    loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    want, have = reference.state_dict(), loaded.state_dict()
+    assert want.keys() == have.keys()
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+    assert {s.module: s.sparsity for s in found.sparsity} == expected
+    masked = [s for s in found.sparsity if s.pattern != "dense"]
+    assert len(masked) == 3 * 7 + (0 if tied else 1)  # a tied head stays dense
+    assert all(abs(s.sparsity - 0.5) < 1e-9 for s in masked)
+    if plan.reconstruct:
+        fits = [f for f in found.fits if f.method == "sparsegpt"]
+        assert len(fits) == len(masked)
+        assert all(f.error_after <= f.error_before for f in fits)
+        assert sum(f.error_after for f in fits) < 0.9 * sum(f.error_before for f in fits)
+
+
+def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path) -> None:
+    """Gemma-3 alternates sliding-window and full attention layers (each layer gets its own
+    mask in the forward): the streamed forward runs the model's own loop, so each block sees
+    its own inputs -- the same weights as in memory."""
+    from tests.hf_models import build
+
+    model = build("gemma3_text", "AutoModelForCausalLM", sliding_window=4)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    vocab = model.config.vocab_size
+    plan, batches = gp.Plan(granularity="n:m", reconstruct=True), _calibration(vocab)
+    found = gp.compile_checkpoint(src, plan, tmp_path / "dst", calibration=batches,
+                                  example_inputs=batches[0], progress=False)  # fmt: skip
+    assert found.verified.startswith("outputs")
+    reference = gp.finalize(gp.compile(model, plan, batches[0], calibration=batches))
+    loaded = type(model).from_pretrained(tmp_path / "dst").eval()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_streamed_sparse_resumes_after_an_interruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after two blocks: the rerun loads them as written (not pruned again), feeds
+    their outputs on, and ends with the bytes of an uninterrupted run; other calibration
+    data is another run."""
+    src = _saved(_llama(), tmp_path / "src")
+    dst, plan, batches = (
+        tmp_path / "dst",
+        gp.Plan(granularity="n:m", reconstruct=True),
+        _calibration(),
+    )
+    real, written = write_module.write_atomic, []
+
+    def failing(path: Path, write: Any) -> None:
+        if path.suffix == ".safetensors" and len(written) == 2:
+            raise KeyboardInterrupt
+        real(path, write)
+        written.append(path.name)
+
+    monkeypatch.setattr(write_module, "write_atomic", failing)
+    with pytest.raises(KeyboardInterrupt):
+        gp.compile_checkpoint(src, plan, dst, calibration=batches, progress=False)
+    assert not dst.exists()
+    monkeypatch.setattr(write_module, "write_atomic", real)
+    with pytest.raises(InputError, match="another run"):
+        gp.compile_checkpoint(src, plan, dst, calibration=batches[:2], progress=False)
+    found = gp.compile_checkpoint(src, plan, dst, calibration=batches, progress=False)
+    assert found.resumed == ["model.layers.0", "model.layers.1"]
+    assert found.verified.startswith("outputs")
+    gp.compile_checkpoint(src, plan, tmp_path / "fresh", calibration=batches, progress=False)
+    assert _digest(dst) == _digest(tmp_path / "fresh")
+
+
 def test_resume_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _saved(_llama(), tmp_path / "src")
     dst, plan = tmp_path / "dst", gp.Plan(ratio=0.5)
@@ -128,8 +227,14 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
     assert (tmp_path / "taken" / "file").read_text() == "mine"
     with pytest.raises(PlanError, match="weights alone"):
         gp.compile_checkpoint(src, gp.Plan(ratio=0.5, importance="taylor"), tmp_path / "o1")
-    with pytest.raises(PlanError, match="not supported yet"):
-        gp.compile_checkpoint(src, gp.Plan(granularity="unstructured", ratio=0.5), tmp_path / "o")
+    with pytest.raises(PlanError, match="not supported from a checkpoint yet"):
+        gp.compile_checkpoint(src, gp.Plan(granularity="layers", ratio=0.5), tmp_path / "o")
+    with pytest.raises(PlanError, match="use scope='local'"):
+        sparse = gp.Plan(granularity="unstructured", ratio=0.5, scope="global")
+        gp.compile_checkpoint(src, sparse, tmp_path / "o")
+    with pytest.raises(PlanError, match="scores weights with l1 or l2"):
+        sparse = gp.Plan(granularity="unstructured", ratio=0.5, importance="wanda")
+        gp.compile_checkpoint(src, sparse, tmp_path / "o")
     with pytest.raises(InputError, match="inside the source checkpoint"):
         gp.compile_checkpoint(src, plan, src / "pruned", progress=False)
     assert not (src / "pruned").exists() and not (src / "pruned.partial").exists()
@@ -148,6 +253,18 @@ def test_cli_compile_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert code == 0 and "config synced" in out and "verified: outputs" in out
     assert cli_main(["compile-checkpoint", str(src), str(tmp_path / "dst")]) == 2
     assert "exists" in capsys.readouterr().err
+    torch.save(torch.randint(0, 100, (4, 24)), tmp_path / "calibration.pt")
+    sparse = [
+        "--granularity",
+        "n:m",
+        "--reconstruct",
+        "--calibration",
+        str(tmp_path / "calibration.pt"),
+    ]
+    code = cli_main(["compile-checkpoint", str(src), str(tmp_path / "sparse"), *sparse])
+    out = capsys.readouterr().out
+    assert code == 0 and "masked layers: 22 (50.0% zeros" in out and "verified: outputs" in out
+    assert "SparseGPT: 22 layers" in out
 
 
 PEAK = textwrap.dedent(

@@ -12,6 +12,8 @@ fits in ``verify_bytes``, by loading it with ``from_pretrained`` and running it.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +27,9 @@ from graphprune.analysis.macs import count_params
 from graphprune.analysis.observe import observe_fake
 from graphprune.capture import ExampleInputs, no_cache, serialized, tensor_aliases
 from graphprune.checkpoint.source import Checkpoint, CheckpointTensors
+from graphprune.checkpoint.stream import stream_sparse
 from graphprune.checkpoint.write import (
+    ShardWriter,
     Slices,
     finish,
     publish,
@@ -36,8 +40,11 @@ from graphprune.checkpoint.write import (
 from graphprune.compile import compile, report
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, round_trip, sync_config
+from graphprune.oneshot.reconstruct import LayerFit
 from graphprune.passes.slice_channels import slice_plan
+from graphprune.planning.masks import WEIGHT_CRITERIA
 from graphprune.planning.plan import Plan, PlanError
+from graphprune.report import LayerSparsity
 from graphprune.stages import freeze_retry
 from graphprune.stages.context import Stopwatch
 
@@ -60,6 +67,9 @@ class CheckpointReport:
     config: ConfigSync | None
     verified: str  # how the written checkpoint was checked
     seconds: dict[str, float] = field(default_factory=dict)
+    sparsity: list[LayerSparsity] = field(default_factory=list)  # sparse plans: per layer
+    fits: list[LayerFit] = field(default_factory=list)  # SparseGPT: each layer's error
+    resumed: list[str] = field(default_factory=list)  # blocks an interrupted run had written
 
     @property
     def param_ratio(self) -> float:
@@ -73,26 +83,71 @@ def compile_checkpoint(
     dst: str | Path,
     *,
     example_inputs: ExampleInputs | None = None,
+    calibration: Iterable[Any] | None = None,
     model_class: type | None = None,
     verify_bytes: int = VERIFY_BYTES,
     progress: bool = True,
 ) -> CheckpointReport:
     """Prune the checkpoint at ``src`` (as ``save_pretrained`` writes it) as ``plan`` says and
     write the pruned checkpoint to ``dst`` (a new directory; an interrupted run with the same
-    source and plan resumes). Peak memory is about one decoder layer, not the model.
+    source, plan and calibration resumes). Peak memory is about one decoder layer, not the
+    model.
 
-    Structured plans with a weight criterion (l1, l2, fpgm, random); ``example_inputs``
-    default to 16 token ids (batch 1) for a causal LM; ``model_class`` defaults to the
-    config's ``architectures[0]``. ``src`` is never modified."""
+    Structured plans with a weight criterion (l1, l2, fpgm, random), and local sparse plans
+    (unstructured, n:m, block) with l1/l2 or, with ``reconstruct=True``, SparseGPT on the
+    ``calibration`` batches (default: the example inputs) -- run block by block in one
+    forward, the same weights as :func:`graphprune.compile` in memory gives.
+    ``example_inputs`` default to 16 token ids (batch 1) for a causal LM; ``model_class``
+    defaults to the config's ``architectures[0]``. ``src`` is never modified."""
     watch = Stopwatch()
     source, target = Checkpoint.open(src, model_class), Path(dst)
     _check_request(plan, source, target)
     model = source.build_meta()
     source.check_against(model)
     inputs = example_inputs if example_inputs is not None else _token_ids(source.config)
+    batches = list(calibration) if calibration is not None else [inputs]
+    params_before = count_params(model)
+    identity = _identity(source, plan, model_class, batches if plan.reconstruct else [])
+    watch.lap("open")
+    if plan.is_sparse:
+        staging = staging_dir(target, identity)
+        macs = observe_fake(model, _on_meta(inputs)).macs
+        writer = ShardWriter(source, staging)
+        with no_cache(model):
+            outcome = stream_sparse(source, model, plan, batches, writer, progress)
+        finish(source, staging, writer.weight_map, source.config)
+        watch.lap("prune and write")
+        found = CheckpointReport(
+            str(src), str(target), params_before, params_before, macs, macs, {}, None, "",
+            sparsity=outcome.layers, fits=outcome.fits, resumed=outcome.resumed,
+        )  # fmt: skip
+    else:
+        found, staging = _structured(source, model, plan, inputs, identity, target, watch)
+        found.src = str(src)
+    try:
+        found.verified, checked = _verify_written(
+            staging, source, model, plan, inputs, batches, verify_bytes
+        )
+    except InputError as exc:
+        raise InputError(f"{exc} (the output was set aside in {reject(staging, target)})") from None
+    publish(staging, target)
+    watch.lap("verify")
+    found.config, found.seconds = checked or found.config, watch.seconds
+    return found
+
+
+def _structured(
+    source: Checkpoint,
+    model: nn.Module,
+    plan: Plan,
+    inputs: ExampleInputs,
+    identity: dict[str, Any],
+    target: Path,
+    watch: Stopwatch,
+) -> tuple[CheckpointReport, Path]:
+    """The structured stage on the meta model; the shards written sliced."""
     params_before = count_params(model)
     original_config = round_trip(source.config)
-    watch.lap("open")
     with no_cache(model):
         outcome, setup = _prune_meta(model, plan, inputs, source, watch)
         config = sync_config(model, original_config, None)
@@ -100,39 +155,36 @@ def compile_checkpoint(
     _check_expressible(config, model)
     slices = _slices(source, setup, outcome.resolution.kept)
     _check_slices(slices, source, model)
-    staging = staging_dir(target, _identity(source, plan, model_class))
-    weight_map = write_shards(source, slices, staging, _printer(progress))
+    staging = staging_dir(target, identity)
+    weight_map = write_shards(source, slices, staging, _printer(False))
     finish(source, staging, weight_map, model.config)
     watch.lap("write")
-    try:
-        verified, checked = _verify_written(staging, source, model, plan, inputs, verify_bytes)
-    except InputError as exc:
-        raise InputError(f"{exc} (the output was set aside in {reject(staging, target)})") from None
-    publish(staging, target)
-    watch.lap("verify")
+    kept = {
+        f"group {g.id} ({g.name})": (len(outcome.resolution.kept[g.id]), g.size)
+        for g in setup.dg.groups if g.id in outcome.resolution.changed
+    }  # fmt: skip
     return CheckpointReport(
-        str(src), str(target), params_before, count_params(model), setup.macs_before,
-        outcome.ctx.macs or setup.macs_before,
-        {
-            f"group {g.id} ({g.name})": (len(outcome.resolution.kept[g.id]), g.size)
-            for g in setup.dg.groups if g.id in outcome.resolution.changed
-        },
-        checked or config, verified, watch.seconds,
-    )  # fmt: skip
+        str(source.path), str(target), params_before, count_params(model), setup.macs_before,
+        outcome.ctx.macs or setup.macs_before, kept, config, "",
+    ), staging  # fmt: skip
 
 
 def _check_request(plan: Plan, source: Checkpoint, target: Path) -> None:
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, not {type(plan).__name__}")
-    if plan.is_sparse or plan.sparsity is not None or plan.granularity == "layers":
+    if plan.sparsity is not None or plan.granularity == "layers":
         raise PlanError(
-            "compile_checkpoint prunes channels or heads; sparsity and layer plans from a "
-            "checkpoint are not supported yet (load the model and use graphprune.compile)"
+            "compile_checkpoint prunes channels or heads, or masks weights; layer plans and "
+            "structured plans with sparsity= are not supported from a checkpoint yet (load "
+            "the model and use graphprune.compile)"
         )
-    if plan.reconstruct or plan.targets_latency:
+    if plan.is_sparse:
+        _check_sparse(plan)
+    elif plan.reconstruct or plan.targets_latency:
         raise PlanError(
-            "compile_checkpoint runs without calibration data or latency measurement: "
-            "reconstruct=True and latency targets need the model in memory"
+            "compile_checkpoint prunes channels from the weights alone: reconstruct=True and "
+            "latency targets on a structured plan need the model in memory (sparse plans "
+            "take reconstruct=True: SparseGPT, streamed)"
         )
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(f"{target} exists: choose a new directory (it is never overwritten)")
@@ -144,17 +196,47 @@ def _check_request(plan: Plan, source: Checkpoint, target: Path) -> None:
         )
 
 
-def _identity(source: Checkpoint, plan: Plan, model_class: type | None) -> dict[str, Any]:
+def _check_sparse(plan: Plan) -> None:
+    """A streamed sparse plan decides each layer from that layer alone."""
+    if plan.scope == "global":
+        raise PlanError(
+            "scope='global' ranks every weight of the model at once; from a checkpoint each "
+            "layer is decided alone: use scope='local'"
+        )
+    if plan.importance not in WEIGHT_CRITERIA:
+        raise PlanError(
+            f"importance={plan.importance!r}: a sparse plan from a checkpoint scores weights "
+            f"with {' or '.join(WEIGHT_CRITERIA)} (add reconstruct=True for SparseGPT, which "
+            "chooses its masks from the calibration data)"
+        )
+
+
+def _identity(
+    source: Checkpoint, plan: Plan, model_class: type | None, batches: list[Any]
+) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one: the source's files (names,
-    sizes, modification times), the plan, the class and graphprune's version."""
+    sizes, modification times), the plan, the calibration data (sha256 of its tensors; the
+    blocks written were pruned on it), the class and graphprune's version."""
     files = {
         f.name: [f.stat().st_size, f.stat().st_mtime_ns]
         for f in [*sorted(set(source.files.values())), source.path / "config.json"]
     }
     return {
         "src": str(source.path.resolve()), "files": files, "plan": plan.to_dict(),
+        "calibration": _digest(batches),
         "class": model_class.__qualname__ if model_class else "", "version": _version(),
     }  # fmt: skip
+
+
+def _digest(batches: list[Any]) -> str:
+    h = hashlib.sha256()
+    for leaf in torch.utils._pytree.tree_leaves(batches):
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(leaf).encode())
+    return h.hexdigest()[:16]
 
 
 def _version() -> str:
@@ -217,9 +299,7 @@ def _prune_meta(
     return outcome, setup
 
 
-def _slices(
-    source: Checkpoint, setup: freeze_retry.Setup, kept: dict[int, list[int]]
-) -> Slices:
+def _slices(source: Checkpoint, setup: freeze_retry.Setup, kept: dict[int, list[int]]) -> Slices:
     """The kept positions of every stored tensor's pruned dims (:func:`slice_plan`, a tied
     tensor found under whichever of its names the checkpoint stores)."""
     plan = slice_plan(setup.dg, kept)
@@ -241,7 +321,12 @@ def _printer(progress: bool) -> Any:
 
 
 def _verify_written(
-    dst: Path, source: Checkpoint, pruned: nn.Module, plan: Plan, inputs: ExampleInputs,
+    dst: Path,
+    source: Checkpoint,
+    pruned: nn.Module,
+    plan: Plan,
+    inputs: ExampleInputs,
+    batches: list[Any],
     verify_bytes: int,
 ) -> tuple[str, ConfigSync | None]:
     """Build the model from the written config on meta: every written tensor must have the
@@ -259,7 +344,7 @@ def _verify_written(
         return "shapes: the model built from the written config has the pruned shapes", None
     model_class: Any = source.model_class
     original = model_class.from_pretrained(str(source.path), dtype=source.dtype).eval()
-    reference = compile(original, plan, inputs, inplace=True)
+    reference = compile(original, plan, inputs, calibration=batches, inplace=True)
     loaded = model_class.from_pretrained(str(dst), dtype=source.dtype).eval()
     ids = torch.randint(0, int(source.config.vocab_size), (2, 12), generator=_seeded())
     expected, found = _logits(reference, ids), _logits(loaded, ids)
@@ -270,8 +355,7 @@ def _verify_written(
             f"in memory (largest difference {gap:.3g})"
         )
     return (
-        "outputs: from_pretrained(dst) equals graphprune.compile in memory (max |diff| "
-        f"{gap:.2g})",
+        f"outputs: from_pretrained(dst) equals graphprune.compile in memory (max |diff| {gap:.2g})",
         report(reference).config,
     )
 

@@ -81,8 +81,12 @@ class Checkpoint:
             return f.get_tensor(name)
 
     def build_meta(self) -> nn.Module:
-        """The model the config describes, on the meta device, in the checkpoint's dtype."""
+        """The model the config describes, on the meta device, built in the checkpoint's dtype
+        as ``from_pretrained`` builds it (the default dtype set while it is made: a buffer made
+        in float32 on purpose, rotary frequencies, stays float32)."""
+        saved = torch.get_default_dtype()
         try:
+            torch.set_default_dtype(self.dtype)
             with torch.device("meta"):
                 model = self.model_class(self.config)
         except Exception as exc:
@@ -90,7 +94,9 @@ class Checkpoint:
                 f"{self.model_class.__name__} cannot be built from {self.path}/config.json: "
                 f"{type(exc).__name__}: {exc}; pass model_class="
             ) from None
-        return model.to(self.dtype).eval()
+        finally:
+            torch.set_default_dtype(saved)
+        return model.eval()
 
     def check_against(self, model: nn.Module) -> None:
         """Every tensor of the checkpoint is a tensor of ``model`` with the same shape (tied

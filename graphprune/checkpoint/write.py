@@ -1,14 +1,14 @@
 """Writing the pruned checkpoint shard by shard, so that it never looks complete before it is.
 
 Everything goes to ``<dst>.partial`` first: one safetensors shard per decoder layer (the
-tensors named ``...layers.<i>.``; the rest, embeddings and final norm, in a shard of their
-own), each written to a temp file and renamed, then the index, the config and the tokenizer
-and generation files of ``src``; the result is checked there, and ``<dst>.partial`` is
-renamed to ``dst`` last. A manifest in the staging directory records the run (the source's
-files, the plan, graphprune's version) and each shard once it is complete, with a digest of
-the kept positions of each of its tensors, so an interrupted run resumes where it stopped:
-a shard is kept only when it was made from the same positions and its header still names
-the expected tensors with the expected shapes.
+tensors named ``...layers.<i>.``; the rest, embeddings, final norm and head, in shards no
+larger than a layer), each written to a temp file and renamed, then the index, the config
+and the tokenizer and generation files of ``src``; the result is checked there, and
+``<dst>.partial`` is renamed to ``dst`` last. A manifest in the staging directory records the
+run (the source's files, the plan, the calibration data, graphprune's version) and each shard
+once it is complete, with what each of its tensors was made from (the kept positions) and the
+file's sha256, so an interrupted run resumes where it stopped: a shard is kept only when it
+was made the same way and its file is unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from graphprune.checkpoint.source import INDEX, Checkpoint, _safe_open
+from graphprune.checkpoint.source import INDEX, Checkpoint
 from graphprune.errors import InputError
 from graphprune.io import write_atomic, write_text_atomic
 from graphprune.passes.tensors import select
@@ -68,16 +69,30 @@ class Slices:
 
 
 def shard_plan(checkpoint: Checkpoint) -> dict[str, list[str]]:
-    """Output shard file -> the tensor names it holds (a numbered block's tensors together)."""
+    """Output shard file -> the tensor names it holds: a numbered block's tensors together; the
+    rest (embeddings, final norm, head) packed into shards no larger than the largest block,
+    so writing one shard holds about one decoder layer (an 8 B model's embedding and head are
+    each larger than a layer: a shard each)."""
     blocks: dict[str, list[str]] = {}
     for name in checkpoint.files:
         match = _LAYER.match(name)
         blocks.setdefault(match.group(1) if match else "", []).append(name)
-    count = len(blocks)
-    return {
-        f"model-{i + 1:05d}-of-{count:05d}.safetensors": names
-        for i, (_, names) in enumerate(sorted(blocks.items(), key=lambda kv: _order(kv[0])))
-    }
+    size = {n: math.prod(shape) for n, shape in checkpoint.shapes.items()}
+    largest = max((sum(size[n] for n in names) for key, names in blocks.items() if key), default=0)
+    groups: list[list[str]] = []
+    for key, names in sorted(blocks.items(), key=lambda kv: _order(kv[0])):
+        if key or not largest:
+            groups.append(names)
+            continue
+        packed: list[str] = []
+        for name in names:  # greedily, in the checkpoint's order
+            if packed and sum(size[n] for n in packed) + size[name] > largest:
+                groups.append(packed)
+                packed = []
+            packed.append(name)
+        groups.append(packed)
+    count = len(groups)
+    return {f"model-{i + 1:05d}-of-{count:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
 def _order(block: str) -> tuple[int, str]:
@@ -112,6 +127,38 @@ def staging_dir(dst: Path, identity: dict[str, Any]) -> Path:
     return staging
 
 
+class ShardWriter:
+    """The output shards of one run in its staging directory: which are complete (the manifest
+    names them, with what they were made from and their file's sha256), and writing one."""
+
+    def __init__(self, checkpoint: Checkpoint, staging: Path) -> None:
+        self.staging, self.manifest_path = staging, staging / MANIFEST
+        self.manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        self.plan = shard_plan(checkpoint)
+        self.weight_map = {n: file for file, names in self.plan.items() for n in names}
+
+    def complete(self, file: str, made: dict[str, list[Any]]) -> bool:
+        """The shard was written from ``made`` (per tensor: shape and what it was made from)
+        and its file is still the one written (sha256)."""
+        entry = self.manifest["shards"].get(file)
+        path = self.staging / file
+        if not entry or entry.get("tensors") != made or not path.is_file():
+            return False
+        return bool(entry.get("sha256") == _sha256(path))
+
+    def write(self, file: str, tensors: dict[str, Tensor], made: dict[str, list[Any]]) -> None:
+        """Write the shard (temp file, then rename) and record it in the manifest."""
+        safetensors_torch = _safetensors_torch()
+
+        def save(tmp: Path) -> None:
+            safetensors_torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+        write_atomic(self.staging / file, save)
+        digest = _sha256(self.staging / file)
+        self.manifest["shards"][file] = {"tensors": made, "sha256": digest}
+        write_text_atomic(self.manifest_path, json.dumps(self.manifest))
+
+
 def write_shards(
     checkpoint: Checkpoint,
     slices: Slices,
@@ -119,40 +166,23 @@ def write_shards(
     progress: Callable[[str], None] = lambda shard: None,
 ) -> dict[str, str]:
     """Write every shard not already complete; returns the index's weight map."""
-    safetensors_torch = _safetensors_torch()
-    manifest_path = staging / MANIFEST
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    weight_map: dict[str, str] = {}
-    for file, names in shard_plan(checkpoint).items():
-        expected = {n: list(slices.shape(n, checkpoint.shapes[n])) for n in names}
-        made = {n: [*expected[n], slices.digest(n)] for n in names}
-        weight_map.update(dict.fromkeys(names, file))
-        if manifest["shards"].get(file) == made and _holds(staging / file, expected):
+    writer = ShardWriter(checkpoint, staging)
+    for file, names in writer.plan.items():
+        made = {n: [*slices.shape(n, checkpoint.shapes[n]), slices.digest(n)] for n in names}
+        if writer.complete(file, made):
             progress(f"{file} (kept from the interrupted run)")
             continue
-        tensors = {n: slices.apply(n, checkpoint.tensor(n)) for n in names}
-
-        def save(tmp: Path, tensors: dict[str, Tensor] = tensors) -> None:
-            safetensors_torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
-
-        write_atomic(staging / file, save)
-        del tensors
-        manifest["shards"][file] = made
-        write_text_atomic(manifest_path, json.dumps(manifest))
+        writer.write(file, {n: slices.apply(n, checkpoint.tensor(n)) for n in names}, made)
         progress(file)
-    return weight_map
+    return writer.weight_map
 
 
-def _holds(path: Path, expected: dict[str, list[int]]) -> bool:
-    """The shard's header names exactly the expected tensors with their shapes."""
-    if not path.is_file():
-        return False
-    try:
-        with _safe_open(path) as f:
-            found = {n: list(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118
-    except Exception:
-        return False
-    return found == expected
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def finish(checkpoint: Checkpoint, staging: Path, weight_map: dict[str, str], config: Any) -> None:

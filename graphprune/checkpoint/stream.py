@@ -1,0 +1,322 @@
+"""Sparse plans from a checkpoint, one block of weights in memory at a time.
+
+The model stays on the meta device except for what is being used. Its non-persistent buffers
+(rotary frequencies) are made as ``from_pretrained`` makes them (the model's
+``_init_weights``). Each numbered block (``model.layers.<i>``: one output shard) is loaded
+from the source's shards when it is reached; when it is done its masked layers are zeroed,
+it is written to its output shard and dropped. The rest (embeddings, final norm, head) is
+loaded before the forward (a Linear/Conv of it when it is called) and written last.
+
+* Weight criteria (l1, l2): no forward; block after block.
+* ``reconstruct=True`` (SparseGPT): one forward of the stacked calibration batches; each
+  block is loaded when the forward reaches it and each of its layers pruned in a pre-hook
+  before it runs, on the activations of the model as pruned so far. That is the code path of
+  :func:`graphprune.compile` in memory (:func:`~graphprune.oneshot.reconstruct.sparsegpt`),
+  so both give the same weights, bit for bit.
+
+An interrupted run resumes: a block whose shard is complete (manifest and sha256) is loaded
+from that shard -- its weights as pruned -- and not pruned again, so the activations after it
+are those of the first run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from graphprune.capture import tensor_aliases
+from graphprune.checkpoint.source import Checkpoint, CheckpointTensors, _safe_open
+from graphprune.checkpoint.write import ShardWriter
+from graphprune.errors import InputError
+from graphprune.modules import weight_of
+from graphprune.oneshot.calibration import CallOrder, call_order
+from graphprune.oneshot.reconstruct import LayerFit, sparsegpt
+from graphprune.planning.masks import layer_mask, maskable_layers, unfit, weight_scores
+from graphprune.planning.plan import Plan
+from graphprune.report import LayerSparsity
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
+REST = ""  # the block of every tensor outside a numbered one
+
+
+@dataclass
+class SparseOutcome:
+    """What the streamed sparse stage did, in report form."""
+
+    layers: list[LayerSparsity] = field(default_factory=list)
+    fits: list[LayerFit] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)  # blocks taken from an interrupted run
+
+
+def block_of(name: str) -> str:
+    """The numbered block a tensor or module FQN belongs to (:data:`REST` outside one)."""
+    match = _BLOCK.match(name + ".")
+    return match.group(1) if match else REST
+
+
+def stream_sparse(
+    source: Checkpoint,
+    model: nn.Module,
+    plan: Plan,
+    batches: list[Any],
+    writer: ShardWriter,
+    progress: bool,
+) -> SparseOutcome:
+    """Mask the meta ``model``'s layers as the sparse ``plan`` says, block by block, writing
+    each block's shard with ``writer`` (see the module docstring)."""
+    layers, skipped = maskable_layers(model, plan)
+    for name in list(layers):
+        why = unfit(plan, tuple(weight_of(layers[name]).shape))
+        if why:
+            skipped[name] = why
+            del layers[name]
+    order = _fake_call_order(model, list(layers), batches[0]) if plan.reconstruct else None
+    stream = _Stream(source, model, plan, writer, layers)
+    stream.outcome.layers += [LayerSparsity(n, "dense", [], 0.0, w) for n, w in skipped.items()]
+    _real_buffers(model)
+    if plan.reconstruct:
+        assert order is not None
+        stream.sparsegpt(batches, order, progress)
+    for block in stream.blocks:  # every block (the ones the forward did not reach, too)
+        if block != REST and block not in stream.finished:
+            stream.load(block)
+            stream.finish(block)
+    stream.load(REST)
+    stream.finish(REST)
+    return stream.outcome
+
+
+def _fake_call_order(model: nn.Module, names: list[str], batch: Any) -> CallOrder:
+    """The layers' call order from a forward of the meta model on shapes alone."""
+    meta = torch.utils._pytree.tree_map_only(Tensor, lambda t: t.to("meta"), batch)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return call_order(model, names, meta)
+
+
+def _real_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (in no checkpoint) made on the CPU by the model's own
+    ``_init_weights``, as ``from_pretrained`` makes them; one left unset is an error."""
+    init = getattr(model, "_init_weights", None)
+    for name, module in model.named_modules():
+        made = []
+        for leaf in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(leaf)
+            if buffer is None or buffer.device.type != "meta":
+                continue
+            unset = float("nan") if buffer.is_floating_point() else -1
+            module._buffers[leaf] = torch.full(buffer.shape, unset, dtype=buffer.dtype)
+            made.append(leaf)
+        if made and init is not None:
+            init(module)
+        for leaf in made:
+            value = module._buffers[leaf]
+            assert value is not None
+            if (value.isnan() if value.is_floating_point() else value == -1).any():
+                raise InputError(
+                    f"buffer {name}.{leaf} is not stored in the checkpoint and the model's "
+                    "_init_weights does not compute it: this model cannot be streamed (load "
+                    "it and use graphprune.compile)"
+                )
+
+
+class _Stream:
+    """The meta model's tensors loaded from the checkpoint (or from a complete output shard)
+    block by block, masked, written and dropped."""
+
+    def __init__(
+        self,
+        source: Checkpoint,
+        model: nn.Module,
+        plan: Plan,
+        writer: ShardWriter,
+        layers: dict[str, nn.Module],
+    ) -> None:
+        self.source, self.model, self.plan, self.writer = source, model, plan, writer
+        self.stored = CheckpointTensors(source, tensor_aliases(model))
+        self.layers = layers  # the maskable layers, by FQN
+        self.files: dict[str, list[str]] = {}  # block -> its output shards (the rest: several)
+        for file, names in writer.plan.items():
+            self.files.setdefault(block_of(names[0]), []).append(file)
+        self.blocks = list(self.files)
+        self.masks: dict[str, Tensor] = {}  # chosen by SparseGPT as it goes
+        self.outcome = SparseOutcome()
+        self.done = {
+            b for b in self.blocks
+            if all(writer.complete(f, self._made(f)) for f in self.files[b])
+        }  # fmt: skip
+        self.finished: set[str] = set()  # blocks written (or kept) and dropped
+        self.outcome.resumed = sorted(b for b in self.done if b != REST)
+
+    def _made(self, file: str) -> dict[str, list[Any]]:
+        """What a shard is made from: each tensor's shape, masked or as stored."""
+        names = self.writer.plan[file]
+        layers = {f"{n}.weight" for n in self.layers}
+        return {n: [*self.source.shapes[n], "masked" if n in layers else "stored"] for n in names}
+
+    def _tensors(self, block: str) -> Iterator[tuple[str, nn.Module, str, bool]]:
+        """(FQN, owner, attribute, is_parameter) of every stored tensor of ``block``."""
+        for prefix, module in self.model.named_modules(remove_duplicate=False):
+            for leaf, value in module._parameters.items():
+                fqn = f"{prefix}.{leaf}" if prefix else leaf
+                if value is not None and block_of(fqn) == block:
+                    yield fqn, module, leaf, True
+            for leaf, value in module._buffers.items():
+                fqn = f"{prefix}.{leaf}" if prefix else leaf
+                persistent = leaf not in module._non_persistent_buffers_set
+                if value is not None and persistent and block_of(fqn) == block:
+                    yield fqn, module, leaf, False
+
+    def load(self, block: str, within: str = "", eager_only: bool = False) -> None:
+        """Read ``block``'s tensors still on meta (those under ``within`` only; with
+        ``eager_only``, those a leaf module of the rest does not own: a leaf is read when it is
+        called). A block done in an interrupted run is read from its output shard."""
+        if block in self.finished:
+            raise InputError(
+                f"{block} is called again after it was pruned and written: a block the forward "
+                "calls more than once cannot be streamed (load the model and use "
+                "graphprune.compile)"
+            )
+        with contextlib.ExitStack() as stack:
+            done = {}  # tensor name -> the complete output shard that holds it
+            for file in self.files[block] if block in self.done else []:
+                opened = stack.enter_context(_safe_open(self.writer.staging / file))
+                done.update(dict.fromkeys(self.writer.plan[file], opened))
+            for fqn, owner, leaf, is_param in self._tensors(block):
+                current = owner._parameters[leaf] if is_param else owner._buffers[leaf]
+                if current is None or current.device.type != "meta":
+                    continue
+                if not fqn.startswith(within) or (eager_only and not list(owner.children())):
+                    continue
+                value = done[fqn].get_tensor(fqn) if fqn in done else self.stored[fqn]
+                if is_param:
+                    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = value
+
+    def finish(self, block: str) -> None:
+        """Zero the block's masked layers (those SparseGPT did not prune: their plain mask),
+        write its shard (unless an interrupted run did) and drop its tensors."""
+        for name, module in self.layers.items():
+            if block_of(name) != block:
+                continue
+            weight = weight_of(module)
+            mask = self.masks.get(name)
+            if block in self.done:  # as written: the zeros are the mask
+                mask = weight != 0
+            elif mask is None:
+                mask = self._plain_mask(name, module)
+                with torch.no_grad():
+                    weight.mul_(mask)
+            sparsity = 1.0 - float(mask.float().mean())
+            pattern = self.plan.granularity
+            self.outcome.layers.append(LayerSparsity(name, pattern, list(mask.shape), sparsity))
+            self.masks.pop(name, None)
+        if block not in self.done:
+            state = {fqn: owner._parameters[leaf] if p else owner._buffers[leaf]
+                     for fqn, owner, leaf, p in self._tensors(block)}  # fmt: skip
+            for file in self.files[block]:
+                tensors = {}
+                for name in self.writer.plan[file]:
+                    value = state.get(name)
+                    value = self.stored[name] if value is None or value.is_meta else value
+                    tensors[name] = value.detach().contiguous()
+                self.writer.write(file, tensors, self._made(file))
+                del tensors
+        self._drop(block)
+        if block != REST:
+            self.finished.add(block)
+
+    def _plain_mask(self, name: str, module: nn.Module) -> Tensor:
+        """The plan's mask of one layer from its weight (a weight criterion)."""
+        scores = weight_scores(weight_of(module), str(self.plan.importance))
+        found = layer_mask(name, module, self.plan, scores)
+        assert not isinstance(found, str), found  # unfit layers were set aside before
+        return found.mask
+
+    def _drop(self, block: str, within: str = "") -> None:
+        for fqn, owner, leaf, is_param in self._tensors(block):
+            if not fqn.startswith(within):
+                continue
+            value = owner._parameters[leaf] if is_param else owner._buffers[leaf]
+            if value is None or value.is_meta:
+                continue
+            meta = torch.empty_like(value, device="meta")
+            if is_param:
+                owner._parameters[leaf] = nn.Parameter(meta, requires_grad=False)
+            else:
+                owner._buffers[leaf] = meta
+
+    def sparsegpt(self, batches: list[Any], order: CallOrder, progress: bool) -> None:
+        """SparseGPT in one forward of the stacked batches, the blocks loaded and finished by
+        hooks as the forward reaches and leaves them."""
+        todo = {n: m for n, m in self.layers.items() if block_of(n) not in self.done}
+        with self._hooks():
+            _, fits = sparsegpt(
+                self.model, _LazyMasks(todo, self._plain_mask), batches,
+                adaptive=self._adaptive(), nm=(self.plan.nm[0], self.plan.nm[1]),
+                progress=progress, order=order, one_forward=True, pruned=self.masks,
+            )  # fmt: skip
+        self.outcome.fits = fits
+
+    @contextlib.contextmanager
+    def _hooks(self) -> Iterator[None]:
+        """Each block loaded when the forward enters it and finished when it returns; each
+        leaf module of the rest loaded when it is called (and dropped after, unless it is a
+        layer the plan masks: its weights are written last)."""
+        modules = dict(self.model.named_modules())
+        handles = []
+        for block in self.blocks:
+            if block != REST:
+                module = modules[block]
+                handles.append(module.register_forward_pre_hook(lambda *_, b=block: self.load(b)))
+                handles.append(module.register_forward_hook(lambda *_, b=block: self.finish(b)))
+        for name in self._rest_leaves():
+            module = modules[name]
+            handles.append(module.register_forward_pre_hook(
+                lambda *_, n=name: self.load(REST, within=n + ".")))  # fmt: skip
+            if name not in self.layers:
+                handles.append(module.register_forward_hook(
+                    lambda *_, n=name: self._drop(REST, within=n + ".")))  # fmt: skip
+        self.load(REST, eager_only=True)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _rest_leaves(self) -> list[str]:
+        """Leaf modules that own tensors of the rest (embeddings, norms, the head)."""
+        owners = {fqn.rsplit(".", 1)[0] for fqn, owner, _, _ in self._tensors(REST)
+                  if not list(owner.children()) and "." in fqn}  # fmt: skip
+        return sorted(owners)
+
+    def _adaptive(self) -> str | None:
+        g = self.plan.granularity
+        return g if g != "block" else None
+
+
+class _LazyMasks(Mapping[str, Tensor]):
+    """The plan's masks by layer, each computed when it is read (after its block loaded)."""
+
+    def __init__(self, layers: dict[str, nn.Module], compute: Any) -> None:
+        self.layers, self.compute = layers, compute
+
+    def __getitem__(self, name: str) -> Tensor:
+        mask: Tensor = self.compute(name, self.layers[name])
+        return mask
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+__all__ = ["SparseOutcome", "block_of", "stream_sparse"]
