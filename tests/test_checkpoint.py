@@ -285,6 +285,15 @@ PEAK = textwrap.dedent(
     if sys.argv[1] == "compile":
         gp.compile_checkpoint(sys.argv[2], gp.Plan(ratio=0.5), sys.argv[3], verify_bytes=0,
                               progress=False)
+    ids = [(torch.randint(0, 16000, (1, 64), generator=torch.Generator().manual_seed(i)),)
+           for i in range(4)]
+    sparsegpt = gp.Plan(granularity="n:m", reconstruct=True, ignore=["lm_head"])
+    if sys.argv[1] == "sparse":
+        gp.compile_checkpoint(sys.argv[2], sparsegpt, sys.argv[3], calibration=ids,
+                              verify_bytes=0, progress=False)
+    if sys.argv[1] == "memory-sparse":
+        model = transformers.LlamaForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16)
+        gp.compile(model.eval(), sparsegpt, ids[0], calibration=ids, inplace=True)
     if sys.argv[1] == "memory":  # the same job with the model loaded: graphprune.compile
         model = transformers.LlamaForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16)
         ids = torch.zeros((1, 16), dtype=torch.long)
@@ -298,8 +307,9 @@ PEAK = textwrap.dedent(
 def test_peak_memory_is_bounded_by_a_layer_not_the_model(tmp_path: Path) -> None:
     """A 123 M-parameter model (bf16, 235 MiB, 8 layers of 25 MiB): the streamed compile's
     peak above its resident size after the imports (measured in a subprocess) is a few
-    layers, not the model; graphprune.compile of the loaded model (in place) needs more than
-    the model."""
+    layers, not the model -- a channel plan, and 2:4 SparseGPT on calibration data (plus the
+    widest layer's Hessian); graphprune.compile of the loaded model (in place) needs more
+    than the model."""
     model = _llama(
         hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
         num_attention_heads=16, num_key_value_heads=4, vocab_size=16000,
@@ -324,15 +334,24 @@ def test_peak_memory_is_bounded_by_a_layer_not_the_model(tmp_path: Path) -> None
 
     streamed = peak("compile", str(tmp_path / "src"), str(tmp_path / "dst"))
     in_memory = peak("memory", str(tmp_path / "src"))
+    sparse = peak("sparse", str(tmp_path / "src"), str(tmp_path / "sparse"))
+    sparse_in_memory = peak("memory-sparse", str(tmp_path / "src"))
     # a fixed part (the modelling code transformers imports on first use, the analysis of
     # the meta graph: about 200 MiB here, whatever the layers' width), the largest tensor read
     # and widened to float32 for scoring (the embedding), a layer's tensors and their slices
     bound = (256 << 20) + 2 * embedding + 2 * layer
+    # SparseGPT streamed: besides, the widest layer's Hessian (float64 sums, a float32 copy,
+    # its inverse factor being made: about 5 float32 (columns, columns)) and the activations
+    hessian = 2816 * 2816 * 4
+    sparse_bound = bound + 6 * hessian
     mib = {k: round(v / 2**20) for k, v in
            {"streamed": streamed, "in memory": in_memory, "bound": bound, "weights": weights,
+            "sparse": sparse, "sparse in memory": sparse_in_memory, "sparse bound": sparse_bound,
             }.items()}  # fmt: skip
     assert streamed < bound, mib
     assert in_memory > weights and in_memory - streamed > 0.75 * weights, mib
+    assert sparse < sparse_bound, mib
+    assert sparse_in_memory > weights and sparse_in_memory - sparse > 0.75 * weights, mib
 
 
 def test_only_the_checkpoint_files_are_copied(tmp_path: Path) -> None:
