@@ -232,6 +232,11 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="use scope='local'"):
         sparse = gp.Plan(granularity="unstructured", ratio=0.5, scope="global")
         gp.compile_checkpoint(src, sparse, tmp_path / "o")
+    with pytest.raises(PlanError, match="pass calibration="):  # never fit to placeholder ids
+        gp.compile_checkpoint(src, gp.Plan(granularity="n:m", reconstruct=True), tmp_path / "o")
+    with pytest.raises(PlanError, match="matches no module"):  # a typo is not skipped silently
+        typo = gp.Plan(granularity="n:m", ignore=["model.layerz.*"])
+        gp.compile_checkpoint(src, typo, tmp_path / "o", progress=False)
     with pytest.raises(PlanError, match="scores weights with l1 or l2"):
         sparse = gp.Plan(granularity="unstructured", ratio=0.5, importance="wanda")
         gp.compile_checkpoint(src, sparse, tmp_path / "o")

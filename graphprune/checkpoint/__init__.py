@@ -102,8 +102,14 @@ def compile_checkpoint(
     watch = Stopwatch()
     source, target = Checkpoint.open(src, model_class), Path(dst)
     _check_request(plan, source, target)
+    if plan.reconstruct and calibration is None:
+        raise PlanError(
+            "reconstruct=True fits the kept weights to calibration data: pass calibration= "
+            "(batches of token ids from the model's domain; --calibration FILE on the CLI)"
+        )
     model = source.build_meta()
     source.check_against(model)
+    plan.check_patterns(name for name, _ in model.named_modules())
     inputs = example_inputs if example_inputs is not None else _token_ids(source.config)
     batches = list(calibration) if calibration is not None else [inputs]
     params_before = count_params(model)
@@ -122,7 +128,7 @@ def compile_checkpoint(
             sparsity=outcome.layers, fits=outcome.fits, resumed=outcome.resumed,
         )  # fmt: skip
     else:
-        found, staging = _structured(source, model, plan, inputs, identity, target, watch)
+        found, staging = _structured(source, model, plan, inputs, identity, target, watch, progress)
         found.src = str(src)
     try:
         found.verified, checked = _verify_written(
@@ -144,6 +150,7 @@ def _structured(
     identity: dict[str, Any],
     target: Path,
     watch: Stopwatch,
+    progress: bool,
 ) -> tuple[CheckpointReport, Path]:
     """The structured stage on the meta model; the shards written sliced."""
     params_before = count_params(model)
@@ -156,7 +163,7 @@ def _structured(
     slices = _slices(source, setup, outcome.resolution.kept)
     _check_slices(slices, source, model)
     staging = staging_dir(target, identity)
-    weight_map = write_shards(source, slices, staging, _printer(False))
+    weight_map = write_shards(source, slices, staging, _printer(progress))
     finish(source, staging, weight_map, model.config)
     watch.lap("write")
     kept = {
@@ -206,8 +213,13 @@ def _check_sparse(plan: Plan) -> None:
     if plan.importance not in WEIGHT_CRITERIA:
         raise PlanError(
             f"importance={plan.importance!r}: a sparse plan from a checkpoint scores weights "
-            f"with {' or '.join(WEIGHT_CRITERIA)} (add reconstruct=True for SparseGPT, which "
-            "chooses its masks from the calibration data)"
+            f"with {' or '.join(WEIGHT_CRITERIA)}"
+            + (
+                ""
+                if plan.reconstruct
+                else " (or add reconstruct=True for SparseGPT, which "
+                "chooses its masks from the calibration data)"
+            )
         )
 
 
@@ -233,7 +245,8 @@ def _digest(batches: list[Any]) -> str:
     for leaf in torch.utils._pytree.tree_leaves(batches):
         if isinstance(leaf, torch.Tensor):
             t = leaf.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(torch.uint8).numpy().tobytes())
+            data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + data)
         else:
             h.update(repr(leaf).encode())
     return h.hexdigest()[:16]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class Checkpoint:
     files: dict[str, Path]  # tensor name -> shard file
     shapes: dict[str, tuple[int, ...]]
     dtype: torch.dtype
+    kinds: dict[str, str] = field(default_factory=dict)  # tensor name -> stored dtype ("BF16")
 
     @classmethod
     def open(cls, path: str | Path, model_class: type | None = None) -> Checkpoint:
@@ -71,8 +72,12 @@ class Checkpoint:
         shapes, kinds = _headers(files)
         return cls(
             root, config, model_class or _class_of(config, tf), files, shapes,
-            _dtype_of(config, kinds),
+            _dtype_of(config, kinds), kinds,
         )  # fmt: skip
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype ``name`` is stored in (None for a kind torch has no name for here)."""
+        return _DTYPES.get(self.kinds.get(name, ""))
 
     def tensor(self, name: str) -> Tensor:
         """One tensor, read from its shard (mapped only while it is read: the pages of the

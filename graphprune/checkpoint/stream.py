@@ -105,20 +105,21 @@ def _real_buffers(model: nn.Module) -> None:
     ``_init_weights``, as ``from_pretrained`` makes them; one left unset is an error."""
     init = getattr(model, "_init_weights", None)
     for name, module in model.named_modules():
-        made = []
-        for leaf in module._non_persistent_buffers_set:
-            buffer = module._buffers.get(leaf)
-            if buffer is None or buffer.device.type != "meta":
-                continue
-            unset = float("nan") if buffer.is_floating_point() else -1
-            module._buffers[leaf] = torch.full(buffer.shape, unset, dtype=buffer.dtype)
-            made.append(leaf)
-        if made and init is not None:
-            init(module)
-        for leaf in made:
-            value = module._buffers[leaf]
-            assert value is not None
-            if (value.isnan() if value.is_floating_point() else value == -1).any():
+        meta = {
+            leaf: buffer for leaf in module._non_persistent_buffers_set
+            if (buffer := module._buffers.get(leaf)) is not None and buffer.is_meta
+        }  # fmt: skip
+        if not meta:
+            continue
+        made = []  # made from zeros and from ones: a buffer init does not set differs
+        for fill in (torch.zeros, torch.ones):
+            for leaf, buffer in meta.items():
+                module._buffers[leaf] = fill(buffer.shape, dtype=buffer.dtype)
+            if init is not None:
+                init(module)
+            made.append({leaf: module._buffers[leaf] for leaf in meta})
+        for leaf in meta:
+            if not torch.equal(made[0][leaf], made[1][leaf]):
                 raise InputError(
                     f"buffer {name}.{leaf} is not stored in the checkpoint and the model's "
                     "_init_weights does not compute it: this model cannot be streamed (load "
@@ -195,6 +196,7 @@ class _Stream:
                 if not fqn.startswith(within) or (eager_only and not list(owner.children())):
                     continue
                 value = done[fqn].get_tensor(fqn) if fqn in done else self.stored[fqn]
+                value = value.to(current.dtype)  # as from_pretrained casts (fp32 norms in bf16)
                 if is_param:
                     owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
                 else:
@@ -226,7 +228,8 @@ class _Stream:
                 for name in self.writer.plan[file]:
                     value = state.get(name)
                     value = self.stored[name] if value is None or value.is_meta else value
-                    tensors[name] = value.detach().contiguous()
+                    kind = self.source.stored_dtype(name) or value.dtype  # written as stored
+                    tensors[name] = value.detach().to(kind).contiguous()
                 self.writer.write(file, tensors, self._made(file))
                 del tensors
         self._drop(block)
@@ -270,7 +273,7 @@ class _Stream:
         """Each block loaded when the forward enters it and finished when it returns; each
         leaf module of the rest loaded when it is called (and dropped after, unless it is a
         layer the plan masks: its weights are written last)."""
-        modules = dict(self.model.named_modules())
+        modules = dict(self.model.named_modules(remove_duplicate=False))
         handles = []
         for block in self.blocks:
             if block != REST:

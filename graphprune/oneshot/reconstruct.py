@@ -601,14 +601,17 @@ class SharedInput:
     def find(self, module: nn.Module, inputs: Iterable[Tensor]) -> Hessian | None:
         """The kept Hessian when ``module`` reads the kept input; else None (and the kept one
         is freed before the next is made)."""
-        usable = isinstance(module, nn.Linear) and isinstance(inputs, list) and inputs
+        usable = (
+            isinstance(module, nn.Linear) and isinstance(inputs, list) and bool(inputs)
+            and not any(x.is_inference() for x in inputs)  # (no version counter to compare)
+        )  # fmt: skip
         if usable and self.found is not None and self._key(list(inputs)) == self.key:
             return self.found
         self.inputs, self.key, self.found = [], [], None
         return None
 
     def keep(self, module: nn.Module, inputs: list[Tensor], found: Hessian) -> None:
-        if isinstance(module, nn.Linear) and inputs:
+        if isinstance(module, nn.Linear) and inputs and not any(x.is_inference() for x in inputs):
             self.inputs, self.key, self.found = inputs, self._key(inputs), found
 
 

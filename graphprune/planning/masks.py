@@ -123,6 +123,8 @@ def compute_masks(
             result.skipped[name] = matrix
         else:
             units[name] = matrix
+    if not units:  # every layer ignored, tied or unfit: nothing to rank
+        return result
     for name, kept in _global_keep(units, plan.ratio or 0.0, plan.max_ratio).items():
         weight = weight_of(layers[name])
         result.layers[name] = LayerMask(name, plan.granularity, _from_units(kept, plan, weight))

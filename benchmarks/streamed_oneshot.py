@@ -1,0 +1,159 @@
+"""Streaming does not change one-shot quality: a trained byte-level LLaMA-shaped model pruned from
+its checkpoint, block by block, against the same plan compiled in memory.
+
+A ``LlamaForCausalLM`` with a byte vocabulary (256; width 192, 4 layers, 4 heads, FFN 512,
+~1.9 M parameters, the size of the one-shot benchmark's GPT) is trained for ``--steps`` AdamW
+steps on the source files of Python's standard library (the corpus, windows and validation
+split of ``benchmarks/oneshot.py``), saved with ``save_pretrained``, and pruned two ways with
+each plan -- 2:4 and unstructured 50 % SparseGPT, and 2:4 magnitude -- on 128 training
+windows of 128 bytes:
+
+* in memory: ``graphprune.compile(model, plan, calibration=...)`` then ``finalize``;
+* streamed: ``graphprune.compile_checkpoint(src, plan, dst, calibration=...)`` and
+  ``from_pretrained(dst)``.
+
+Printed per plan: whether the masks (the zero patterns) and the weights are identical, and the
+validation perplexity (64 fixed windows) of both against the dense model's.
+
+    .venv/bin/python benchmarks/streamed_oneshot.py [--steps 600] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# this folder holds transformers.py (a benchmark): import the library before adding it
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
+
+from tests.real_models import declare_torchvision_ops  # noqa: E402
+
+declare_torchvision_ops()
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import graphprune as gp  # noqa: E402
+from graphprune.io import write_text_atomic  # noqa: E402
+
+sys.path.append(str(ROOT / "benchmarks"))
+from oneshot import stdlib_corpus, windows  # noqa: E402
+
+PLANS = {
+    "2:4 SparseGPT": gp.Plan(granularity="n:m", nm=[2, 4], reconstruct=True),
+    "50% SparseGPT": gp.Plan(granularity="unstructured", ratio=0.5, reconstruct=True),
+    "2:4 magnitude": gp.Plan(granularity="n:m", nm=[2, 4], importance="l1"),
+}
+
+
+def byte_llama() -> Any:
+    config = tf.LlamaConfig(
+        vocab_size=256, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(config)
+
+
+def logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, use_cache=False).logits
+
+
+def train(model: Any, data: torch.Tensor, steps: int) -> None:
+    """AdamW, one-cycle schedule, ``steps`` batches of 32 x 128-byte windows (as the one-shot
+    benchmark trains its GPT); left in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step in gp.progress.track(range(steps), "training the byte-level LLaMA"):
+        batch = windows(data, 32, 128, seed=step)
+        out = logits(model, batch[:, :-1])
+        loss = F.cross_entropy(out.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+
+
+def perplexity(model: Any, val: torch.Tensor) -> float:
+    losses = []
+    with torch.no_grad():
+        for chunk in val.split(16):
+            out = logits(model.eval(), chunk[:, :-1])
+            losses.append(F.cross_entropy(out.flatten(0, 1), chunk[:, 1:].flatten()))
+    return math.exp(float(torch.stack(losses).mean()))
+
+
+def compare(memory: Any, streamed: Any) -> dict[str, Any]:
+    """Masks (zero patterns) and weights of two models, tensor by tensor."""
+    a, b = memory.state_dict(), streamed.state_dict()
+    masks = all(torch.equal(a[k] == 0, b[k] == 0) for k in a)
+    weights = all(torch.equal(a[k], b[k]) for k in a)
+    gap = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    return {"masks_equal": masks, "weights_equal": weights, "max_abs_diff": gap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--corpus-mb", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    train_bytes, val_bytes, files = stdlib_corpus(args.corpus_mb * 1_000_000)
+    model = byte_llama()
+    start = time.perf_counter()
+    train(model, train_bytes, args.steps)
+    val = windows(val_bytes, 64, 128, seed=123456)
+    dense = perplexity(model, val)
+    lines = [
+        f"byte-level LLaMA, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+        f"{args.steps} steps on {files} stdlib files in {time.perf_counter() - start:.0f} s; "
+        f"dense validation perplexity {dense:.4f}",
+        f"{'plan':<16} {'masks':>6} {'weights':>8} {'ppl memory':>11} {'ppl streamed':>13} "
+        f"{'diff':>8} {'stream s':>9}",
+    ]
+    print("\n".join(lines), flush=True)
+    calibration = [(w,) for w in windows(train_bytes, 128, 128, seed=999)[:, :-1].split(8)]
+    example = (val[:1, :-1],)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        model.save_pretrained(src)
+        for i, (label, plan) in enumerate(PLANS.items()):
+            memory = gp.finalize(gp.compile(model, plan, example, calibration=calibration))
+            start = time.perf_counter()
+            gp.compile_checkpoint(src, plan, Path(tmp) / f"dst{i}", example_inputs=example,
+                                  calibration=calibration, progress=False)  # fmt: skip
+            seconds = time.perf_counter() - start
+            streamed = tf.LlamaForCausalLM.from_pretrained(Path(tmp) / f"dst{i}").eval()
+            found = compare(memory, streamed)
+            ppl = perplexity(memory, val), perplexity(streamed, val)
+            diff = abs(ppl[1] - ppl[0]) / ppl[0]
+            rows.append({"plan": label, **found, "ppl_memory": ppl[0], "ppl_streamed": ppl[1],
+                         "relative_diff": diff, "streamed_s": seconds})  # fmt: skip
+            line = (f"{label:<16} {'same' if found['masks_equal'] else 'DIFF':>6} "
+                    f"{'same' if found['weights_equal'] else 'DIFF':>8} {ppl[0]:>11.4f} "
+                    f"{ppl[1]:>13.4f} {diff:>8.2%} {seconds:>9.1f}")  # fmt: skip
+            lines.append(line)
+            print(line, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"dense_perplexity": dense, "steps": args.steps, "rows": rows}
+    write_text_atomic(out / "streamed_oneshot.json", json.dumps(result, indent=1))
+    write_text_atomic(out / "streamed_oneshot.txt", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
