@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -39,13 +38,13 @@ from tests.real_models import declare_torchvision_ops  # noqa: E402
 declare_torchvision_ops()
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
 import graphprune as gp  # noqa: E402
 from graphprune.io import write_text_atomic  # noqa: E402
 
 sys.path.append(str(ROOT / "benchmarks"))
-from oneshot import stdlib_corpus, windows  # noqa: E402
+from oneshot import perplexity as byte_perplexity  # noqa: E402
+from oneshot import stdlib_corpus, train_gpt, windows  # noqa: E402
 
 PLANS = {
     "2:4 SparseGPT": gp.Plan(granularity="n:m", nm=[2, 4], reconstruct=True),
@@ -64,35 +63,17 @@ def byte_llama() -> Any:
     return tf.LlamaForCausalLM(config)
 
 
-def logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids, use_cache=False).logits
+class Logits(torch.nn.Module):
+    """The model's logits as a tensor (the one-shot benchmark's training loop and perplexity
+    take a model that returns them)."""
 
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
 
-def train(model: Any, data: torch.Tensor, steps: int) -> None:
-    """AdamW, one-cycle schedule, ``steps`` batches of 32 x 128-byte windows (as the one-shot
-    benchmark trains its GPT); left in eval mode."""
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    for step in gp.progress.track(range(steps), "training the byte-level LLaMA"):
-        batch = windows(data, 32, 128, seed=step)
-        out = logits(model, batch[:, :-1])
-        loss = F.cross_entropy(out.flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
-
-
-def perplexity(model: Any, val: torch.Tensor) -> float:
-    losses = []
-    with torch.no_grad():
-        for chunk in val.split(16):
-            out = logits(model.eval(), chunk[:, :-1])
-            losses.append(F.cross_entropy(out.flatten(0, 1), chunk[:, 1:].flatten()))
-    return math.exp(float(torch.stack(losses).mean()))
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(ids, use_cache=False).logits
+        return out
 
 
 def compare(memory: Any, streamed: Any) -> dict[str, Any]:
@@ -114,9 +95,9 @@ def main() -> None:
     train_bytes, val_bytes, files = stdlib_corpus(args.corpus_mb * 1_000_000)
     model = byte_llama()
     start = time.perf_counter()
-    train(model, train_bytes, args.steps)
+    train_gpt(Logits(model), train_bytes, args.steps)  # the one-shot benchmark's loop
     val = windows(val_bytes, 64, 128, seed=123456)
-    dense = perplexity(model, val)
+    dense = byte_perplexity(Logits(model), val)
     lines = [
         f"byte-level LLaMA, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
         f"{args.steps} steps on {files} stdlib files in {time.perf_counter() - start:.0f} s; "
@@ -139,7 +120,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             streamed = tf.LlamaForCausalLM.from_pretrained(Path(tmp) / f"dst{i}").eval()
             found = compare(memory, streamed)
-            ppl = perplexity(memory, val), perplexity(streamed, val)
+            ppl = byte_perplexity(Logits(memory), val), byte_perplexity(Logits(streamed), val)
             diff = abs(ppl[1] - ppl[0]) / ppl[0]
             rows.append({"plan": label, **found, "ppl_memory": ppl[0], "ppl_streamed": ppl[1],
                          "relative_diff": diff, "streamed_s": seconds})  # fmt: skip
