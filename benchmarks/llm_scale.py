@@ -78,7 +78,9 @@ SPARSEGPT = PRELUDE + textwrap.dedent(
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     text = b"".join(p.read_bytes() for p in files)[: 16 * 256]
     ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long().reshape(16, 256)
-    calibration = [(row[None],) for row in ids]
+    # one batch of 16: SparseGPT's Hessian is one float32 product per batch (summed in double,
+    # so a process's share of the batches sums the same products); one large product is fast
+    calibration = [(ids,)]
     plan = gp.Plan(granularity="n:m", nm=[2, 4], reconstruct=True, ignore=["lm_head"])
     base = reset()
     start = time.perf_counter()

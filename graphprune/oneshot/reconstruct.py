@@ -83,7 +83,6 @@ RIDGE = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # lam / mean(diag(A^T A)) tried by
 PERCDAMP = 0.01  # SparseGPT's Hessian damping, relative to its mean diagonal
 BLOCK = 128  # SparseGPT's column block
 ERROR_ROWS = 512  # output rows a SparseGPT fit's errors are measured on (evenly spaced)
-HESSIAN_ROWS = 4096  # calibration rows per float32 product X^T X (the products summed in double)
 
 
 class Statistics:
@@ -558,30 +557,15 @@ def _hessian(module: nn.Module, inputs: Iterable[Tensor], work: torch.dtype) -> 
     h = torch.zeros(columns, columns, dtype=torch.float64)
     rows = 0
     with torch.no_grad():
-        for a in _row_chunks(module, inputs):  # (rows, columns), float32
-            h.add_(a.T @ a)  # a chunk in float32 (SparseGPT's own), summed in double (cast
+        for x in inputs:  # per batch: a process's share of the batches sums the same products
+            a = input_rows(module, x).float()  # (rows, columns)
+            h.add_(a.T @ a)  # one batch in float32 (SparseGPT's own), summed in double (cast
             # element by element: no float64 copy of the (columns, columns) product)
             rows += a.shape[0]
     all_sum(h)  # over every process's share of the batches
     hp = h.to(work)  # (columns, columns); the float64 sums go before anything else is made
     del h
     return Hessian(hp, sum_int(rows))
-
-
-def _row_chunks(module: nn.Module, inputs: Iterable[Tensor]) -> Iterator[Tensor]:
-    """The layer's input rows in float32, batches joined into chunks of at least
-    ``HESSIAN_ROWS`` rows: one large product each instead of one per batch (a (columns,
-    columns) product written and summed per batch costs more than the multiplication)."""
-    pending: list[Tensor] = []
-    count = 0
-    for x in inputs:
-        pending.append(input_rows(module, x).float())
-        count += pending[-1].shape[0]
-        if count >= HESSIAN_ROWS:
-            yield torch.cat(pending) if len(pending) > 1 else pending[0]
-            pending, count = [], 0
-    if pending:
-        yield torch.cat(pending) if len(pending) > 1 else pending[0]
 
 
 class SharedInput:
