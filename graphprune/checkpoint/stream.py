@@ -22,7 +22,6 @@ are those of the first run.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from graphprune.capture import tensor_aliases
 from graphprune.checkpoint.source import Checkpoint, CheckpointTensors, _safe_open
-from graphprune.checkpoint.write import ShardWriter
+from graphprune.checkpoint.write import ShardWriter, block_of
 from graphprune.errors import InputError
 from graphprune.modules import weight_of
 from graphprune.oneshot.calibration import CallOrder, call_order
@@ -42,7 +41,6 @@ from graphprune.planning.masks import layer_mask, maskable_layers, unfit, weight
 from graphprune.planning.plan import Plan
 from graphprune.report import LayerSparsity
 
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
 REST = ""  # the block of every tensor outside a numbered one
 
 
@@ -53,12 +51,6 @@ class SparseOutcome:
     layers: list[LayerSparsity] = field(default_factory=list)
     fits: list[LayerFit] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)  # blocks taken from an interrupted run
-
-
-def block_of(name: str) -> str:
-    """The numbered block a tensor or module FQN belongs to (:data:`REST` outside one)."""
-    match = _BLOCK.match(name + ".")
-    return match.group(1) if match else REST
 
 
 def stream_sparse(
@@ -322,4 +314,4 @@ class _LazyMasks(Mapping[str, Tensor]):
         return len(self.layers)
 
 
-__all__ = ["SparseOutcome", "block_of", "stream_sparse"]
+__all__ = ["SparseOutcome", "stream_sparse"]

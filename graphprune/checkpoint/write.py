@@ -68,6 +68,12 @@ class Slices:
         return tensor.contiguous()
 
 
+def block_of(name: str) -> str:
+    """The numbered block a tensor or module FQN belongs to ("" outside one)."""
+    match = _LAYER.match(name + ".")
+    return match.group(1) if match else ""
+
+
 def shard_plan(checkpoint: Checkpoint) -> dict[str, list[str]]:
     """Output shard file -> the tensor names it holds: a numbered block's tensors together; the
     rest (embeddings, final norm, head) packed into shards no larger than the largest block,
@@ -75,8 +81,7 @@ def shard_plan(checkpoint: Checkpoint) -> dict[str, list[str]]:
     each larger than a layer: a shard each)."""
     blocks: dict[str, list[str]] = {}
     for name in checkpoint.files:
-        match = _LAYER.match(name)
-        blocks.setdefault(match.group(1) if match else "", []).append(name)
+        blocks.setdefault(block_of(name), []).append(name)
     size = {n: math.prod(shape) for n, shape in checkpoint.shapes.items()}
     largest = max((sum(size[n] for n in names) for key, names in blocks.items() if key), default=0)
     groups: list[list[str]] = []

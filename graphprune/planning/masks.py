@@ -135,10 +135,10 @@ def layer_mask(name: str, module: nn.Module, plan: Plan, scores: np.ndarray) -> 
     """One layer's mask under a local sparse ``plan`` from its per-weight ``scores`` (higher =
     keep), or why the layer stays dense (a shape the pattern does not tile)."""
     weight = weight_of(module)
-    why = unfit(plan, tuple(weight.shape))
-    if why:
-        return why
     if plan.granularity == "n:m":
+        why = unfit(plan, tuple(weight.shape))
+        if why:
+            return why
         n, m = plan.nm
         kept = _nm_keep(_matrix(scores, "n:m"), n, m)
         return LayerMask(name, "n:m", _unmatrix(kept, weight, "n:m"))
