@@ -26,6 +26,7 @@ the ratio, e.g. to check that a change does not slow compile down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -324,11 +326,10 @@ def measure(repeat: int) -> dict[str, dict[str, float]]:
     return rows
 
 
-def measure_revision(
-    ref: str, repeat: int, extra: list[str] | None = None
-) -> dict[str, dict[str, float]]:
-    """The same measurement with graphprune as of git revision ``ref`` (built with pip into a
-    temporary directory, so this checkout's editable install is not touched)."""
+@contextlib.contextmanager
+def built_revision(ref: str) -> Iterator[Path]:
+    """graphprune as of git revision ``ref``, pip-installed into a temporary directory (put it
+    on PYTHONPATH, run from elsewhere than the checkout, whose editable install is untouched)."""
     with tempfile.TemporaryDirectory() as tmp:
         source, site = Path(tmp) / "src", Path(tmp) / "site"
         source.mkdir()
@@ -341,10 +342,18 @@ def measure_revision(
              str(site), str(source)],
             check=True,
         )  # fmt: skip
+        yield site
+
+
+def measure_revision(
+    ref: str, repeat: int, extra: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """The same measurement with graphprune as of git revision ``ref``."""
+    with built_revision(ref) as site:
         env = {**os.environ, "PYTHONPATH": str(site)}
         done = subprocess.run(
             [sys.executable, __file__, "--repeat", str(repeat), "--json-only", *(extra or [])],
-            cwd=tmp,  # not ROOT: the checkout's graphprune must not shadow the built one
+            cwd=site.parent,  # not ROOT: the checkout's graphprune must not shadow the built one
             env=env,
             capture_output=True,
             text=True,

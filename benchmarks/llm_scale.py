@@ -8,16 +8,22 @@
    high-water mark reset then, Linux ``clear_refs``), and the raw ``ru_maxrss``.
 3. The pruned checkpoint is loaded with ``from_pretrained`` (bf16) in another subprocess and
    generates 8 tokens greedily.
-4. ``--in-memory``: the 1.1 B LLaMA-style model of the compile-time benchmark compiled with
-   ``graphprune.compile(..., inplace=True)``: seconds per stage and peak memory over the weights.
+``--in-memory`` instead: the 1.1 B LLaMA-style model of the compile-time benchmark (bf16, random
+init) compiled with ``graphprune.compile(..., Plan(ratio=0.25), inplace=True)`` in a
+subprocess: seconds and peak resident size per stage (the high-water mark read and reset at
+each stage's end), and the compile's peak over an idle process's size (a separate process with
+the same imports and modelling code) as a multiple of the weights; ``--against REV`` (repeatable)
+measures graphprune as of those git revisions in the same run.
 
-    .venv/bin/python benchmarks/llm_scale.py [--src /tmp/llama8b] [--scale 8b|1b] [--in-memory]
+    .venv/bin/python benchmarks/llm_scale.py [--src /tmp/llama8b] [--scale 8b|1b] [--sparsegpt]
+    .venv/bin/python benchmarks/llm_scale.py --in-memory [--against 8f1a220 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,14 +37,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
-from graphprune.models.llm import LLAMA_SHAPES  # noqa: E402 (after the path is set)
+from graphprune.io import write_text_atomic  # noqa: E402 (after the path is set)
+from graphprune.models.llm import LLAMA_SHAPES  # noqa: E402
+
+sys.path.append(str(ROOT / "benchmarks"))
+from compile_time import built_revision  # noqa: E402
 
 SHAPES = {k: LLAMA_SHAPES[k] for k in ("8b", "1b")}
 
 PRELUDE = textwrap.dedent(
     """
     import json, resource, sys, time
-    sys.path.insert(0, {root!r})
+    sys.path.append({root!r})  # after graphprune's own install (--against: another revision)
     from tests.real_models import declare_torchvision_ops
     declare_torchvision_ops()
     import torch, transformers
@@ -115,16 +125,44 @@ GENERATE = PRELUDE + textwrap.dedent(
 
 IN_MEMORY = PRELUDE + textwrap.dedent(
     """
-    sys.path.insert(0, {root!r} + "/benchmarks")
+    sys.path.append({root!r} + "/benchmarks")
     from compile_time import llama_1b
     model, inputs = llama_1b()
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    base = reset()
+    peaks = {{}}  # stage -> its peak resident size, KiB
+    try:  # each stage's peak: the high-water mark read and reset when the stopwatch laps
+        from graphprune.stages.context import Stopwatch
+        lap = Stopwatch.lap
+
+        def measured(self, stage):
+            peaks[stage] = max(peaks.get(stage, 0), status("VmHWM"))
+            reset()
+            lap(self, stage)
+
+        Stopwatch.lap = measured
+    except ImportError:  # a revision without this stopwatch: the whole compile's peak only
+        pass
+    model_kib = reset()
     start = time.perf_counter()
     pruned = gp.compile(model, gp.Plan(ratio=0.25), inputs, inplace=True)
-    print(json.dumps({{"seconds": time.perf_counter() - start,
-        "stages": gp.report(pruned).seconds, "weights_gib": weights,
-        "peak_over_start_gib": (status("VmHWM") - base) / 2**20, "start_gib": base / 2**20}}))
+    seconds = time.perf_counter() - start
+    peaks["the rest"] = status("VmHWM")  # the check's forward, config sync, report
+    print(json.dumps({{"seconds": seconds, "stages": gp.report(pruned).seconds,
+        "weights_gib": weights, "model_gib": model_kib / 2**20,
+        "peak_gib": max(peaks.values()) / 2**20,
+        "stage_peak_gib": {{k: v / 2**20 for k, v in peaks.items()}}}}))
+    """
+)
+
+# the in-memory run's baseline: the same imports and modelling code, no weights to speak of
+IDLE = PRELUDE + textwrap.dedent(
+    """
+    sys.path.append({root!r} + "/benchmarks")
+    import compile_time
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    tiny = transformers.LlamaForCausalLM(config).bfloat16().eval()
+    print(json.dumps({{"idle_gib": status("VmRSS") / 2**20}}))
     """
 )
 
@@ -172,10 +210,13 @@ def write_checkpoint(path: Path, scale: str) -> None:
     staging.rename(path)
 
 
-def run(script: str, *args: str) -> dict[str, Any]:
+def run(script: str, *args: str, site: Path | None = None) -> dict[str, Any]:
+    """``script`` in a fresh interpreter; its last line of output, as JSON. ``site``: the
+    graphprune of another revision, put before this checkout's."""
+    env = {**os.environ, "PYTHONPATH": str(site)} if site else None
     out = subprocess.run(
         [sys.executable, "-c", script.format(root=str(ROOT)), *args],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env, cwd=site.parent if site else None,
     )  # fmt: skip
     if out.returncode != 0:
         raise SystemExit(f"subprocess failed:\n{out.stderr[-3000:]}")
@@ -183,11 +224,48 @@ def run(script: str, *args: str) -> dict[str, Any]:
     return result
 
 
+def in_memory(site: Path | None = None) -> dict[str, Any]:
+    """The 1.1 B compile in memory, its peak over an idle process as a multiple of the weights."""
+    found = run(IN_MEMORY, site=site)
+    found["idle_gib"] = run(IDLE, site=site)["idle_gib"]
+    found["peak_x_weights"] = (found["peak_gib"] - found["idle_gib"]) / found["weights_gib"]
+    return found
+
+
+def print_in_memory(results: dict[str, dict[str, Any]]) -> None:
+    """Seconds and peak resident GiB (over the idle process) per stage, one column per run."""
+    names = list(results)
+    stages = list(dict.fromkeys(k for r in results.values() for k in r["stages"]))
+    stages += ["the rest"]
+    print(f"{'stage':22s}" + "".join(f"{n:>22s}" for n in names))
+    for stage in stages:
+        cells = []
+        for r in results.values():
+            t = r["stages"].get(stage)
+            g = r.get("stage_peak_gib", {}).get(stage)
+            text = (f"{t:.1f} s" if t is not None else "-") + (
+                f", {g - r['idle_gib']:.2f} GiB" if g is not None else ""
+            )
+            cells.append(f"{text:>22s}")
+        print(f"{stage:22s}" + "".join(cells))
+    print(f"{'total':22s}" + "".join(f"{r['seconds']:>20.1f} s" for r in results.values()))
+    print(f"{'peak over idle / weights':22s}"
+          + "".join(f"{r['peak_x_weights']:>21.2f}x" for r in results.values()))  # fmt: skip
+    weights = next(iter(results.values()))["weights_gib"]
+    print(
+        f"(weights {weights:.2f} GiB; an idle process with the same imports: "
+        f"{next(iter(results.values()))['idle_gib']:.2f} GiB)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", default="/tmp/graphprune-llama8b")
     parser.add_argument("--scale", choices=sorted(SHAPES), default="8b")
-    parser.add_argument("--in-memory", action="store_true", help="also the 1.1 B in memory")
+    parser.add_argument(
+        "--in-memory", action="store_true", help="the 1.1 B compiled in memory, instead"
+    )
+    parser.add_argument("--against", action="append", default=[], help="with --in-memory")
     parser.add_argument(
         "--sparsegpt",
         action="store_true",
@@ -195,8 +273,18 @@ def main() -> None:
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
-    src = Path(args.src)
     results: dict[str, Any] = {}
+    if args.in_memory:
+        results["in_memory_1b"] = {"this checkout": in_memory()}
+        for ref in args.against:
+            with built_revision(ref) as site:
+                results["in_memory_1b"][ref] = in_memory(site)
+        print("graphprune.compile of the 1.1 B LLaMA shape in memory (bf16, ratio 0.25, inplace)")
+        print_in_memory(results["in_memory_1b"])
+        if args.out:
+            write_text_atomic(Path(args.out), json.dumps(results, indent=1))
+        return
+    src = Path(args.src)
     if not src.exists():
         start = time.perf_counter()
         write_checkpoint(src, args.scale)
@@ -223,14 +311,8 @@ def main() -> None:
     results["generate"] = loaded = run(GENERATE, str(dst))
     print(f"from_pretrained(pruned): {loaded['load_s']:.0f} s, {loaded['params'] / 1e9:.2f} B "
           f"params; 8 greedy tokens in {loaded['generate_s']:.1f} s")  # fmt: skip
-    if args.in_memory:
-        results["in_memory_1b"] = mem = run(IN_MEMORY)
-        print(f"graphprune.compile 1.1 B in memory (inplace, 0.25): {mem['seconds']:.1f} s, peak "
-              f"{mem['peak_over_start_gib']:.2f} GiB over the built model "
-              f"({mem['weights_gib']:.2f} GiB of weights)")  # fmt: skip
-        print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in mem["stages"].items()))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        write_text_atomic(Path(args.out), json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

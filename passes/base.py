@@ -18,6 +18,7 @@ from torch import nn
 from graphprune.analysis import DependencyGraph
 from graphprune.capture import Captured
 from graphprune.errors import GraphPruneError
+from graphprune.passes.undo import Undo
 from graphprune.planning.relations import ConstantCall
 
 
@@ -52,6 +53,7 @@ class PassContext:
     # (node, argument) of a shape constant -> the original's eager call that passed it
     calls: dict[tuple[str, str], ConstantCall] = field(default_factory=dict)
     macs: int | None = None  # MACs of the rewritten model, counted by its verification
+    undo: Undo | None = None  # in place: what slicing takes away, to put back on failure
 
     @property
     def prunes(self) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from graphprune.analysis import DependencyGraph
 from graphprune.passes.base import PassContext, PassResult
-from graphprune.passes.tensors import get_tensor, replace_tensor, select
+from graphprune.passes.tensors import Cut, cut, get_tensor, replace_tensor, select
 
 
 def slice_plan(
@@ -41,13 +41,28 @@ class SliceChannels:
             return PassResult(modified=False)
         plans = slice_plan(ctx.dg, ctx.kept)
         done: set[str] = set()
-        for fqn, dims in plans.items():
+        for fqn, dims in _largest_first(ctx, plans):
             aliases = ctx.captured.aliases.get(fqn, [fqn])
             if done.intersection(aliases):  # tied tensors: sliced once through one name
                 continue
             done.update(aliases)
-            tensor = get_tensor(ctx.model, fqn)
+            original = tensor = get_tensor(ctx.model, fqn)
+            cuts: list[Cut] = []
             for dim, index in sorted(dims.items()):
-                tensor = select(tensor, dim, index.tolist())
+                if ctx.undo is None:
+                    tensor = select(tensor, dim, index.tolist())
+                else:  # in place: the undo keeps what is cut away, not the whole original
+                    tensor, taken = cut(tensor, dim, index.tolist())
+                    cuts.append(taken)
+            if ctx.undo is not None:
+                ctx.undo.sliced(original, cuts, tensor.shape)
             replace_tensor(ctx.model, aliases, tensor)
         return PassResult(True)
+
+
+def _largest_first(
+    ctx: PassContext, plans: dict[str, dict[int, np.ndarray]]
+) -> list[tuple[str, dict[int, np.ndarray]]]:
+    """The largest tensors first: each is sliced while the allocator holds no freed space
+    of the smaller ones yet (in place, the peak is the model plus the largest tensor)."""
+    return sorted(plans.items(), key=lambda item: -get_tensor(ctx.model, item[0]).numel())

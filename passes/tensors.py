@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -69,3 +72,35 @@ def select(t: Tensor, dim: int, index: list[int] | torch.Tensor) -> Tensor:
             mask[index_t] = True
             return t.detach()[(slice(None),) * dim + (mask,)]
         return t.index_select(dim, index_t)
+
+
+@dataclass
+class Cut:
+    """What slicing one dim took away, enough to put it back (:func:`uncut`): the positions
+    kept and removed along ``dim`` and the removed part itself (``rest``)."""
+
+    dim: int
+    kept: Tensor  # long (k,)
+    removed: Tensor  # long (n - k,)
+    rest: Tensor  # the sliced tensor's positions ``removed`` along ``dim``
+
+
+def cut(t: Tensor, dim: int, index: list[int]) -> tuple[Tensor, Cut]:
+    """:func:`select` that also returns what it took away (an in-place rewrite's undo keeps
+    only that, not the whole original)."""
+    dim = dim % max(t.dim(), 1)
+    removed = np.setdiff1d(np.arange(t.shape[dim]), np.asarray(index, dtype=np.int64))
+    kept_t = torch.as_tensor(index, dtype=torch.long, device=t.device)
+    removed_t = torch.as_tensor(removed, dtype=torch.long, device=t.device)
+    return select(t, dim, index), Cut(dim, kept_t, removed_t, select(t, dim, removed_t))
+
+
+def uncut(t: Tensor, c: Cut) -> Tensor:
+    """The tensor :func:`cut` was given, rebuilt from its result ``t`` and the cut."""
+    shape = list(t.shape)
+    shape[c.dim] = len(c.kept) + len(c.removed)
+    full = t.new_empty(shape)
+    with torch.no_grad():
+        full.index_copy_(c.dim, c.kept, t)
+        full.index_copy_(c.dim, c.removed, c.rest)
+    return full

@@ -16,6 +16,8 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import graphprune as gp
@@ -24,6 +26,7 @@ from graphprune.analysis import cache
 from graphprune.analysis.macs import count_macs
 from graphprune.models import MODELS
 from graphprune.passes.base import RewriteFailure
+from graphprune.passes.tensors import cut, uncut
 from graphprune.stages import freeze_retry
 from tests.equivalence import check_dead_channels
 from tests.test_shape_relations import Picky
@@ -190,3 +193,57 @@ def test_inplace_trials_rewrite_the_model_and_undo_a_failure() -> None:
     assert model.width == 16 and model.stem[0].out_channels == 16
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_an_inplace_rewrite_frees_each_original_tensor_as_it_is_sliced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The undo of an in-place rewrite keeps only what slicing cut away: when the rewritten
+    model is verified, no original tensor of a sliced parameter is alive (peak: the model
+    plus one tensor, not two models), and the failure path still restores every value."""
+    spec = MODELS["llama"]
+    model, x = spec.build().eval(), spec.example_inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    storages = {n: weakref.ref(p.untyped_storage()) for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    alive_at_verify: list[str] = []
+    real = freeze_retry.make_verifier
+
+    def watching(*args: object, **kwargs: object) -> object:
+        check = real(*args, **kwargs)
+
+        def verify(ctx: object) -> None:
+            gc.collect()
+            alive_at_verify.extend(n for n, ref in storages.items() if ref() is not None)
+            now = dict(model.named_parameters())
+            # what is still alive was not sliced
+            assert all(now[n].shape == shapes[n] for n in alive_at_verify)
+            raise RewriteFailure("refused by the test")
+
+        return verify if check else check
+
+    monkeypatch.setattr(freeze_retry, "make_verifier", watching)
+    with pytest.raises(gp.PruneError, match="refused by the test"):
+        gp.compile(model, gp.Plan(ratio=0.5), x, inplace=True, strict=True)
+    sliced = [n for n, p in model.named_parameters() if n not in alive_at_verify]
+    assert len(sliced) > len(storages) // 2, alive_at_verify  # most weights lose channels
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_cut_and_uncut_give_back_every_element(data: st.DataObject) -> None:
+    """An undo rebuilds a tensor from its slices along any dims, in any order."""
+    shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    t = torch.randn(shape)
+    dims = data.draw(st.lists(st.integers(0, len(shape) - 1), unique=True, max_size=len(shape)))
+    current, cuts = t, []
+    for d in dims:
+        kept = data.draw(st.lists(st.integers(0, shape[d] - 1), unique=True, max_size=shape[d]))
+        current, taken = cut(current, d, sorted(kept))
+        cuts.append(taken)
+        assert current.shape[d] == len(kept)
+    for taken in reversed(cuts):
+        current = uncut(current, taken)
+    assert torch.equal(current, t)

@@ -460,6 +460,11 @@ class _Atoms:
     def roots(self, atom: int) -> tuple[int, ...]:
         return self.table.base_of(atom, self.memo)
 
+    def forget(self) -> None:
+        """Drop the memos (an entry per atom met: ~150 MiB at 1 B parameters); what is asked
+        later is computed again."""
+        self.memo, self._spaces = {}, {}
+
     def space(self, root: int) -> int:
         return self.table.find_space(self.table.space_of[root])
 
@@ -595,9 +600,10 @@ def build(captured: Captured, walked: Walked, seconds: float = 0.0) -> Dependenc
         for i, s in enumerate(numbering.order)
     ]
     diagnostics = [Diagnostic(n, op, reason) for n, op, reason in walked.facts.unsupported]
+    constants, node_rows = _constants(walked, numbering), _node_rows(walked, numbering)
+    atoms.forget()  # node_rows keeps the walk; its per-atom memos would outlive the analysis
     return DependencyGraph(
-        groups, graph, positions, _constants(walked, numbering), diagnostics, captured.aliases,
-        seconds, _node_rows(walked, numbering),
+        groups, graph, positions, constants, diagnostics, captured.aliases, seconds, node_rows,
     )  # fmt: skip
 
 

@@ -332,7 +332,7 @@ def prune_channels(
             break  # the relations froze everything the plan would prune
         undo = Undo.of(model) if inplace else None
         try:
-            ctx, failure = _attempt(model, resolution, s, make, verify)
+            ctx, failure = _attempt(model, resolution, s, make, verify, undo)
         except BaseException:  # interrupted mid-rewrite: the user's model is put back
             if undo is not None:
                 undo.restore()
@@ -400,10 +400,12 @@ def _attempt(
     s: Setup,
     make: Callable[[], list[Pass]],
     verify: Callable[[PassContext], None],
+    undo: Undo | None = None,
 ) -> tuple[PassContext, PruneError | None]:
     """Rewrite ``model`` as ``resolution`` says and verify it; the context and the failure
-    (None when it worked)."""
+    (None when it worked). ``undo``: the in-place rewrite's, told what slicing cuts away."""
     ctx = s.context(model, resolution)
+    ctx.undo = undo
     try:
         PassManager(make(), verify=verify)(ctx)
     except PruneError as exc:
