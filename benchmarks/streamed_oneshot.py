@@ -5,7 +5,7 @@ A ``LlamaForCausalLM`` with a byte vocabulary (256; width 192, 4 layers, 4 heads
 ~1.9 M parameters, the size of the one-shot benchmark's GPT) is trained for ``--steps`` AdamW
 steps on the source files of Python's standard library (the corpus, windows and validation
 split of ``benchmarks/oneshot.py``), saved with ``save_pretrained``, and pruned two ways with
-each plan -- 2:4 and unstructured 50 % SparseGPT, and 2:4 magnitude -- on 128 training
+each plan -- 2:4 and unstructured 50 % SparseGPT, 2:4 wanda and 2:4 magnitude -- on 128 training
 windows of 128 bytes:
 
 * in memory: ``graphprune.compile(model, plan, calibration=...)`` then ``finalize``;
@@ -49,6 +49,7 @@ from oneshot import stdlib_corpus, train_gpt, windows  # noqa: E402
 PLANS = {
     "2:4 SparseGPT": gp.Plan(granularity="n:m", nm=[2, 4], reconstruct=True),
     "50% SparseGPT": gp.Plan(granularity="unstructured", ratio=0.5, reconstruct=True),
+    "2:4 wanda": gp.Plan(granularity="n:m", nm=[2, 4], importance="wanda"),
     "2:4 magnitude": gp.Plan(granularity="n:m", nm=[2, 4], importance="l1"),
 }
 

@@ -94,15 +94,18 @@ SPARSE_PLANS = [
     gp.Plan(granularity="n:m", reconstruct=True),
     gp.Plan(granularity="unstructured", ratio=0.5, reconstruct=True),
     gp.Plan(granularity="unstructured", ratio=0.5, importance="l1"),
+    gp.Plan(granularity="n:m", importance="wanda"),
 ]
 
 
-@pytest.mark.parametrize("plan", SPARSE_PLANS, ids=["sparsegpt-2:4", "sparsegpt-50%", "l1-50%"])
+@pytest.mark.parametrize(
+    "plan", SPARSE_PLANS, ids=["sparsegpt-2:4", "sparsegpt-50%", "l1-50%", "wanda-2:4"]
+)
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_streamed_sparse_equals_in_memory(tmp_path: Path, plan: gp.Plan, tied: bool) -> None:
-    """Sparse plans from a checkpoint, one block in memory at a time (SparseGPT in one forward
-    whose blocks are loaded and written by hooks): the same weights, bit for bit, as
-    graphprune.compile on the loaded model, and the same per-layer report."""
+    """Sparse plans from a checkpoint, one block in memory at a time (SparseGPT and wanda in
+    one forward whose blocks are loaded and written by hooks): the same weights, bit for bit,
+    as graphprune.compile on the loaded model, and the same per-layer report."""
     model = _llama(tied)
     src = _saved(model, tmp_path / "src")
     before = _digest(src)
@@ -150,18 +153,19 @@ def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path) -> None:
         assert torch.equal(value, loaded.state_dict()[key]), key
 
 
+@pytest.mark.parametrize(
+    "plan",
+    [gp.Plan(granularity="n:m", reconstruct=True), gp.Plan(granularity="n:m", importance="wanda")],
+    ids=["sparsegpt", "wanda"],
+)
 def test_streamed_sparse_resumes_after_an_interruption(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan: gp.Plan
 ) -> None:
-    """Killed after two blocks: the rerun loads them as written (not pruned again), feeds
-    their outputs on, and ends with the bytes of an uninterrupted run; other calibration
-    data is another run."""
+    """Killed after two blocks: the rerun keeps them as written (not pruned again; SparseGPT
+    feeds their pruned outputs on, wanda's forward reads the source's unpruned weights) and
+    ends with the bytes of an uninterrupted run; other calibration data is another run."""
     src = _saved(_llama(), tmp_path / "src")
-    dst, plan, batches = (
-        tmp_path / "dst",
-        gp.Plan(granularity="n:m", reconstruct=True),
-        _calibration(),
-    )
+    dst, batches = tmp_path / "dst", _calibration()
     real, written = write_module.write_atomic, []
 
     def failing(path: Path, write: Any) -> None:
@@ -237,7 +241,10 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="matches no module"):  # a typo is not skipped silently
         typo = gp.Plan(granularity="n:m", ignore=["model.layerz.*"])
         gp.compile_checkpoint(src, typo, tmp_path / "o", progress=False)
-    with pytest.raises(PlanError, match="scores weights with l1 or l2"):
+    with pytest.raises(PlanError, match="scores weights with l1, l2 or wanda"):
+        sparse = gp.Plan(granularity="unstructured", ratio=0.5, importance="taylor")
+        gp.compile_checkpoint(src, sparse, tmp_path / "o")
+    with pytest.raises(PlanError, match="input's norm on calibration data: pass calibration="):
         sparse = gp.Plan(granularity="unstructured", ratio=0.5, importance="wanda")
         gp.compile_checkpoint(src, sparse, tmp_path / "o")
     with pytest.raises(InputError, match="inside the source checkpoint"):

@@ -94,18 +94,22 @@ def compile_checkpoint(
     model.
 
     Structured plans with a weight criterion (l1, l2, fpgm, random), and local sparse plans
-    (unstructured, n:m, block) with l1/l2 or, with ``reconstruct=True``, SparseGPT on the
-    ``calibration`` batches (default: the example inputs) -- run block by block in one
-    forward, the same weights as :func:`graphprune.compile` in memory gives.
+    (unstructured, n:m, block) with l1/l2 or, on the ``calibration`` batches, wanda or (with
+    ``reconstruct=True``) SparseGPT -- run block by block in one forward, the same weights as
+    :func:`graphprune.compile` in memory gives.
     ``example_inputs`` default to 16 token ids (batch 1) for a causal LM; ``model_class``
     defaults to the config's ``architectures[0]``. ``src`` is never modified."""
     watch = Stopwatch()
     source, target = Checkpoint.open(src, model_class), Path(dst)
     _check_request(plan, source, target)
-    if plan.reconstruct and calibration is None:
+    data = plan.reconstruct or (plan.is_sparse and plan.importance == "wanda")
+    if data and calibration is None:
+        what = "reconstruct=True fits the kept weights to" if plan.reconstruct else (
+            "importance='wanda' weighs each weight by its input's norm on"
+        )  # fmt: skip
         raise PlanError(
-            "reconstruct=True fits the kept weights to calibration data: pass calibration= "
-            "(batches of token ids from the model's domain; --calibration FILE on the CLI)"
+            f"{what} calibration data: pass calibration= (batches of token ids from the "
+            "model's domain; --calibration FILE on the CLI)"
         )
     model = source.build_meta()
     source.check_against(model)
@@ -113,7 +117,7 @@ def compile_checkpoint(
     inputs = example_inputs if example_inputs is not None else _token_ids(source.config)
     batches = list(calibration) if calibration is not None else [inputs]
     params_before = count_params(model)
-    identity = _identity(source, plan, model_class, batches if plan.reconstruct else [])
+    identity = _identity(source, plan, model_class, batches if data else [])
     watch.lap("open")
     if plan.is_sparse:
         staging = staging_dir(target, identity)
@@ -210,10 +214,10 @@ def _check_sparse(plan: Plan) -> None:
             "scope='global' ranks every weight of the model at once; from a checkpoint each "
             "layer is decided alone: use scope='local'"
         )
-    if plan.importance not in WEIGHT_CRITERIA:
+    if plan.importance not in (*WEIGHT_CRITERIA, "wanda"):
         raise PlanError(
             f"importance={plan.importance!r}: a sparse plan from a checkpoint scores weights "
-            f"with {' or '.join(WEIGHT_CRITERIA)}"
+            f"with {', '.join(WEIGHT_CRITERIA)} or wanda"
             + (
                 ""
                 if plan.reconstruct

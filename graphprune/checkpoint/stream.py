@@ -8,6 +8,11 @@ it is written to its output shard and dropped. The rest (embeddings, final norm,
 loaded before the forward (a Linear/Conv of it when it is called) and written last.
 
 * Weight criteria (l1, l2): no forward; block after block.
+* Wanda (``importance="wanda"``): one forward of the stacked calibration batches on the
+  unpruned weights, as :func:`graphprune.compile` scores them; each block is loaded when the
+  forward reaches it and, when it returns (its output computed unpruned), masked from its
+  layers' input norms, written and dropped. The norms are summed as in memory
+  (:func:`~graphprune.oneshot.calibration.input_square_sums`): the same masks, bit for bit.
 * ``reconstruct=True`` (SparseGPT): one forward of the stacked calibration batches; each
   block is loaded when the forward reaches it and each of its layers pruned in a pre-hook
   before it runs, on the activations of the model as pruned so far. That is the code path of
@@ -16,7 +21,8 @@ loaded before the forward (a Linear/Conv of it when it is called) and written la
 
 An interrupted run resumes: a block whose shard is complete (manifest and sha256) is loaded
 from that shard -- its weights as pruned -- and not pruned again, so the activations after it
-are those of the first run.
+are those of the first run (wanda, whose forward runs on the unpruned weights, loads it from
+the source for the forward and keeps its shard).
 """
 
 from __future__ import annotations
@@ -35,10 +41,17 @@ from graphprune.checkpoint.source import Checkpoint, CheckpointTensors, _safe_op
 from graphprune.checkpoint.write import ShardWriter, block_of
 from graphprune.errors import InputError
 from graphprune.modules import weight_of
-from graphprune.oneshot.calibration import CallOrder, call_order
+from graphprune.oneshot.calibration import CallOrder, call_order, input_square_sums
 from graphprune.oneshot.reconstruct import LayerFit, sparsegpt
-from graphprune.planning.masks import layer_mask, maskable_layers, unfit, weight_scores
+from graphprune.planning.masks import (
+    layer_mask,
+    maskable_layers,
+    unfit,
+    wanda_scores,
+    weight_scores,
+)
 from graphprune.planning.plan import Plan
+from graphprune.progress import track
 from graphprune.report import LayerSparsity
 
 REST = ""  # the block of every tensor outside a numbered one
@@ -69,13 +82,18 @@ def stream_sparse(
         if why:
             skipped[name] = why
             del layers[name]
-    order = _fake_call_order(model, list(layers), batches[0]) if plan.reconstruct else None
+    wanda = plan.importance == "wanda" and not plan.reconstruct
+    forward = plan.reconstruct or wanda  # the calibration data runs through the model
+    order = _fake_call_order(model, list(layers), batches[0]) if forward else None
     stream = _Stream(source, model, plan, writer, layers)
     stream.outcome.layers += [LayerSparsity(n, "dense", [], 0.0, w) for n, w in skipped.items()]
     _real_buffers(model)
     if plan.reconstruct:
         assert order is not None
         stream.sparsegpt(batches, order, progress)
+    elif wanda:
+        assert order is not None
+        stream.wanda(batches, order, progress)
     for block in stream.blocks:  # every block (the ones the forward did not reach, too)
         if block != REST and block not in stream.finished:
             stream.load(block)
@@ -139,6 +157,10 @@ class _Stream:
             self.files.setdefault(block_of(names[0]), []).append(file)
         self.blocks = list(self.files)
         self.masks: dict[str, Tensor] = {}  # chosen by SparseGPT as it goes
+        # wanda: sum(x_j^2) of each layer's inputs, and its forward runs on unpruned weights
+        self.square_sums: dict[str, Tensor] = {}
+        self.unpruned = plan.importance == "wanda" and not plan.reconstruct
+        self.steps: Iterator[str] = iter(())  # the progress bar, a step per block finished
         self.outcome = SparseOutcome()
         self.done = {
             b for b in self.blocks
@@ -178,7 +200,7 @@ class _Stream:
             )
         with contextlib.ExitStack() as stack:
             done = {}  # tensor name -> the complete output shard that holds it
-            for file in self.files[block] if block in self.done else []:
+            for file in self.files[block] if block in self.done and not self.unpruned else []:
                 opened = stack.enter_context(_safe_open(self.writer.staging / file))
                 done.update(dict.fromkeys(self.writer.plan[file], opened))
             for fqn, owner, leaf, is_param in self._tensors(block):
@@ -203,7 +225,7 @@ class _Stream:
             weight = weight_of(module)
             mask = self.masks.get(name)
             if block in self.done:  # as written: the zeros are the mask
-                mask = weight != 0
+                mask = (self._written(f"{name}.weight") if self.unpruned else weight) != 0
             elif mask is None:
                 mask = self._plain_mask(name, module)
                 with torch.no_grad():
@@ -227,10 +249,24 @@ class _Stream:
         self._drop(block)
         if block != REST:
             self.finished.add(block)
+            next(self.steps, None)
+
+    def _written(self, fqn: str) -> Tensor:
+        """A tensor as an interrupted run wrote it (its block's complete output shard)."""
+        file = next(f for f, names in self.writer.plan.items() if fqn in names)
+        with _safe_open(self.writer.staging / file) as opened:
+            written: Tensor = opened.get_tensor(fqn)
+        return written
 
     def _plain_mask(self, name: str, module: nn.Module) -> Tensor:
-        """The plan's mask of one layer from its weight (a weight criterion)."""
-        scores = weight_scores(weight_of(module), str(self.plan.importance))
+        """The plan's mask of one layer from its weight (a weight criterion) or, for wanda,
+        its weight and input norms (a layer the forward did not call: its weight alone)."""
+        weight = weight_of(module)
+        if self.unpruned:
+            sums = self.square_sums.get(name)
+            scores = wanda_scores(module, weight, None if sums is None else sums.sqrt())
+        else:
+            scores = weight_scores(weight, str(self.plan.importance))
         found = layer_mask(name, module, self.plan, scores)
         assert not isinstance(found, str), found  # unfit layers were set aside before
         return found.mask
@@ -259,6 +295,18 @@ class _Stream:
                 progress=progress, order=order, one_forward=True, pruned=self.masks,
             )  # fmt: skip
         self.outcome.fits = fits
+
+    def wanda(self, batches: list[Any], order: CallOrder, progress: bool) -> None:
+        """Input norms in one forward of the stacked batches on the unpruned weights, the
+        blocks loaded and finished (masked from the norms) by hooks as the forward goes."""
+        self.steps = iter(track([b for b in self.blocks if b != REST], "wanda", progress))
+        with self._hooks():
+            input_square_sums(
+                self.model, list(self.layers), batches, self.square_sums, order=order,
+                one_forward=True,
+            )  # fmt: skip
+        for _ in self.steps:  # drain the bar
+            pass
 
     @contextlib.contextmanager
     def _hooks(self) -> Iterator[None]:

@@ -121,19 +121,51 @@ def input_norms(
 ) -> dict[str, Tensor]:
     """||x_j||_2 per input channel of each named layer over every calibration row (float64)."""
     sums: dict[str, Tensor] = {}
-
-    def record(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        channels = channel_rows(args[0].detach().double(), module)  # (rows, in)
-        total = (channels * channels).sum(0)
-        sums[name] = sums[name] + total if name in sums else total
-
-    with pre_hooks(model, names, record):
-        for batch in batches:
-            run_eval(model, batch)
+    input_square_sums(model, list(names), batches, sums)
     same_everywhere(sorted(sums), "the layers the calibration forward reached")
     for name in sorted(sums):  # over every process's share (the same order on every rank)
         all_sum(sums[name])
     return {name: s.sqrt() for name, s in sums.items()}
+
+
+def input_square_sums(
+    model: nn.Module,
+    names: list[str],
+    batches: Sequence[Any],
+    sums: dict[str, Tensor],
+    *,
+    order: CallOrder | None = None,
+    one_forward: bool = False,
+) -> None:
+    """Add sum(x_j^2) per input channel of each named layer to ``sums`` (float64, as each
+    layer's input passes): several batches in one forward of them stacked where they stack
+    (each batch's part summed in batch order), else -- and for layers called more than once
+    a forward -- one forward per batch. ``order``: the layers' call order (else found by a
+    forward of the first batch); ``one_forward`` raises instead of forwards per batch (a
+    model whose weights stream in and out as the forward goes)."""
+
+    def add(name: str, module: nn.Module, parts: list[Tensor]) -> None:
+        for part in parts:
+            channels = channel_rows(part.double(), module)  # (rows, in)
+            total = (channels * channels).sum(0)
+            sums[name] = sums[name] + total if name in sums else total
+
+    rest = names
+    if len(batches) > 1 or order is not None:
+        found = order if order is not None else call_order(model, names, batches[0])
+        missed = in_one_forward(model, found, batches, add)
+        if missed is not None:  # called once in batch 0's forward and reached: done
+            done = {n for n in found.order if found.calls[n] == 1} - set(missed)
+            rest = [n for n in names if n not in done and (not one_forward or n in found.calls)]
+    if rest and one_forward:
+        raise InputError(
+            "the input norms here need the calibration batches in one forward: give batches "
+            "of one shape (they are stacked) whose activations fit 512 MiB per layer, and "
+            f"layers called once per forward (not so: {rest[:3]})"
+        )
+    with pre_hooks(model, rest, lambda n, m, args: add(n, m, [args[0].detach()])):
+        for batch in batches if rest else []:
+            run_eval(model, batch)
 
 
 def layer_inputs(model: nn.Module, name: str, batches: Sequence[Any]) -> Iterator[Tensor]:

@@ -193,6 +193,12 @@ def weight_scores(weight: Tensor, criterion: str) -> np.ndarray:
     return (w.abs() if criterion == "l1" else w * w).numpy()
 
 
+def wanda_scores(module: nn.Module, weight: Tensor, norms: Tensor | None) -> np.ndarray:
+    """|W_ij| * ||x_j||, in float64 (``norms``: the layer's input norms; None: never called)."""
+    w = weight.detach().double()
+    return (w.abs() * _input_scale(module, w, norms)).numpy()
+
+
 def _scores(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -211,10 +217,7 @@ def _scores(
         raise ValueError(f"importance={criterion!r} needs calibration batches")
     if criterion == "wanda":
         norms = input_norms(model, list(layers), batches)
-        return {
-            n: (w.abs() * _input_scale(layers[n], w, norms.get(n))).numpy()
-            for n, w in weights.items()
-        }
+        return {n: wanda_scores(layers[n], w, norms.get(n)) for n, w in weights.items()}
     fqns = {f"{n}.weight" for n in layers}
     grads = gradients(model, batches, loss_fn, fqns)
     out = {}
