@@ -147,3 +147,77 @@ def taylor_across_ranks() -> None:
         gp.compile(model, gp.Plan(ratio=0.5, importance="taylor"), x, calibration=calibration)
     with pytest.raises(InputError, match="cannot be spread over a torch"):
         gp.compile(model, gp.Plan(target_latency=0.8), x)  # each rank would time its own
+
+
+STREAMED = {
+    "sparsegpt": gp.Plan(granularity="n:m", reconstruct=True),
+    "wanda": gp.Plan(granularity="n:m", importance="wanda"),
+}
+
+
+def stream_across_ranks(folder: str) -> dict[str, int]:
+    """compile_checkpoint of ``folder``/src for each STREAMED plan into ``folder``/<plan>
+    (every rank the same arguments); the calibration rows each rank's stream was given."""
+    from tests.real_models import declare_torchvision_ops
+
+    declare_torchvision_ops()  # transformers imports torchvision
+    import graphprune.checkpoint as checkpoint
+    from tests.test_checkpoint import _calibration
+
+    rows: dict[str, int] = {}
+    real = checkpoint.stream_sparse
+
+    def counting(*args: Any) -> Any:
+        rows[name] = sum(int(batch[0].shape[0]) for batch in args[3])
+        return real(*args)
+
+    checkpoint.stream_sparse = counting  # type: ignore[assignment]
+    try:
+        for name, plan in STREAMED.items():
+            found = gp.compile_checkpoint(
+                Path(folder) / "src", plan, Path(folder) / name, calibration=_calibration(),
+                progress=False,
+            )  # fmt: skip
+            assert found.verified.startswith("outputs"), found.verified  # checked on every rank
+    finally:
+        checkpoint.stream_sparse = real
+    return rows
+
+
+def test_two_gloo_processes_stream_a_checkpoint_as_one_does(tmp_path: Path) -> None:
+    """compile_checkpoint in a process group: each rank streams its half of the calibration
+    batches with the Hessians / input norms summed over both; rank 0 writes the checkpoint
+    once, and it holds the one-process run's masks and weights (float summation aside)."""
+    import transformers as tf
+
+    from tests.test_checkpoint import _calibration, _llama, _saved
+
+    _saved(_llama(), tmp_path / "src")
+    script = WORKER.replace(
+        "torch.save(run(), sys.argv[3])",
+        "from tests.test_distributed import stream_across_ranks\n"
+        "    torch.save(stream_across_ranks(sys.argv[3]), sys.argv[3] + f'/rows{{rank}}.pt')",
+    ).format(root=str(ROOT))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(rank), str(tmp_path / "store"), str(tmp_path)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    errors = [w.communicate(timeout=600)[1] for w in workers]
+    assert all(w.returncode == 0 for w in workers), errors
+    rows = [torch.load(tmp_path / f"rows{r}.pt") for r in (0, 1)]
+    assert rows == [{"sparsegpt": 2, "wanda": 2}] * 2  # each rank its 2 of the 4 batches
+    for name, plan in STREAMED.items():
+        assert not (tmp_path / f"{name}.partial").exists()
+        alone = tmp_path / f"{name}-alone"
+        gp.compile_checkpoint(
+            tmp_path / "src", plan, alone, calibration=_calibration(), progress=False
+        )
+        one = tf.LlamaForCausalLM.from_pretrained(alone).state_dict()
+        two = tf.LlamaForCausalLM.from_pretrained(tmp_path / name).state_dict()
+        for key, expected in one.items():
+            assert torch.equal(two[key] == 0, expected == 0), (name, key)  # the same masks
+            torch.testing.assert_close(two[key], expected, rtol=1e-4, atol=1e-6)

@@ -8,6 +8,11 @@ then writes each decoder layer's tensors sliced to ``dst`` -- one layer in memor
 with the config synced to the pruned shapes. The written checkpoint is checked by building
 the model from the written config on the meta device (every tensor's shape), and, when it
 fits in ``verify_bytes``, by loading it with ``from_pretrained`` and running it.
+
+In a torch.distributed process group every rank calls it with the same arguments: each runs
+the one-shot forward on its share of the calibration batches with the statistics summed over
+the ranks (:mod:`graphprune.oneshot.distributed`), so every rank computes the same weights;
+rank 0 alone writes ``dst`` (an error it meets is raised on every rank) and every rank checks it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from graphprune.checkpoint.write import (
 from graphprune.compile import compile, report
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, round_trip, sync_config
+from graphprune.oneshot.distributed import on_rank_zero, rank, sharing
 from graphprune.oneshot.reconstruct import LayerFit
 from graphprune.passes.slice_channels import slice_plan
 from graphprune.planning.masks import WEIGHT_CRITERIA
@@ -116,34 +122,51 @@ def compile_checkpoint(
     plan.check_patterns(name for name, _ in model.named_modules())
     inputs = example_inputs if example_inputs is not None else _token_ids(source.config)
     batches = list(calibration) if calibration is not None else [inputs]
-    params_before = count_params(model)
     identity = _identity(source, plan, model_class, batches if data else [])
     watch.lap("open")
+    progress = progress and rank() == 0
     if plan.is_sparse:
-        staging = staging_dir(target, identity)
-        macs = observe_fake(model, _on_meta(inputs)).macs
-        writer = ShardWriter(source, staging)
-        with no_cache(model):
-            outcome = stream_sparse(source, model, plan, batches, writer, progress)
-        finish(source, staging, writer.weight_map, source.config)
+        staging = on_rank_zero(lambda: staging_dir(target, identity))
+        found = _sparse(source, model, plan, inputs, batches, staging, progress)
+        found.dst = str(target)
         watch.lap("prune and write")
-        found = CheckpointReport(
-            str(src), str(target), params_before, params_before, macs, macs, {}, None, "",
-            sparsity=outcome.layers, fits=outcome.fits, resumed=outcome.resumed,
-        )  # fmt: skip
     else:
         found, staging = _structured(source, model, plan, inputs, identity, target, watch, progress)
-        found.src = str(src)
+    found.src = str(src)
     try:
         found.verified, checked = _verify_written(
             staging, source, model, plan, inputs, batches, verify_bytes
         )
     except InputError as exc:
-        raise InputError(f"{exc} (the output was set aside in {reject(staging, target)})") from None
-    publish(staging, target)
+        aside = on_rank_zero(lambda: reject(staging, target))
+        raise InputError(f"{exc} (the output was set aside in {aside})") from None
+    on_rank_zero(lambda: publish(staging, target))
     watch.lap("verify")
     found.config, found.seconds = checked or found.config, watch.seconds
     return found
+
+
+def _sparse(
+    source: Checkpoint,
+    model: nn.Module,
+    plan: Plan,
+    inputs: ExampleInputs,
+    batches: list[Any],
+    staging: Path,
+    progress: bool,
+) -> CheckpointReport:
+    """The sparse stage streamed block by block (in a process group: on this rank's share of
+    the calibration batches; rank 0 writes)."""
+    params, macs = count_params(model), observe_fake(model, _on_meta(inputs)).macs
+    writer = ShardWriter(source, staging, writes=rank() == 0)
+    data = plan.reconstruct or plan.importance == "wanda"
+    with no_cache(model), sharing(batches, data) as share:
+        outcome = stream_sparse(source, model, plan, share, writer, progress)
+    on_rank_zero(lambda: finish(source, staging, writer.weight_map, source.config))
+    return CheckpointReport(
+        "", "", params, params, macs, macs, {}, None, "", sparsity=outcome.layers,
+        fits=outcome.fits, resumed=outcome.resumed,
+    )  # fmt: skip
 
 
 def _structured(
@@ -166,9 +189,13 @@ def _structured(
     _check_expressible(config, model)
     slices = _slices(source, setup, outcome.resolution.kept)
     _check_slices(slices, source, model)
-    staging = staging_dir(target, identity)
-    weight_map = write_shards(source, slices, staging, _printer(progress))
-    finish(source, staging, weight_map, model.config)
+    staging = on_rank_zero(lambda: staging_dir(target, identity))
+
+    def write() -> None:  # rank 0 alone (in a process group)
+        weight_map = write_shards(source, slices, staging, _printer(progress))
+        finish(source, staging, weight_map, model.config)
+
+    on_rank_zero(write)
     watch.lap("write")
     kept = {
         f"group {g.id} ({g.name})": (len(outcome.resolution.kept[g.id]), g.size)

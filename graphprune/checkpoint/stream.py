@@ -42,6 +42,7 @@ from graphprune.checkpoint.write import ShardWriter, block_of
 from graphprune.errors import InputError
 from graphprune.modules import weight_of
 from graphprune.oneshot.calibration import CallOrder, call_order, input_square_sums
+from graphprune.oneshot.distributed import all_sum, barrier, same_everywhere
 from graphprune.oneshot.reconstruct import LayerFit, sparsegpt
 from graphprune.planning.masks import (
     layer_mask,
@@ -86,6 +87,8 @@ def stream_sparse(
     forward = plan.reconstruct or wanda  # the calibration data runs through the model
     order = _fake_call_order(model, list(layers), batches[0]) if forward else None
     stream = _Stream(source, model, plan, writer, layers)
+    barrier()  # torch.distributed: every rank has read which blocks are done before any writes
+    same_everywhere(sorted(stream.done), "the blocks an interrupted run wrote")
     stream.outcome.layers += [LayerSparsity(n, "dense", [], 0.0, w) for n, w in skipped.items()]
     _real_buffers(model)
     if plan.reconstruct:
@@ -264,6 +267,9 @@ class _Stream:
         weight = weight_of(module)
         if self.unpruned:
             sums = self.square_sums.get(name)
+            same_everywhere([name] if sums is not None else [], "the layers the forward reached")
+            if sums is not None:
+                all_sum(sums)  # over the ranks' shares of the batches (torch.distributed)
             scores = wanda_scores(module, weight, None if sums is None else sums.sqrt())
         else:
             scores = weight_scores(weight, str(self.plan.importance))

@@ -136,8 +136,9 @@ class ShardWriter:
     """The output shards of one run in its staging directory: which are complete (the manifest
     names them, with what they were made from and their file's sha256), and writing one."""
 
-    def __init__(self, checkpoint: Checkpoint, staging: Path) -> None:
+    def __init__(self, checkpoint: Checkpoint, staging: Path, writes: bool = True) -> None:
         self.staging, self.manifest_path = staging, staging / MANIFEST
+        self.writes = writes  # False: another process writes (torch.distributed: rank 0)
         self.manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         self.plan = shard_plan(checkpoint)
         self.weight_map = {n: file for file, names in self.plan.items() for n in names}
@@ -153,6 +154,8 @@ class ShardWriter:
 
     def write(self, file: str, tensors: dict[str, Tensor], made: dict[str, list[Any]]) -> None:
         """Write the shard (temp file, then rename) and record it in the manifest."""
+        if not self.writes:
+            return
         safetensors_torch = _safetensors_torch()
 
         def save(tmp: Path) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -127,6 +127,39 @@ def same_everywhere(value: list[str], what: str) -> None:
             "data, e.g. a mixture of experts): this one-shot step cannot be distributed; "
             "run it in one process"
         )
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 without torch.distributed)."""
+    return dist.get_rank() if group_size() > 1 else 0
+
+
+def barrier() -> None:
+    """Wait for every process of the default group (nothing without one)."""
+    if group_size() > 1:
+        dist.barrier()
+
+
+def on_rank_zero(work: Callable[[], T]) -> T:
+    """``work()`` run by rank 0 alone (files: one writer) and its result given to every rank;
+    an error it raises is raised on every rank (as an InputError with its message on the
+    others), so no rank waits for a result that will not come."""
+    if group_size() == 1:
+        return work()
+    outcome: list[object] = [None, None]  # [result, error text]
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = work()
+        except BaseException as exc:  # every rank must hear of it, then it is re-raised
+            error = exc
+            outcome[1] = f"{type(exc).__name__}: {exc}"
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[1] is not None:
+        raise InputError(f"rank 0 failed: {outcome[1]}")
+    return outcome[0]  # type: ignore[return-value]
 
 
 def refuse(what: str) -> None:
