@@ -163,3 +163,19 @@ def test_no_function_over_80_lines() -> None:
                 if lines > 80:
                     long.append(f"{module}.{node.name}: {lines} lines")
     assert not long, long
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject lists every package folder (a missing one is absent from a wheel: an editable
+    install, as the tests use, would not notice), mapped to its folder."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        ".".join(("graphprune", *p.parent.relative_to(ROOT / "graphprune").parts)): p.parent
+        for p in (ROOT / "graphprune").rglob("__init__.py")
+    }
+    folders |= {"graphprune.passes": ROOT / "passes", "graphprune.models": ROOT / "models"}
+    assert sorted(config["packages"]) == sorted(folders)
+    mapped = {name: ROOT / folder for name, folder in config["package-dir"].items()}
+    assert mapped == folders
