@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -328,8 +329,10 @@ def measure(repeat: int) -> dict[str, dict[str, float]]:
 
 @contextlib.contextmanager
 def built_revision(ref: str) -> Iterator[Path]:
-    """graphprune as of git revision ``ref``, pip-installed into a temporary directory (put it
-    on PYTHONPATH, run from elsewhere than the checkout, whose editable install is untouched)."""
+    """graphprune as of git revision ``ref`` laid out as installed in a temporary directory
+    (``passes/`` and ``models/`` as ``graphprune.passes`` and ``.models``; not by pip: some
+    revisions' package lists missed a package): put it on PYTHONPATH and run from elsewhere
+    than the checkout, whose editable install is untouched."""
     with tempfile.TemporaryDirectory() as tmp:
         source, site = Path(tmp) / "src", Path(tmp) / "site"
         source.mkdir()
@@ -337,11 +340,9 @@ def built_revision(ref: str) -> Iterator[Path]:
             ["git", "archive", ref], cwd=ROOT, check=True, capture_output=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-             str(site), str(source)],
-            check=True,
-        )  # fmt: skip
+        shutil.copytree(source / "graphprune", site / "graphprune")
+        for sub in ("passes", "models"):
+            shutil.copytree(source / sub, site / "graphprune" / sub)
         yield site
 
 
