@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -247,3 +249,38 @@ def test_cut_and_uncut_give_back_every_element(data: st.DataObject) -> None:
     for taken in reversed(cuts):
         current = uncut(current, taken)
     assert torch.equal(current, t)
+
+
+def test_exports_are_reused_for_models_of_the_same_content(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The latency stage's export cache: the same model, or a copy equal to it (a round
+    compiled again to the same plan), is exported once; a weight changed in place, an
+    attribute, or other input shapes are a new export."""
+    from graphprune.onnx import export_cache
+
+    made: list[str] = []
+    real = export_cache.export
+
+    def counting(model: nn.Module, inputs: Any, path: Any, **kw: Any) -> Any:
+        made.append(str(path))
+        return real(model, inputs, path, **kw)
+
+    monkeypatch.setattr(export_cache, "export", counting)
+    monkeypatch.setattr(export_cache, "EXPORTS", export_cache.ExportCache())
+    cache = export_cache.EXPORTS
+    spec = MODELS["resnet18"]
+    model, x = spec.build().eval(), spec.example_inputs()
+    first = cache.path(model, x, tmp_path / "a.onnx")
+    assert cache.path(model, x, tmp_path / "b.onnx") == first and len(made) == 1
+    pruned = [gp.compile(model, gp.Plan(ratio=0.3), x) for _ in range(2)]  # equal copies
+    assert cache.path(pruned[0], x, tmp_path / "c.onnx") == cache.path(pruned[1], x, tmp_path)
+    assert len(made) == 2
+    with torch.no_grad():
+        next(model.parameters())[0, 0, 0, 0] += 1.0  # a weight changed in place
+    assert cache.path(model, x, tmp_path / "d.onnx") != first and len(made) == 3
+    image = x[0] if isinstance(x, tuple) else x
+    assert cache.path(model, (torch.randn(1, *image.shape[1:]),), tmp_path) and len(made) == 4
+    model.extra_setting = 2  # an attribute the forward could read
+    cache.path(model, x, tmp_path / "e.onnx")
+    assert len(made) == 5 and cache.hits == 2 and all(p.is_file() for p in cache.files.values())

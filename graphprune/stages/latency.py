@@ -3,9 +3,10 @@
 The allocation (:mod:`graphprune.planning.latency.allocate`) predicts latency from per-op
 tables; what single ops miss (norms, activations, fused kernels) is corrected here by
 measuring the real pruned model: each round is compiled, exported and timed against the
-original (interleaved, same process), the allocator's budget is scaled by target/measured,
-and the loop repeats (at most ``ROUNDS``) until the measured ratio is within ``TOLERANCE``.
-The model returned is the round measured closest to the target.
+original (interleaved, same process; exports of a model with the same content are reused
+within the process, :mod:`graphprune.onnx.export_cache`), the allocator's budget is scaled
+by target/measured, and the loop repeats (at most ``ROUNDS``) until the measured ratio is
+within ``TOLERANCE``. The model returned is the round measured closest to the target.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch import nn
 from graphprune.capture import ExampleInputs, normalize_inputs
 from graphprune.onnx import make_feeds
 from graphprune.onnx.bench import benchmark
-from graphprune.onnx.export import export, input_names
+from graphprune.onnx.export import input_names
+from graphprune.onnx.export_cache import exported
 from graphprune.onnx.op_latency import LatencyCache
 from graphprune.onnx.runtimes import get_runtime
 from graphprune.planning.importance import LossFn
@@ -60,12 +62,10 @@ def measure_ratio(
     with tempfile.TemporaryDirectory() as tmp:
         base = original_file
         if base is None:
-            base = Path(tmp) / "original.onnx"
-            export(original, example_inputs, base)
+            base = exported(original, example_inputs, Path(tmp) / "original.onnx")
         other = base
         if pruned is not original:
-            other = Path(tmp) / "pruned.onnx"
-            export(pruned, example_inputs, other)
+            other = exported(pruned, example_inputs, Path(tmp) / "pruned.onnx")
         args, kwargs = normalize_inputs(example_inputs)
         batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
         feeds = make_feeds(example_inputs, input_names(original, example_inputs))
@@ -120,8 +120,8 @@ def compile_to_latency(
     batches = calibration if calibration is not None else [example_inputs]
     costs = cost_model(model, plan, example_inputs, batches, loss_fn, cache, progress)
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "original.onnx"  # exported once, timed against every round
-        export(model, example_inputs, base)
+        # exported once (and reused by later compiles of this model), timed against every round
+        base = exported(model, example_inputs, Path(tmp) / "original.onnx")
 
         original_ms: list[float] = []  # as each measurement found it: the last one is reported
         runs = runs_per_block(costs.seconds(costs.full))
@@ -142,6 +142,7 @@ def compile_to_latency(
                 f"target_latency_ms={plan.target_latency_ms} is at or above the original's "
                 f"measured {original_ms[0]:.3f} ms: nothing needs pruning"
             )
+
         def compile_round(concrete: Plan) -> nn.Module:
             return compile_fn(
                 model, concrete, example_inputs, calibration=calibration, loss_fn=loss_fn
