@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -241,8 +242,8 @@ def _print_stage_table(rows: dict[str, dict[str, float]]) -> None:
 
 def workflow_times() -> dict[str, dict[str, float]]:
     """End-to-end seconds of the workflows that compile a model many times: a latency-target
-    compile (0.6 of the measured onnxruntime latency; its op-latency tables measured by an
-    untimed first run, so both revisions time the same work), then one to 0.7 (rounds never
+    compile (0.65 of the measured onnxruntime latency; its op-latency tables measured by an
+    untimed first run, so both revisions time the same work), then one to 0.75 (rounds never
     compiled before: only the original's export can be reused), and a 5-step Pruner at 0.5,
     on the zoo ResNet-18 layout and the zoo ViT; with what each produced (MACs ratio, and for
     the Pruner a checksum of the final weights: the same before and after a change)."""
@@ -256,7 +257,7 @@ def workflow_times() -> dict[str, dict[str, float]]:
     for name in ("resnet18", "vit"):
         spec = MODELS[name]
         model, x = spec.build().eval(), spec.example_inputs()
-        plan = gp.Plan(target_latency=0.6)  # 0.5 is past some runs' measured floors
+        plan = gp.Plan(target_latency=0.65)  # 0.6 is past some runs' measured floors
         gp.compile(model, plan, x)  # fills the op-latency tables (untimed)
         start = time.perf_counter()
         pruned = gp.compile(model, plan, x)
@@ -266,13 +267,18 @@ def workflow_times() -> dict[str, dict[str, float]]:
             "rounds": float(len(found.latency.rounds)) if found.latency else float("nan"),
         }  # fmt: skip
         start = time.perf_counter()  # another target on the same model: its rounds are new
-        other = gp.report(gp.compile(model, gp.Plan(target_latency=0.7), x))
-        rows[f"then latency 0.7 {name}"] = {
+        other = gp.report(gp.compile(model, gp.Plan(target_latency=0.75), x))
+        rows[f"then latency 0.75 {name}"] = {
             "seconds": time.perf_counter() - start, "macs_ratio": other.macs_ratio,
             "rounds": float(len(other.latency.rounds)) if other.latency else float("nan"),
         }  # fmt: skip
         start = time.perf_counter()
-        pruner = gp.Pruner(model, gp.Plan(ratio=0.5, round_to=1), x, steps=5, progress=False)
+        # channel plans narrow the attention with the residual since e105e95 (Plan.attention);
+        # "keep" prunes what earlier revisions did, so both sides of --against do the same job
+        fields = {f.name for f in dataclasses.fields(gp.Plan)}
+        same = {"attention": "keep"} if "attention" in fields else {}
+        plan = gp.Plan(ratio=0.5, round_to=1, **same)
+        pruner = gp.Pruner(model, plan, x, steps=5, progress=False)
         final = pruner.run()
         checksum = sum(float(t.double().abs().sum()) for t in final.state_dict().values())
         rows[f"pruner 5 steps {name}"] = {

@@ -50,6 +50,28 @@ WORKER = textwrap.dedent(
 )
 
 
+def two_ranks(script: str, store: Path, argument: Callable[[int], str]) -> None:
+    """``script`` (a WORKER) run as ranks 0 and 1 of a gloo group, both to success; its third
+    argument per rank is ``argument(rank)``."""
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script.format(root=str(ROOT)),
+                str(rank),
+                str(store),
+                argument(rank),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    errors = [w.communicate(timeout=600)[1] for w in workers]
+    assert all(w.returncode == 0 for w in workers), errors
+
+
 def _cases() -> dict[str, tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]]:
     torch.manual_seed(0)
     cnn = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
@@ -91,24 +113,7 @@ def run() -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_two_gloo_processes_give_the_one_process_masks_and_weights(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                WORKER.format(root=str(ROOT)),
-                str(rank),
-                str(store),
-                str(tmp_path / f"rank{rank}.pt"),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    errors = [w.communicate(timeout=600)[1] for w in workers]
-    assert all(w.returncode == 0 for w in workers), errors
+    two_ranks(WORKER, tmp_path / "store", lambda rank: str(tmp_path / f"rank{rank}.pt"))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     alone = run()
     for name, weights in alone.items():
@@ -128,17 +133,8 @@ def test_a_gradient_criterion_is_refused_across_processes(tmp_path: Path) -> Non
     script = WORKER.replace(
         "torch.save(run(), sys.argv[3])",
         "from tests.test_distributed import taylor_across_ranks; taylor_across_ranks()",
-    ).format(root=str(ROOT))
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(rank), str(tmp_path / "store"), "-"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    errors = [w.communicate(timeout=600)[1] for w in workers]
-    assert all(w.returncode == 0 for w in workers), errors
+    )
+    two_ranks(script, tmp_path / "store", lambda rank: "-")
 
 
 def taylor_across_ranks() -> None:
@@ -197,17 +193,8 @@ def test_two_gloo_processes_stream_a_checkpoint_as_one_does(tmp_path: Path) -> N
         "torch.save(run(), sys.argv[3])",
         "from tests.test_distributed import stream_across_ranks\n"
         "    torch.save(stream_across_ranks(sys.argv[3]), sys.argv[3] + f'/rows{{rank}}.pt')",
-    ).format(root=str(ROOT))
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(rank), str(tmp_path / "store"), str(tmp_path)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    errors = [w.communicate(timeout=600)[1] for w in workers]
-    assert all(w.returncode == 0 for w in workers), errors
+    )
+    two_ranks(script, tmp_path / "store", lambda rank: str(tmp_path))
     rows = [torch.load(tmp_path / f"rows{r}.pt") for r in (0, 1)]
     assert rows == [{"sparsegpt": 2, "wanda": 2}] * 2  # each rank its 2 of the 4 batches
     for name, plan in STREAMED.items():
