@@ -32,7 +32,7 @@ from graphprune.analysis.macs import count_params
 from graphprune.analysis.observe import observe_fake
 from graphprune.capture import ExampleInputs, no_cache, serialized, tensor_aliases
 from graphprune.checkpoint.source import Checkpoint, CheckpointTensors
-from graphprune.checkpoint.stream import stream_sparse
+from graphprune.checkpoint.stream import StreamedNorms, stream_sparse
 from graphprune.checkpoint.write import (
     ShardWriter,
     Slices,
@@ -108,7 +108,7 @@ def compile_checkpoint(
     watch = Stopwatch()
     source, target = Checkpoint.open(src, model_class), Path(dst)
     _check_request(plan, source, target)
-    data = plan.reconstruct or (plan.is_sparse and plan.importance == "wanda")
+    data = plan.reconstruct or plan.importance == "wanda"
     if data and calibration is None:
         what = "reconstruct=True fits the kept weights to" if plan.reconstruct else (
             "importance='wanda' weighs each weight by its input's norm on"
@@ -131,7 +131,9 @@ def compile_checkpoint(
         found.dst = str(target)
         watch.lap("prune and write")
     else:
-        found, staging = _structured(source, model, plan, inputs, identity, target, watch, progress)
+        found, staging = _structured(
+            source, model, plan, inputs, batches, identity, target, watch, progress
+        )
     found.src = str(src)
     try:
         found.verified, checked = _verify_written(
@@ -174,6 +176,7 @@ def _structured(
     model: nn.Module,
     plan: Plan,
     inputs: ExampleInputs,
+    batches: list[Any],
     identity: dict[str, Any],
     target: Path,
     watch: Stopwatch,
@@ -183,7 +186,7 @@ def _structured(
     params_before = count_params(model)
     original_config = round_trip(source.config)
     with no_cache(model):
-        outcome, setup = _prune_meta(model, plan, inputs, source, watch)
+        outcome, setup = _prune_meta(model, plan, inputs, batches, source, watch)
         config = sync_config(model, original_config, None)
     watch.lap("config sync")
     _check_expressible(config, model)
@@ -328,18 +331,27 @@ def _on_meta(inputs: ExampleInputs) -> Any:
 
 
 def _prune_meta(
-    model: nn.Module, plan: Plan, inputs: ExampleInputs, source: Checkpoint, watch: Stopwatch
+    model: nn.Module,
+    plan: Plan,
+    inputs: ExampleInputs,
+    batches: list[Any],
+    source: Checkpoint,
+    watch: Stopwatch,
 ) -> tuple[freeze_retry.Outcome, freeze_retry.Setup]:
-    """The structured stage on the meta model, scored from the checkpoint's tensors."""
+    """The structured stage on the meta model, scored from the checkpoint's tensors (wanda:
+    and the input norms of a streamed forward of ``batches``)."""
     meta_inputs = _on_meta(inputs)
     observed = observe_fake(model, meta_inputs)
+    wanda = plan.importance == "wanda"
     setup = freeze_retry.setup(
         model, meta_inputs, observed, watch.lap, keep=False, forward=observe_fake,
         weights=CheckpointTensors(source, tensor_aliases(model)),
+        norms_from=StreamedNorms(source, model, plan) if wanda else None,
     )  # fmt: skip
     outcome = freeze_retry.prune_channels(
-        model, plan, setup, [meta_inputs], None, watch.lap, inplace=True, strict=False
-    )
+        model, plan, setup, batches if wanda else [meta_inputs], None, watch.lap,
+        inplace=True, strict=False,
+    )  # fmt: skip
     return outcome, setup
 
 

@@ -41,7 +41,12 @@ from graphprune.checkpoint.source import Checkpoint, CheckpointTensors, _safe_op
 from graphprune.checkpoint.write import ShardWriter, block_of
 from graphprune.errors import InputError
 from graphprune.modules import weight_of
-from graphprune.oneshot.calibration import CallOrder, call_order, input_square_sums
+from graphprune.oneshot.calibration import (
+    CallOrder,
+    call_order,
+    input_square_sums,
+    rows_unsupported,
+)
 from graphprune.oneshot.distributed import all_sum, barrier, same_everywhere
 from graphprune.oneshot.reconstruct import LayerFit, sparsegpt
 from graphprune.planning.masks import (
@@ -106,6 +111,65 @@ def stream_sparse(
     return stream.outcome
 
 
+class StreamedNorms:
+    """Wanda's input norms for a structured plan from a checkpoint (a ``NormSource``): on
+    first use one forward of the stacked calibration batches runs through the meta model, each
+    block loaded from the shards when the forward reaches it and dropped when it returns
+    (nothing is written), measuring every Linear/Conv called once a forward; later asks are
+    answered from that pass. The sums are those :func:`graphprune.compile` makes in memory
+    (:func:`~graphprune.oneshot.calibration.input_square_sums`), so the scores are the same.
+    The model is left on the meta device, its non-persistent buffers too."""
+
+    def __init__(self, source: Checkpoint, model: nn.Module, plan: Plan) -> None:
+        self.source, self.model, self.plan = source, model, plan
+        self.norms: dict[str, Tensor] | None = None
+        self.twice: set[str] = set()  # layers called more than once a forward: not measured
+
+    def __call__(self, layers: list[str], batches: list[Any]) -> dict[str, Tensor]:
+        if self.norms is None:
+            self.norms = self._measure(batches)
+        twice = sorted(self.twice.intersection(layers))
+        if twice:
+            raise InputError(
+                f"wanda from a checkpoint reads each layer's input in one forward: {twice[:3]} "
+                "are called more than once a forward (load the model and use graphprune.compile)"
+            )
+        return {name: self.norms[name] for name in layers if name in self.norms}
+
+    def _measure(self, batches: list[Any]) -> dict[str, Tensor]:
+        model = self.model
+        candidates = [n for n, m in model.named_modules() if n and not rows_unsupported(m)]
+        order = _fake_call_order(model, candidates, batches[0])
+        self.twice = {n for n, calls in order.calls.items() if calls > 1}
+        once = [n for n in order.order if n not in self.twice]
+        meta = _meta_buffers(model)
+        _real_buffers(model)
+        stream = _Stream(self.source, model, self.plan, None, {})
+        sums: dict[str, Tensor] = {}
+        try:
+            with stream._hooks():
+                input_square_sums(model, once, batches, sums, order=order, one_forward=True)
+        finally:
+            for block in stream.blocks:  # whatever is still loaded (an error midway)
+                stream._drop(block)
+            for module, leaf, buffer in meta:
+                module._buffers[leaf] = buffer
+        same_everywhere(sorted(sums), "the layers the forward reached")
+        for name in sorted(sums):
+            all_sum(sums[name])
+        return {name: total.sqrt() for name, total in sums.items()}
+
+
+def _meta_buffers(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """The model's buffers on the meta device (to put back after a streamed forward)."""
+    return [
+        (module, leaf, buffer)
+        for module in model.modules()
+        for leaf, buffer in module._buffers.items()
+        if buffer is not None and buffer.is_meta
+    ]
+
+
 def _fake_call_order(model: nn.Module, names: list[str], batch: Any) -> CallOrder:
     """The layers' call order from a forward of the meta model on shapes alone."""
     meta = torch.utils._pytree.tree_map_only(Tensor, lambda t: t.to("meta"), batch)
@@ -149,16 +213,18 @@ class _Stream:
         source: Checkpoint,
         model: nn.Module,
         plan: Plan,
-        writer: ShardWriter,
+        writer: ShardWriter | None,
         layers: dict[str, nn.Module],
     ) -> None:
         self.source, self.model, self.plan, self.writer = source, model, plan, writer
         self.stored = CheckpointTensors(source, tensor_aliases(model))
         self.layers = layers  # the maskable layers, by FQN
         self.files: dict[str, list[str]] = {}  # block -> its output shards (the rest: several)
-        for file, names in writer.plan.items():
+        for file, names in writer.plan.items() if writer is not None else []:
             self.files.setdefault(block_of(names[0]), []).append(file)
-        self.blocks = list(self.files)
+        # the blocks in the order written (read only: in the checkpoint's order)
+        stored = dict.fromkeys(map(block_of, source.shapes))
+        self.blocks = list(self.files) if writer is not None else list(stored)
         self.masks: dict[str, Tensor] = {}  # chosen by SparseGPT as it goes
         # wanda: sum(x_j^2) of each layer's inputs, and its forward runs on unpruned weights
         self.square_sums: dict[str, Tensor] = {}
@@ -167,13 +233,14 @@ class _Stream:
         self.outcome = SparseOutcome()
         self.done = {
             b for b in self.blocks
-            if all(writer.complete(f, self._made(f)) for f in self.files[b])
+            if writer is not None and all(writer.complete(f, self._made(f)) for f in self.files[b])
         }  # fmt: skip
         self.finished: set[str] = set()  # blocks written (or kept) and dropped
         self.outcome.resumed = sorted(b for b in self.done if b != REST)
 
     def _made(self, file: str) -> dict[str, list[Any]]:
         """What a shard is made from: each tensor's shape, masked or as stored."""
+        assert self.writer is not None
         names = self.writer.plan[file]
         layers = {f"{n}.weight" for n in self.layers}
         return {n: [*self.source.shapes[n], "masked" if n in layers else "stored"] for n in names}
@@ -203,9 +270,11 @@ class _Stream:
             )
         with contextlib.ExitStack() as stack:
             done = {}  # tensor name -> the complete output shard that holds it
-            for file in self.files[block] if block in self.done and not self.unpruned else []:
-                opened = stack.enter_context(_safe_open(self.writer.staging / file))
-                done.update(dict.fromkeys(self.writer.plan[file], opened))
+            writer = self.writer
+            if writer is not None and block in self.done and not self.unpruned:
+                for file in self.files[block]:
+                    opened = stack.enter_context(_safe_open(writer.staging / file))
+                    done.update(dict.fromkeys(writer.plan[file], opened))
             for fqn, owner, leaf, is_param in self._tensors(block):
                 current = owner._parameters[leaf] if is_param else owner._buffers[leaf]
                 if current is None or current.device.type != "meta":
@@ -221,7 +290,13 @@ class _Stream:
 
     def finish(self, block: str) -> None:
         """Zero the block's masked layers (those SparseGPT did not prune: their plain mask),
-        write its shard (unless an interrupted run did) and drop its tensors."""
+        write its shard (unless an interrupted run did) and drop its tensors (read only: drop
+        them)."""
+        if self.writer is None:
+            self._drop(block)
+            if block != REST:
+                self.finished.add(block)
+            return
         for name, module in self.layers.items():
             if block_of(name) != block:
                 continue
@@ -256,6 +331,7 @@ class _Stream:
 
     def _written(self, fqn: str) -> Tensor:
         """A tensor as an interrupted run wrote it (its block's complete output shard)."""
+        assert self.writer is not None
         file = next(f for f, names in self.writer.plan.items() if fqn in names)
         with _safe_open(self.writer.staging / file) as opened:
             written: Tensor = opened.get_tensor(fqn)
@@ -368,4 +444,4 @@ class _LazyMasks(Mapping[str, Tensor]):
         return len(self.layers)
 
 
-__all__ = ["SparseOutcome", "stream_sparse"]
+__all__ = ["SparseOutcome", "StreamedNorms", "stream_sparse"]

@@ -18,6 +18,7 @@ norms, biases) contribute their squared weight norms as ``l2`` does. A callable
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -217,6 +218,7 @@ CRITERIA: dict[str, Callable[[Group, ScoringInputs], np.ndarray]] = {
 }
 NEEDS_GRADIENTS = {"taylor", "fisher", "hessian"}
 WEIGHT_ONLY = {"l1", "l2", "fpgm", "bn_scale", "random"}  # criteria that read no data
+NormSource = Callable[[list[str], list[Any]], dict[str, Tensor]]  # (layers, batches) -> norms
 
 
 def default_loss(output: Any) -> Tensor:
@@ -272,16 +274,21 @@ def score_groups(
     loss_fn: LossFn | None = None,
     seed: int = 0,
     weights: Mapping[str, Tensor] | None = None,
+    norms_from: NormSource | None = None,
 ) -> dict[int, np.ndarray]:
     """One score per channel for each group in ``groups`` (higher = more important).
     ``weights``: where to read the tensors by FQN instead of ``model`` (a checkpoint read
-    tensor by tensor, for a model built on the meta device; weight criteria only)."""
+    tensor by tensor, for a model built on the meta device; weight criteria, and wanda when
+    ``norms_from`` measures the input norms). ``norms_from(layers, batches)``: wanda's input
+    norms (default: :func:`~graphprune.oneshot.calibration.input_norms` on ``model``)."""
     tensors: Mapping[str, Tensor]
     if weights is not None:
-        if callable(criterion) or criterion not in WEIGHT_ONLY:
+        data_free = criterion in WEIGHT_ONLY or (criterion == "wanda" and norms_from is not None)
+        if callable(criterion) or not data_free:
             raise PlanError(
                 f"importance={criterion!r} needs the model's forward on data; a model read "
-                f"from a checkpoint is scored by weights alone: one of {sorted(WEIGHT_ONLY)}"
+                f"from a checkpoint is scored by weights alone (one of {sorted(WEIGHT_ONLY)}) "
+                "or by wanda on calibration data"
             )
         tensors = weights
     else:
@@ -302,7 +309,8 @@ def score_groups(
     if criterion == "wanda":
         batches = list(batches)
         consumers = {m.module for g in groups for m in g.members if is_consumer(m, modules)}
-        norms = input_norms(model, sorted(consumers), batches)
+        measure = norms_from or functools.partial(input_norms, model)
+        norms = measure(sorted(consumers), batches)
     inputs = ScoringInputs(tensors, grads, modules, np.random.default_rng(seed), norms)
     for g in groups:
         for member in g.members:

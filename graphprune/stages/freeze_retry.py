@@ -49,7 +49,7 @@ from graphprune.passes.drop_layers import DropLayers, block_contributions, dropp
 from graphprune.passes.undo import Undo
 from graphprune.passes.verify import make_verifier, shapes_of
 from graphprune.planning.config_ties import ConfigTies, config_ties
-from graphprune.planning.importance import LossFn, nonfinite_groups, score_groups
+from graphprune.planning.importance import LossFn, NormSource, nonfinite_groups, score_groups
 from graphprune.planning.plan import Plan, PlanError
 from graphprune.planning.relations import (
     ConstantCall,
@@ -104,6 +104,7 @@ class Setup:
     # weights are read for scoring (None: the model's own)
     forward: Callable[[nn.Module, ExampleInputs], Observed] = observe
     weights: Mapping[str, Tensor] | None = None
+    norms_from: NormSource | None = None  # wanda's input norms (None: the model's forward)
 
     def notes(self) -> list[str]:
         if self.shapes is not None and self.shapes.trace.error:
@@ -149,6 +150,7 @@ def setup(
     keep: bool = True,
     forward: Callable[[nn.Module, ExampleInputs], Observed] = observe,
     weights: Mapping[str, Tensor] | None = None,
+    norms_from: NormSource | None = None,
 ) -> Setup:
     """Capture, analysis and shape model of ``model`` (reused from an earlier compile of the
     same structure, :mod:`graphprune.analysis.cache`; ``keep=False``: not stored for later).
@@ -160,7 +162,7 @@ def setup(
     lap("shape relations")
     return Setup(
         model, example_inputs, captured, dg, shapes_of(original.output), original.macs, shapes,
-        calls, forward, weights,
+        calls, forward, weights, norms_from,
     )  # fmt: skip
 
 
@@ -216,6 +218,7 @@ class _Resolver:
                     loss_fn=self.loss_fn,
                     seed=self.plan.seed,
                     weights=self.s.weights,
+                    norms_from=self.s.norms_from,
                 )
             )
         return self.scores[g]
@@ -308,7 +311,7 @@ def prune_channels(
     units = pruning_units(dg, groups, modules, plan.ratio or 0.5, plan.channel_multiple)
     scores = score_groups(
         s.original, dg, groups, plan.importance, batches=batches, loss_fn=loss_fn,
-        seed=plan.seed, weights=s.weights,
+        seed=plan.seed, weights=s.weights, norms_from=s.norms_from,
     )  # fmt: skip
     lap("score")
     unranked = _nonfinite_note(scores, dg, s.original, plan)
