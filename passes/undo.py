@@ -82,3 +82,4 @@ class Undo:
                     f"it is now {tuple(p.shape)} {p.dtype}"
                 )
             p.grad = original.grad
+        self.cuts.clear()  # the cut-away parts are back in the model

@@ -90,27 +90,34 @@ def _calibration(vocab: int = 100) -> list[tuple[torch.Tensor]]:
     return [(torch.randint(0, vocab, (1, 24), generator=generator),) for _ in range(4)]
 
 
+@pytest.mark.parametrize("granularity", ["channels", "heads"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_structured_wanda_streams_its_input_norms(tmp_path: Path, tied: bool) -> None:
+def test_structured_wanda_streams_its_input_norms(
+    tmp_path: Path, tied: bool, granularity: str
+) -> None:
     """A channel plan scored by wanda from a checkpoint: the input norms come from one forward
     of the stacked calibration batches, each block loaded when reached and dropped after; the
     channels kept, and so the weights, are bit for bit those of graphprune.compile in memory,
     and the model is left on the meta device for the rewrite."""
     model = _llama(tied)
     src = _saved(model, tmp_path / "src")
-    plan, batches = gp.Plan(ratio=0.5, importance="wanda"), _calibration()
+    plan = gp.Plan(ratio=0.5, importance="wanda", granularity=granularity)
+    batches = _calibration()
     found = gp.compile_checkpoint(src, plan, tmp_path / "dst", calibration=batches,
                                   progress=False)  # fmt: skip
     assert found.verified.startswith("outputs")
     reference = gp.compile(model, plan, (torch.zeros((1, 16), dtype=torch.long),),
                            calibration=batches)  # fmt: skip
-    l2 = gp.compile(model, gp.Plan(ratio=0.5), (torch.zeros((1, 16), dtype=torch.long),))
+    l2 = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity),
+                    (torch.zeros((1, 16), dtype=torch.long),))  # fmt: skip
     loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
     want, have = reference.state_dict(), loaded.state_dict()
     assert want.keys() == have.keys()
     for key in want:
         assert torch.equal(want[key], have[key]), key
     assert any(not torch.equal(v, l2.state_dict()[k]) for k, v in want.items())  # not l2's
+    # the meta model was left as it was, tied weights one tensor: the parameters counted once
+    assert found.params_after == sum(p.numel() for p in reference.parameters())
     with pytest.raises(PlanError, match="input's norm on calibration data"):
         gp.compile_checkpoint(src, plan, tmp_path / "none", progress=False)
 

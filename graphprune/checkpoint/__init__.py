@@ -348,10 +348,11 @@ def _prune_meta(
         weights=CheckpointTensors(source, tensor_aliases(model)),
         norms_from=StreamedNorms(source, model, plan) if wanda else None,
     )  # fmt: skip
-    outcome = freeze_retry.prune_channels(
-        model, plan, setup, batches if wanda else [meta_inputs], None, watch.lap,
-        inplace=True, strict=False,
-    )  # fmt: skip
+    with sharing(batches, wanda) as share:  # torch.distributed: this rank's share, summed
+        outcome = freeze_retry.prune_channels(
+            model, plan, setup, share if wanda else [meta_inputs], None, watch.lap,
+            inplace=True, strict=False,
+        )  # fmt: skip
     return outcome, setup
 
 

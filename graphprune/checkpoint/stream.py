@@ -142,7 +142,8 @@ class StreamedNorms:
         order = _fake_call_order(model, candidates, batches[0])
         self.twice = {n for n, calls in order.calls.items() if calls > 1}
         once = [n for n in order.order if n not in self.twice]
-        meta = _meta_buffers(model)
+        # every module's tables as they are (meta; tied weights one object), put back after
+        tables = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
         _real_buffers(model)
         stream = _Stream(self.source, model, self.plan, None, {})
         sums: dict[str, Tensor] = {}
@@ -150,24 +151,15 @@ class StreamedNorms:
             with stream._hooks():
                 input_square_sums(model, once, batches, sums, order=order, one_forward=True)
         finally:
-            for block in stream.blocks:  # whatever is still loaded (an error midway)
-                stream._drop(block)
-            for module, leaf, buffer in meta:
-                module._buffers[leaf] = buffer
+            for module, parameters, buffers in tables:
+                module._parameters.clear()
+                module._parameters.update(parameters)
+                module._buffers.clear()
+                module._buffers.update(buffers)
         same_everywhere(sorted(sums), "the layers the forward reached")
         for name in sorted(sums):
             all_sum(sums[name])
         return {name: total.sqrt() for name, total in sums.items()}
-
-
-def _meta_buffers(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
-    """The model's buffers on the meta device (to put back after a streamed forward)."""
-    return [
-        (module, leaf, buffer)
-        for module in model.modules()
-        for leaf, buffer in module._buffers.items()
-        if buffer is not None and buffer.is_meta
-    ]
 
 
 def _fake_call_order(model: nn.Module, names: list[str], batch: Any) -> CallOrder:
@@ -381,6 +373,12 @@ class _Stream:
     def wanda(self, batches: list[Any], order: CallOrder, progress: bool) -> None:
         """Input norms in one forward of the stacked batches on the unpruned weights, the
         blocks loaded and finished (masked from the norms) by hooks as the forward goes."""
+        twice = sorted(n for n in self.layers if order.calls.get(n, 0) > 1)
+        if twice:  # found before anything is written
+            raise InputError(
+                f"wanda from a checkpoint reads each layer's input in one forward: {twice[:3]} "
+                "are called more than once a forward (load the model and use graphprune.compile)"
+            )
         self.steps = iter(track([b for b in self.blocks if b != REST], "wanda", progress))
         with self._hooks():
             input_square_sums(

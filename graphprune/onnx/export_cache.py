@@ -53,7 +53,10 @@ class ExportCache:
     def path(self, model: nn.Module, example_inputs: ExampleInputs, scratch: Path) -> Path:
         """The ONNX file of ``model`` on ``example_inputs``: an earlier export of the same
         content, else a new one (kept; a model too large to key is exported to ``scratch``)."""
-        key = content_key(model, example_inputs)
+        try:
+            key = content_key(model, example_inputs)
+        except Exception:  # a tensor without plain bytes (sparse, a subclass): not keyed
+            key = None
         with self._lock:
             found = self.files.get(key) if key is not None else None
             if key is not None and found is not None and found.is_file():

@@ -415,6 +415,8 @@ def _attempt(
         return ctx, exc
     except Exception as exc:  # a pass that met a module it cannot rewrite: same treatment
         return ctx, RewriteFailure(f"{type(exc).__name__}: {_first_line(str(exc))}")
+    finally:
+        ctx.undo = None  # the caller restores from its own reference; the context keeps none
     return ctx, None
 
 
