@@ -45,7 +45,7 @@ from graphprune.checkpoint.write import (
 from graphprune.compile import compile, report
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, round_trip, sync_config
-from graphprune.oneshot.distributed import on_rank_zero, rank, sharing
+from graphprune.oneshot.distributed import barrier, on_rank_zero, rank, sharing
 from graphprune.oneshot.reconstruct import LayerFit
 from graphprune.passes.slice_channels import slice_plan
 from graphprune.planning.masks import WEIGHT_CRITERIA
@@ -140,8 +140,10 @@ def compile_checkpoint(
             staging, source, model, plan, inputs, batches, verify_bytes
         )
     except InputError as exc:
+        barrier()  # every rank done reading the staging directory before it moves
         aside = on_rank_zero(lambda: reject(staging, target))
         raise InputError(f"{exc} (the output was set aside in {aside})") from None
+    barrier()
     on_rank_zero(lambda: publish(staging, target))
     watch.lap("verify")
     found.config, found.seconds = checked or found.config, watch.seconds
