@@ -122,6 +122,76 @@ def test_structured_wanda_streams_its_input_norms(
         gp.compile_checkpoint(src, plan, tmp_path / "none", progress=False)
 
 
+@pytest.mark.parametrize("granularity", ["channels", "heads"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_structured_reconstruct_streams_the_refit(
+    tmp_path: Path, tied: bool, granularity: str
+) -> None:
+    """reconstruct=True on a channel plan from a checkpoint: the original and the pruned model
+    run side by side in one forward, each block read when reached (the pruned one's sliced),
+    refit and written: the weights are bit for bit those of graphprune.compile in memory,
+    every refit layer's error drops, and src is untouched."""
+    model = _llama(tied)
+    src = _saved(model, tmp_path / "src")
+    before = _digest(src)
+    plan = gp.Plan(ratio=0.5, granularity=granularity, reconstruct=True)
+    batches = _calibration()
+    found = gp.compile_checkpoint(src, plan, tmp_path / "dst", calibration=batches,
+                                  progress=False)  # fmt: skip
+    assert _digest(src) == before
+    assert found.verified.startswith("outputs")
+    reference = gp.compile(model, plan, (torch.zeros((1, 16), dtype=torch.long),),
+                           calibration=batches)  # fmt: skip
+    plain = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity),
+                       (torch.zeros((1, 16), dtype=torch.long),))  # fmt: skip
+    loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    want, have = reference.state_dict(), loaded.state_dict()
+    assert want.keys() == have.keys()
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+    refit = [k for k, v in want.items() if not torch.equal(v, plain.state_dict()[k])]
+    assert refit, "the refit changed no weight"
+    fitted = [f for f in found.fits if f.method == "least squares"]
+    expected = [f for f in gp.report(reference).reconstruction if f.method == "least squares"]
+    assert [(f.module, f.error_after) for f in fitted] == [
+        (f.module, f.error_after) for f in expected
+    ]
+    # channels (hidden and FFN): every Linear of each layer and the head (untied: a tied
+    # head is not refit); heads: o_proj of each layer
+    count = 7 * 3 + (0 if tied else 1) if granularity == "channels" else 3
+    assert len(fitted) == count
+    assert all(f.error_after < f.error_before for f in fitted)
+
+
+def test_structured_reconstruct_resumes_after_an_interruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after two blocks: the rerun reads them as refit and written (not fit again) and
+    ends with the bytes of an uninterrupted run."""
+    src = _saved(_llama(), tmp_path / "src")
+    dst, batches = tmp_path / "dst", _calibration()
+    plan = gp.Plan(ratio=0.5, reconstruct=True)
+    real, written = write_module.write_atomic, []
+
+    def failing(path: Path, write: Any) -> None:
+        if path.suffix == ".safetensors" and len(written) == 2:
+            raise KeyboardInterrupt
+        real(path, write)
+        written.append(path.name)
+
+    monkeypatch.setattr(write_module, "write_atomic", failing)
+    with pytest.raises(KeyboardInterrupt):
+        gp.compile_checkpoint(src, plan, dst, calibration=batches, progress=False)
+    assert not dst.exists()
+    monkeypatch.setattr(write_module, "write_atomic", real)
+    found = gp.compile_checkpoint(src, plan, dst, calibration=batches, progress=False)
+    assert found.resumed == ["model.layers.0", "model.layers.1"]
+    assert not any(f.module.startswith(("model.layers.0.", "model.layers.1.")) for f in found.fits)
+    assert found.verified.startswith("outputs")
+    gp.compile_checkpoint(src, plan, tmp_path / "fresh", calibration=batches, progress=False)
+    assert _digest(dst) == _digest(tmp_path / "fresh")
+
+
 SPARSE_PLANS = [
     gp.Plan(granularity="n:m", reconstruct=True),
     gp.Plan(granularity="unstructured", ratio=0.5, reconstruct=True),

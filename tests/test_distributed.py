@@ -148,6 +148,7 @@ def taylor_across_ranks() -> None:
 STREAMED = {
     "sparsegpt": gp.Plan(granularity="n:m", reconstruct=True),
     "wanda": gp.Plan(granularity="n:m", importance="wanda"),
+    "refit": gp.Plan(ratio=0.5, reconstruct=True),
 }
 
 
@@ -161,13 +162,18 @@ def stream_across_ranks(folder: str) -> dict[str, int]:
     from tests.test_checkpoint import _calibration
 
     rows: dict[str, int] = {}
-    real = checkpoint.stream_sparse
+    real, real_refit = checkpoint.stream_sparse, checkpoint.stream_refit
 
     def counting(*args: Any) -> Any:
         rows[name] = sum(int(batch[0].shape[0]) for batch in args[3])
         return real(*args)
 
+    def counting_refit(*args: Any) -> Any:
+        rows[name] = sum(int(batch[0].shape[0]) for batch in args[6])
+        return real_refit(*args)
+
     checkpoint.stream_sparse = counting  # type: ignore[assignment]
+    checkpoint.stream_refit = counting_refit  # type: ignore[assignment]
     try:
         for name, plan in STREAMED.items():
             found = gp.compile_checkpoint(
@@ -176,14 +182,15 @@ def stream_across_ranks(folder: str) -> dict[str, int]:
             )  # fmt: skip
             assert found.verified.startswith("outputs"), found.verified  # checked on every rank
     finally:
-        checkpoint.stream_sparse = real
+        checkpoint.stream_sparse, checkpoint.stream_refit = real, real_refit
     return rows
 
 
 def test_two_gloo_processes_stream_a_checkpoint_as_one_does(tmp_path: Path) -> None:
     """compile_checkpoint in a process group: each rank streams its half of the calibration
-    batches with the Hessians / input norms summed over both; rank 0 writes the checkpoint
-    once, and it holds the one-process run's masks and weights (float summation aside)."""
+    batches with the Hessians / input norms / refit statistics summed over both; rank 0 writes
+    the checkpoint once, and it holds the one-process run's masks and weights (float summation
+    aside)."""
     import transformers as tf
 
     from tests.test_checkpoint import _calibration, _llama, _saved
@@ -196,7 +203,7 @@ def test_two_gloo_processes_stream_a_checkpoint_as_one_does(tmp_path: Path) -> N
     )
     two_ranks(script, tmp_path / "store", lambda rank: str(tmp_path))
     rows = [torch.load(tmp_path / f"rows{r}.pt") for r in (0, 1)]
-    assert rows == [{"sparsegpt": 2, "wanda": 2}] * 2  # each rank its 2 of the 4 batches
+    assert rows == [{"sparsegpt": 2, "wanda": 2, "refit": 2}] * 2  # each its 2 of 4 batches
     for name, plan in STREAMED.items():
         assert not (tmp_path / f"{name}.partial").exists()
         alone = tmp_path / f"{name}-alone"

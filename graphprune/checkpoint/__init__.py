@@ -4,8 +4,9 @@
 and analyses it from shapes alone, scores the groups from the weights read one tensor at a
 time from the memory-mapped shards, resolves the plan, rewrites and verifies the *meta*
 model (the verification's forward runs on fake tensors: shapes, shape constants, MACs), and
-then writes each decoder layer's tensors sliced to ``dst`` -- one layer in memory at a time --
-with the config synced to the pruned shapes. The written checkpoint is checked by building
+then writes each decoder layer's tensors sliced to ``dst`` -- one layer in memory at a time;
+with ``reconstruct=True`` refit on the way (:mod:`graphprune.checkpoint.refit`) -- with the
+config synced to the pruned shapes. The written checkpoint is checked by building
 the model from the written config on the meta device (every tensor's shape), and, when it
 fits in ``verify_bytes``, by loading it with ``from_pretrained`` and running it.
 
@@ -31,6 +32,7 @@ from torch import nn
 from graphprune.analysis.macs import count_params
 from graphprune.analysis.observe import observe_fake
 from graphprune.capture import ExampleInputs, no_cache, serialized, tensor_aliases
+from graphprune.checkpoint.refit import RefitOutcome, stream_refit
 from graphprune.checkpoint.source import Checkpoint, CheckpointTensors
 from graphprune.checkpoint.stream import StreamedNorms, stream_sparse
 from graphprune.checkpoint.write import (
@@ -53,6 +55,7 @@ from graphprune.planning.plan import Plan, PlanError
 from graphprune.report import LayerSparsity
 from graphprune.stages import freeze_retry
 from graphprune.stages.context import Stopwatch
+from graphprune.stages.structured import kept_outputs
 
 VERIFY_BYTES = 4 << 30  # a written checkpoint up to this size is loaded and run as a check
 
@@ -99,10 +102,11 @@ def compile_checkpoint(
     source, plan and calibration resumes). Peak memory is about one decoder layer, not the
     model.
 
-    Structured plans with a weight criterion (l1, l2, fpgm, random), and local sparse plans
-    (unstructured, n:m, block) with l1/l2 or, on the ``calibration`` batches, wanda or (with
-    ``reconstruct=True``) SparseGPT -- run block by block in one forward, the same weights as
-    :func:`graphprune.compile` in memory gives.
+    Structured plans with a weight criterion (l1, l2, fpgm, random) or, on the
+    ``calibration`` batches, wanda, either refit with ``reconstruct=True``; and local sparse
+    plans (unstructured, n:m, block) with l1/l2 or, on the ``calibration`` batches, wanda or
+    (with ``reconstruct=True``) SparseGPT -- the calibration runs block by block in one
+    forward, and gives the same weights as :func:`graphprune.compile` in memory.
     ``example_inputs`` default to 16 token ids (batch 1) for a causal LM; ``model_class``
     defaults to the config's ``architectures[0]``. ``src`` is never modified."""
     watch = Stopwatch()
@@ -187,6 +191,7 @@ def _structured(
     """The structured stage on the meta model; the shards written sliced."""
     params_before = count_params(model)
     original_config = round_trip(source.config)
+    original = source.build_meta() if plan.reconstruct else model  # the refit's reference
     with no_cache(model):
         outcome, setup = _prune_meta(model, plan, inputs, batches, source, watch)
         config = sync_config(model, original_config, None)
@@ -195,20 +200,32 @@ def _structured(
     slices = _slices(source, setup, outcome.resolution.kept)
     _check_slices(slices, source, model)
     staging = on_rank_zero(lambda: staging_dir(target, identity))
+    refit = RefitOutcome()
+    if plan.reconstruct:  # every rank runs the forward; rank 0 writes
+        writer = ShardWriter(source, staging, writes=rank() == 0)
+        with no_cache(model), no_cache(original), sharing(batches, True) as share:
+            refit = stream_refit(
+                source, original, model, plan, slices,
+                kept_outputs(setup, outcome.resolution), share, writer, progress,
+            )  # fmt: skip
+        on_rank_zero(lambda: finish(source, staging, writer.weight_map, model.config))
+        watch.lap("refit and write")
+    else:
 
-    def write() -> None:  # rank 0 alone (in a process group)
-        weight_map = write_shards(source, slices, staging, _printer(progress))
-        finish(source, staging, weight_map, model.config)
+        def write() -> None:  # rank 0 alone (in a process group)
+            weight_map = write_shards(source, slices, staging, _printer(progress))
+            finish(source, staging, weight_map, model.config)
 
-    on_rank_zero(write)
-    watch.lap("write")
+        on_rank_zero(write)
+        watch.lap("write")
     kept = {
         f"group {g.id} ({g.name})": (len(outcome.resolution.kept[g.id]), g.size)
         for g in setup.dg.groups if g.id in outcome.resolution.changed
     }  # fmt: skip
     return CheckpointReport(
         str(source.path), str(target), params_before, count_params(model), setup.macs_before,
-        outcome.ctx.macs or setup.macs_before, kept, config, "",
+        outcome.ctx.macs or setup.macs_before, kept, config, "", fits=refit.fits,
+        resumed=refit.resumed,
     ), staging  # fmt: skip
 
 
@@ -223,11 +240,10 @@ def _check_request(plan: Plan, source: Checkpoint, target: Path) -> None:
         )
     if plan.is_sparse:
         _check_sparse(plan)
-    elif plan.reconstruct or plan.targets_latency:
+    elif plan.targets_latency:
         raise PlanError(
-            "compile_checkpoint prunes channels from the weights alone: reconstruct=True and "
-            "latency targets on a structured plan need the model in memory (sparse plans "
-            "take reconstruct=True: SparseGPT, streamed)"
+            "compile_checkpoint prunes channels to a ratio: latency targets measure the "
+            "model in memory (load it and use graphprune.compile)"
         )
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(f"{target} exists: choose a new directory (it is never overwritten)")

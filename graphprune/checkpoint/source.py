@@ -181,19 +181,20 @@ class CheckpointTensors(Mapping[str, Tensor]):
     def __init__(self, checkpoint: Checkpoint, aliases: dict[str, list[str]]) -> None:
         self.checkpoint, self.aliases = checkpoint, aliases
 
-    def _stored(self, name: str) -> str | None:
+    def stored_name(self, name: str) -> str | None:
+        """The name ``name`` is stored under (itself, or a tied alias); None: not stored."""
         if name in self.checkpoint.files:
             return name
         return next((a for a in self.aliases.get(name, []) if a in self.checkpoint.files), None)
 
     def __getitem__(self, name: str) -> Tensor:
-        stored = self._stored(name)
+        stored = self.stored_name(name)
         if stored is None:
             raise KeyError(name)
         return self.checkpoint.tensor(stored)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self._stored(name) is not None
+        return isinstance(name, str) and self.stored_name(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.checkpoint.files)

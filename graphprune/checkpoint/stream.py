@@ -28,7 +28,7 @@ the source for the forward and keeps its shard).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,24 +90,19 @@ def stream_sparse(
             del layers[name]
     wanda = plan.importance == "wanda" and not plan.reconstruct
     forward = plan.reconstruct or wanda  # the calibration data runs through the model
-    order = _fake_call_order(model, list(layers), batches[0]) if forward else None
-    stream = _Stream(source, model, plan, writer, layers)
+    order = fake_call_order(model, list(layers), batches[0]) if forward else None
+    stream = BlockStream(source, model, plan, writer, layers)
     barrier()  # torch.distributed: every rank has read which blocks are done before any writes
     same_everywhere(sorted(stream.done), "the blocks an interrupted run wrote")
     stream.outcome.layers += [LayerSparsity(n, "dense", [], 0.0, w) for n, w in skipped.items()]
-    _real_buffers(model)
+    real_buffers(model)
     if plan.reconstruct:
         assert order is not None
         stream.sparsegpt(batches, order, progress)
     elif wanda:
         assert order is not None
         stream.wanda(batches, order, progress)
-    for block in stream.blocks:  # every block (the ones the forward did not reach, too)
-        if block != REST and block not in stream.finished:
-            stream.load(block)
-            stream.finish(block)
-    stream.load(REST)
-    stream.finish(REST)
+    stream.finish_all()
     return stream.outcome
 
 
@@ -139,13 +134,13 @@ class StreamedNorms:
     def _measure(self, batches: list[Any]) -> dict[str, Tensor]:
         model = self.model
         candidates = [n for n, m in model.named_modules() if n and not rows_unsupported(m)]
-        order = _fake_call_order(model, candidates, batches[0])
+        order = fake_call_order(model, candidates, batches[0])
         self.twice = {n for n, calls in order.calls.items() if calls > 1}
         once = [n for n in order.order if n not in self.twice]
         # every module's tables as they are (meta; tied weights one object), put back after
         tables = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-        _real_buffers(model)
-        stream = _Stream(self.source, model, self.plan, None, {})
+        real_buffers(model)
+        stream = BlockStream(self.source, model, self.plan, None, {})
         sums: dict[str, Tensor] = {}
         try:
             with stream._hooks():
@@ -162,14 +157,14 @@ class StreamedNorms:
         return {name: total.sqrt() for name, total in sums.items()}
 
 
-def _fake_call_order(model: nn.Module, names: list[str], batch: Any) -> CallOrder:
+def fake_call_order(model: nn.Module, names: list[str], batch: Any) -> CallOrder:
     """The layers' call order from a forward of the meta model on shapes alone."""
     meta = torch.utils._pytree.tree_map_only(Tensor, lambda t: t.to("meta"), batch)
     with FakeTensorMode(allow_non_fake_inputs=True):
         return call_order(model, names, meta)
 
 
-def _real_buffers(model: nn.Module) -> None:
+def real_buffers(model: nn.Module) -> None:
     """Non-persistent buffers (in no checkpoint) made on the CPU by the model's own
     ``_init_weights``, as ``from_pretrained`` makes them; one left unset is an error."""
     init = getattr(model, "_init_weights", None)
@@ -196,7 +191,7 @@ def _real_buffers(model: nn.Module) -> None:
                 )
 
 
-class _Stream:
+class BlockStream:
     """The meta model's tensors loaded from the checkpoint (or from a complete output shard)
     block by block, masked, written and dropped."""
 
@@ -207,16 +202,28 @@ class _Stream:
         plan: Plan,
         writer: ShardWriter | None,
         layers: dict[str, nn.Module],
+        *,
+        stored: Mapping[str, Tensor] | None = None,
+        made: Callable[[str], list[Any]] | None = None,
+        keep: Iterable[str] = (),
     ) -> None:
+        """``stored``: each tensor by FQN as the stream loads it (default: as the source holds
+        it); ``made``: what a written tensor is made from, by name (the manifest's resume
+        check; default: its shape, masked or as stored); ``keep``: leaf modules of the rest
+        kept loaded after their call, as the masked ``layers`` are (written last)."""
         self.source, self.model, self.plan, self.writer = source, model, plan, writer
-        self.stored = CheckpointTensors(source, tensor_aliases(model))
+        self.stored = stored if stored is not None else CheckpointTensors(
+            source, tensor_aliases(model)
+        )  # fmt: skip
+        self.made_of = made
         self.layers = layers  # the maskable layers, by FQN
+        self.kept_after_call = set(layers) | set(keep)
         self.files: dict[str, list[str]] = {}  # block -> its output shards (the rest: several)
         for file, names in writer.plan.items() if writer is not None else []:
             self.files.setdefault(block_of(names[0]), []).append(file)
         # the blocks in the order written (read only: in the checkpoint's order)
-        stored = dict.fromkeys(map(block_of, source.shapes))
-        self.blocks = list(self.files) if writer is not None else list(stored)
+        in_source = dict.fromkeys(map(block_of, source.shapes))
+        self.blocks = list(self.files) if writer is not None else list(in_source)
         self.masks: dict[str, Tensor] = {}  # chosen by SparseGPT as it goes
         # wanda: sum(x_j^2) of each layer's inputs, and its forward runs on unpruned weights
         self.square_sums: dict[str, Tensor] = {}
@@ -234,6 +241,8 @@ class _Stream:
         """What a shard is made from: each tensor's shape, masked or as stored."""
         assert self.writer is not None
         names = self.writer.plan[file]
+        if self.made_of is not None:
+            return {n: self.made_of(n) for n in names}
         layers = {f"{n}.weight" for n in self.layers}
         return {n: [*self.source.shapes[n], "masked" if n in layers else "stored"] for n in names}
 
@@ -321,6 +330,21 @@ class _Stream:
             self.finished.add(block)
             next(self.steps, None)
 
+    def finish_all(self) -> None:
+        """Load and finish every block not finished yet (those the forward did not reach,
+        too), the rest last."""
+        for block in self.blocks:
+            if block != REST and block not in self.finished:
+                self.load(block)
+                self.finish(block)
+        self.load(REST)
+        self.finish(REST)
+
+    def drop_loaded(self) -> None:
+        """Put every loaded tensor back on the meta device (a read-only stream's end)."""
+        for block in self.blocks:
+            self._drop(block)
+
     def _written(self, fqn: str) -> Tensor:
         """A tensor as an interrupted run wrote it (its block's complete output shard)."""
         assert self.writer is not None
@@ -404,7 +428,7 @@ class _Stream:
             module = modules[name]
             handles.append(module.register_forward_pre_hook(
                 lambda *_, n=name: self.load(REST, within=n + ".")))  # fmt: skip
-            if name not in self.layers:
+            if name not in self.kept_after_call:
                 handles.append(module.register_forward_hook(
                     lambda *_, n=name: self._drop(REST, within=n + ".")))  # fmt: skip
         self.load(REST, eager_only=True)
@@ -442,4 +466,12 @@ class _LazyMasks(Mapping[str, Tensor]):
         return len(self.layers)
 
 
-__all__ = ["SparseOutcome", "StreamedNorms", "stream_sparse"]
+__all__ = [
+    "REST",
+    "BlockStream",
+    "SparseOutcome",
+    "StreamedNorms",
+    "fake_call_order",
+    "real_buffers",
+    "stream_sparse",
+]

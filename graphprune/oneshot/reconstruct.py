@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -184,19 +184,22 @@ def refit_consumers(
     batches: Sequence[Any],
     *,
     progress: bool = True,
+    order: CallOrder | None = None,
+    one_forward: bool = False,
+    skip: Collection[str] = (),
 ) -> list[LayerFit]:
     """Refit every consumer of a pruned group in ``pruned`` (in place; see the module doc).
 
     ``output_index(name)``: the original output channels layer ``name`` kept (None: all).
+    ``order``: the call order of :func:`refit_layers` when the caller has it (a model whose
+    weights stream in as the forward goes: from a forward on shapes); ``one_forward`` raises
+    instead of running the forwards per layer (such a model); ``skip``: layers left as they
+    are (fit by an interrupted run).
     """
-    todo = consumers(original, pruned)
-    norms = [
-        n
-        for n, m in pruned.named_modules()
-        if isinstance(m, NORMS) and m.affine and m.track_running_stats
-    ]
-    layers = [n for n, why in todo.items() if not why] + norms
-    found = call_order(pruned, layers, batches[0])
+    todo = {n: why for n, why in consumers(original, pruned).items() if n not in skip}
+    layers = refit_layers(original, pruned, skip)
+    norms = [n for n in layers if isinstance(pruned.get_submodule(n), NORMS)]
+    found = order if order is not None else call_order(pruned, layers, batches[0])
     fits = [LayerFit(n, "skipped", math.nan, math.nan, 0, why) for n, why in todo.items() if why]
     for name in found.order:
         if found.calls[name] != 1:
@@ -230,12 +233,30 @@ def refit_consumers(
         refit(name, new, pairs, batch_total(len(pairs)) > 1)
 
     if not in_lockstep(original, pruned, found, batches, reference, visit):
+        if one_forward and todo_names:
+            raise InputError(
+                "reconstruct=True here fits the layers in one forward of the original and the "
+                "pruned model side by side: give calibration batches of one shape (they are "
+                "stacked) whose activations fit 512 MiB per layer"
+            )
         for name in todo_names:
             pairs = _targets(original, pruned, name, output_index(name), batches)
             refit(name, pruned.get_submodule(name), pairs, batch_total(len(batches)) > 1)
     for _ in steps:  # drain the bar
         pass
     return in_forward_order(fits, found.order)
+
+
+def refit_layers(original: nn.Module, pruned: nn.Module, skip: Collection[str] = ()) -> list[str]:
+    """The layers :func:`refit_consumers` fits: the consumers it can refit and the affine
+    BatchNorms that track statistics (not those in ``skip``)."""
+    todo = consumers(original, pruned)
+    norms = [
+        n
+        for n, m in pruned.named_modules()
+        if isinstance(m, NORMS) and m.affine and m.track_running_stats
+    ]
+    return [n for n in [*(n for n, why in todo.items() if not why), *norms] if n not in skip]
 
 
 def in_forward_order(fits: list[LayerFit], order: list[str]) -> list[LayerFit]:

@@ -7,7 +7,7 @@ and verify, freeze and retry); this stage turns its outcome into the report's pa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,13 @@ def _refit(
     batches: list[Any],
 ) -> list[LayerFit]:
     """Least-squares refit of the layers whose inputs were pruned and of the BatchNorms."""
+    return refit_consumers(original, pruned, kept_outputs(setup, resolution), batches)
+
+
+def kept_outputs(
+    setup: freeze_retry.Setup, resolution: Resolution
+) -> Callable[[str], torch.Tensor | None]:
+    """Per layer name: the original output channels it keeps (None: all of them)."""
     dims = set(setup.dg.member_dims())
     kept: dict[int, Iterable[int]] = dict(resolution.kept)
 
@@ -105,4 +112,4 @@ def _refit(
             return None
         return torch.as_tensor(setup.dg.kept_positions(fqn, 0, kept))
 
-    return refit_consumers(original, pruned, output_index, batches)
+    return output_index
