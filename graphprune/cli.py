@@ -318,7 +318,7 @@ def _cmd_compile_checkpoint(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     found = compile_checkpoint(
         args.src, plan, args.dst, calibration=calibration_from_args(args),
-        verify_bytes=int(args.verify_gib * 2**30), progress=True,
+        verify_bytes=int(args.verify_gib * 2**30), progress=True, offload_dir=args.offload_dir,
     )  # fmt: skip
     print(f"graphprune compile-checkpoint {args.src} -> {args.dst}")
     macs = found.macs_after / max(found.macs_before, 1)
@@ -332,12 +332,14 @@ def _cmd_compile_checkpoint(args: argparse.Namespace) -> int:
             f"  masked layers: {len(masked)} ({zeros:.1%} zeros on average), {dense} left "
             "dense (stored dense with zeros: storage and speed as the dense model)"
         )
-    if found.fits:
-        done = [f for f in found.fits if f.method == "sparsegpt"]
-        print(
-            f"  SparseGPT: {len(done)} layers, error summed "
-            f"{sum(f.error_before for f in done):.4g} -> {sum(f.error_after for f in done):.4g}"
-        )
+    for method, title in (("sparsegpt", "SparseGPT"), ("least squares", "refit")):
+        done = [f for f in found.fits if f.method == method]
+        if done:
+            print(
+                f"  {title}: {len(done)} layers, error summed "
+                f"{sum(f.error_before for f in done):.4g} -> "
+                f"{sum(f.error_after for f in done):.4g}"
+            )
     if found.resumed:
         print(f"  resumed: {len(found.resumed)} blocks kept from the interrupted run")
     for name, (kept, total) in list(found.kept.items())[:8]:
@@ -495,6 +497,10 @@ def _checkpoint_parser(sub: Any) -> None:
     _plan_args(p)
     p.add_argument("--verify-gib", type=float, default=4.0,
                    help="compare with an in-memory compile up to this model size")  # fmt: skip
+    p.add_argument("--offload-dir", default=None,
+                   help="sparse wanda / SparseGPT: a forward per calibration batch, each "
+                   "block's input kept in a file here (as much calibration data as the disk "
+                   "holds)")  # fmt: skip
     p.set_defaults(run=_cmd_compile_checkpoint)
 
 

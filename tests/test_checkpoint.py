@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _llama(tied: bool = False, **sizes: int) -> Any:
     small = {
         "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
     }  # fmt: skip
-    config = tf.LlamaConfig(
-        **{**small, **sizes}, max_position_embeddings=64, tie_word_embeddings=tied
-    )
+    config = tf.LlamaConfig(**{**small, **sizes}, tie_word_embeddings=tied)
     torch.manual_seed(0)
     return tf.LlamaForCausalLM(config).eval()
 
@@ -235,10 +234,67 @@ def test_streamed_sparse_equals_in_memory(tmp_path: Path, plan: gp.Plan, tied: b
         assert sum(f.error_after for f in fits) < 0.9 * sum(f.error_before for f in fits)
 
 
-def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("plan", "tied"),
+    [(SPARSE_PLANS[0], False), (SPARSE_PLANS[0], True), (SPARSE_PLANS[1], False),
+     (SPARSE_PLANS[3], False)],
+    ids=["sparsegpt-2:4", "sparsegpt-2:4-tied", "sparsegpt-50%", "wanda-2:4"],
+)  # fmt: skip
+def test_offloaded_activations_give_the_in_memory_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan: gp.Plan, tied: bool
+) -> None:
+    """offload_dir: each calibration batch runs its own forward, all paused at every block
+    (and at a masked head) with the block input in a file and its memory released; SparseGPT
+    replays the block per batch up to each stage: the weights of graphprune.compile in
+    memory, bit for bit, and the files are gone after. A calibration set too large to stack
+    is refused without offload_dir (the error says to pass it) and runs with it."""
+    import graphprune.checkpoint.offload as offload
+    import graphprune.oneshot.calibration as calibration
+
+    model = _llama(tied)
+    src = _saved(model, tmp_path / "src")
+    batches = _calibration()
+    spilled: list[int] = []
+    real = offload._Saved.spill
+
+    def spill(hidden: torch.Tensor, path: Path) -> Any:
+        saved = real(hidden, path)
+        spilled.append(hidden.untyped_storage().nbytes())  # released: 0
+        assert path.stat().st_size == saved.nbytes > 0
+        return saved
+
+    monkeypatch.setattr(offload._Saved, "spill", staticmethod(spill))
+    monkeypatch.setattr(calibration, "STACK_BYTES", 4096)  # the stacked forward cannot run
+    with pytest.raises(InputError, match="offload_dir="):
+        gp.compile_checkpoint(src, plan, tmp_path / "refused", calibration=batches,
+                              progress=False, verify_bytes=0)  # fmt: skip
+    found = gp.compile_checkpoint(src, plan, tmp_path / "dst", calibration=batches,
+                                  progress=False, offload_dir=tmp_path / "acts",
+                                  verify_bytes=0)  # fmt: skip
+    monkeypatch.undo()
+    head = plan.reconstruct and not tied  # a pause at the head SparseGPT prunes
+    assert spilled == [0] * len(batches) * (3 + head)  # every batch at every pause point
+    assert list((tmp_path / "acts").iterdir()) == []
+    reference = gp.compile(model, plan, (torch.zeros((1, 16), dtype=torch.long),),
+                           calibration=batches)  # fmt: skip
+    expected = {s.module: s.sparsity for s in gp.report(reference).sparsity}
+    fits = [(f.module, f.error_after) for f in gp.report(reference).reconstruction]
+    gp.finalize(reference)
+    loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    want, have = reference.state_dict(), loaded.state_dict()
+    assert want.keys() == have.keys()
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+    assert {s.module: s.sparsity for s in found.sparsity} == expected
+    assert [(f.module, f.error_after) for f in found.fits] == fits
+
+
+@pytest.mark.parametrize("offloaded", [False, True], ids=["stacked", "offloaded"])
+def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path, offloaded: bool) -> None:
     """Gemma-3 alternates sliding-window and full attention layers (each layer gets its own
     mask in the forward): the streamed forward runs the model's own loop, so each block sees
-    its own inputs -- the same weights as in memory."""
+    its own inputs -- the same weights as in memory (offloaded: each block's replay has the
+    arguments that block was called with)."""
     from tests.hf_models import build
 
     model = build("gemma3_text", "AutoModelForCausalLM", sliding_window=4)
@@ -247,7 +303,8 @@ def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path) -> None:
     vocab = model.config.vocab_size
     plan, batches = gp.Plan(granularity="n:m", reconstruct=True), _calibration(vocab)
     found = gp.compile_checkpoint(src, plan, tmp_path / "dst", calibration=batches,
-                                  example_inputs=batches[0], progress=False)  # fmt: skip
+                                  example_inputs=batches[0], progress=False,
+                                  offload_dir=tmp_path / "acts" if offloaded else None)  # fmt: skip
     assert found.verified.startswith("outputs")
     reference = gp.finalize(gp.compile(model, plan, batches[0], calibration=batches))
     loaded = type(model).from_pretrained(tmp_path / "dst").eval()
@@ -256,18 +313,21 @@ def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "plan",
-    [gp.Plan(granularity="n:m", reconstruct=True), gp.Plan(granularity="n:m", importance="wanda")],
-    ids=["sparsegpt", "wanda"],
-)
+    ("plan", "offload"),
+    [(gp.Plan(granularity="n:m", reconstruct=True), False),
+     (gp.Plan(granularity="n:m", importance="wanda"), False),
+     (gp.Plan(granularity="n:m", reconstruct=True), True)],
+    ids=["sparsegpt", "wanda", "sparsegpt-offloaded"],
+)  # fmt: skip
 def test_streamed_sparse_resumes_after_an_interruption(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan: gp.Plan
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan: gp.Plan, offload: bool
 ) -> None:
     """Killed after two blocks: the rerun keeps them as written (not pruned again; SparseGPT
     feeds their pruned outputs on, wanda's forward reads the source's unpruned weights) and
     ends with the bytes of an uninterrupted run; other calibration data is another run."""
     src = _saved(_llama(), tmp_path / "src")
     dst, batches = tmp_path / "dst", _calibration()
+    run = {"progress": False, "offload_dir": tmp_path / "acts" if offload else None}
     real, written = write_module.write_atomic, []
 
     def failing(path: Path, write: Any) -> None:
@@ -278,15 +338,18 @@ def test_streamed_sparse_resumes_after_an_interruption(
 
     monkeypatch.setattr(write_module, "write_atomic", failing)
     with pytest.raises(KeyboardInterrupt):
-        gp.compile_checkpoint(src, plan, dst, calibration=batches, progress=False)
+        gp.compile_checkpoint(src, plan, dst, calibration=batches, **run)
     assert not dst.exists()
+    if offload:  # the paused forwards ended, their files removed
+        assert list((tmp_path / "acts").iterdir()) == []
+        assert not any(t.name.startswith("graphprune-calibration") for t in threading.enumerate())
     monkeypatch.setattr(write_module, "write_atomic", real)
     with pytest.raises(InputError, match="another run"):
-        gp.compile_checkpoint(src, plan, dst, calibration=batches[:2], progress=False)
-    found = gp.compile_checkpoint(src, plan, dst, calibration=batches, progress=False)
+        gp.compile_checkpoint(src, plan, dst, calibration=batches[:2], **run)
+    found = gp.compile_checkpoint(src, plan, dst, calibration=batches, **run)
     assert found.resumed == ["model.layers.0", "model.layers.1"]
     assert found.verified.startswith("outputs")
-    gp.compile_checkpoint(src, plan, tmp_path / "fresh", calibration=batches, progress=False)
+    gp.compile_checkpoint(src, plan, tmp_path / "fresh", calibration=batches, **run)
     assert _digest(dst) == _digest(tmp_path / "fresh")
 
 
@@ -349,6 +412,8 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="input's norm on calibration data: pass calibration="):
         sparse = gp.Plan(granularity="unstructured", ratio=0.5, importance="wanda")
         gp.compile_checkpoint(src, sparse, tmp_path / "o")
+    with pytest.raises(PlanError, match="offload_dir= holds the activations"):
+        gp.compile_checkpoint(src, plan, tmp_path / "o", offload_dir=tmp_path / "acts")
     with pytest.raises(InputError, match="inside the source checkpoint"):
         gp.compile_checkpoint(src, plan, src / "pruned", progress=False)
     assert not (src / "pruned").exists() and not (src / "pruned.partial").exists()
@@ -405,6 +470,12 @@ PEAK = textwrap.dedent(
     if sys.argv[1] == "sparse":
         gp.compile_checkpoint(sys.argv[2], sparsegpt, sys.argv[3], calibration=ids,
                               verify_bytes=0, progress=False)
+    if sys.argv[1].startswith("many"):  # 64 x 1024 calibration tokens
+        many = [(torch.randint(0, 1000, (1, 1024), generator=torch.Generator().manual_seed(i)),)
+                for i in range(64)]
+        gp.compile_checkpoint(sys.argv[2], sparsegpt, sys.argv[3], calibration=many,
+                              verify_bytes=0, progress=False,
+                              offload_dir=sys.argv[4] if sys.argv[1] == "many-offloaded" else None)
     if sys.argv[1] == "memory-sparse":
         model = transformers.LlamaForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16)
         gp.compile(model.eval(), sparsegpt, ids[0], calibration=ids, inplace=True)
@@ -433,19 +504,7 @@ def test_peak_memory_is_bounded_by_a_layer_not_the_model(tmp_path: Path) -> None
     layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     embedding = model.model.embed_tokens.weight.numel() * 2
     del model
-    script = PEAK.format(root=str(ROOT))
-
-    # glibc's adaptive mmap threshold keeps freed buffers in its arenas (their high-water
-    # mark then depends on thread timing): a fixed threshold measures what is live
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-
-    def peak(*args: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
-            env=env,
-        )  # fmt: skip
-        return int(out.stdout.strip().splitlines()[-1]) * 1024  # KiB
-
+    peak = _peak
     streamed = peak("compile", str(tmp_path / "src"), str(tmp_path / "dst"))
     in_memory = peak("memory", str(tmp_path / "src"))
     sparse = peak("sparse", str(tmp_path / "src"), str(tmp_path / "sparse"))
@@ -466,6 +525,41 @@ def test_peak_memory_is_bounded_by_a_layer_not_the_model(tmp_path: Path) -> None
     assert in_memory > weights and in_memory - streamed > 0.75 * weights, mib
     assert sparse < sparse_bound, mib
     assert sparse_in_memory > weights and sparse_in_memory - sparse > 0.75 * weights, mib
+
+
+def _peak(*args: str) -> int:
+    """The peak resident memory of the PEAK script's job (bytes, over its imports)."""
+    # glibc's adaptive mmap threshold keeps freed buffers in its arenas (their high-water
+    # mark then depends on thread timing): a fixed threshold measures what is live
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK.format(root=str(ROOT)), *args], capture_output=True,
+        text=True, check=True, env=env,
+    )  # fmt: skip
+    return int(out.stdout.strip().splitlines()[-1]) * 1024  # KiB
+
+
+@pytest.mark.slow
+def test_offloaded_activations_leave_memory_to_one_batch(tmp_path: Path) -> None:
+    """2:4 SparseGPT from a checkpoint on 64 x 1024 calibration tokens (a narrow model: the
+    activations outweigh the weights): the stacked forward holds every batch's activations
+    at once (the down projection's input alone is 128 MiB); with offload_dir each batch's
+    block input waits in a file, and the peak (measured in a subprocess) is lower by more
+    than that. The masks are the same, the weights up to float rounding."""
+    sizes = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+             "vocab_size": 1000, "max_position_embeddings": 1024}  # fmt: skip
+    _llama(**sizes).save_pretrained(tmp_path / "src")
+    src = str(tmp_path / "src")
+    stacked = _peak("many", src, str(tmp_path / "stacked"))
+    offloaded = _peak("many-offloaded", src, str(tmp_path / "offloaded"), str(tmp_path / "acts"))
+    down_proj_input = 64 * 1024 * 512 * 4  # float32
+    assert offloaded + down_proj_input < stacked, (offloaded >> 20, stacked >> 20)
+    assert list((tmp_path / "acts").iterdir()) == []
+    one = tf.LlamaForCausalLM.from_pretrained(tmp_path / "stacked").state_dict()
+    two = tf.LlamaForCausalLM.from_pretrained(tmp_path / "offloaded").state_dict()
+    for key, value in one.items():
+        assert torch.equal(value == 0, two[key] == 0), key  # the same masks
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6)
 
 
 def test_only_the_checkpoint_files_are_copied(tmp_path: Path) -> None:

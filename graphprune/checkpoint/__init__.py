@@ -32,9 +32,10 @@ from torch import nn
 from graphprune.analysis.macs import count_params
 from graphprune.analysis.observe import observe_fake
 from graphprune.capture import ExampleInputs, no_cache, serialized, tensor_aliases
+from graphprune.checkpoint.offload import stream_offloaded
 from graphprune.checkpoint.refit import RefitOutcome, stream_refit
 from graphprune.checkpoint.source import Checkpoint, CheckpointTensors
-from graphprune.checkpoint.stream import StreamedNorms, stream_sparse
+from graphprune.checkpoint.stream import BlockStream, StreamedNorms, stream_sparse
 from graphprune.checkpoint.write import (
     ShardWriter,
     Slices,
@@ -47,6 +48,7 @@ from graphprune.checkpoint.write import (
 from graphprune.compile import compile, report
 from graphprune.errors import InputError
 from graphprune.hf import ConfigSync, round_trip, sync_config
+from graphprune.oneshot.calibration import CallOrder
 from graphprune.oneshot.distributed import barrier, on_rank_zero, rank, sharing
 from graphprune.oneshot.reconstruct import LayerFit
 from graphprune.passes.slice_channels import slice_plan
@@ -96,6 +98,7 @@ def compile_checkpoint(
     model_class: type | None = None,
     verify_bytes: int = VERIFY_BYTES,
     progress: bool = True,
+    offload_dir: str | Path | None = None,
 ) -> CheckpointReport:
     """Prune the checkpoint at ``src`` (as ``save_pretrained`` writes it) as ``plan`` says and
     write the pruned checkpoint to ``dst`` (a new directory; an interrupted run with the same
@@ -108,11 +111,15 @@ def compile_checkpoint(
     (with ``reconstruct=True``) SparseGPT -- the calibration runs block by block in one
     forward, and gives the same weights as :func:`graphprune.compile` in memory.
     ``example_inputs`` default to 16 token ids (batch 1) for a causal LM; ``model_class``
-    defaults to the config's ``architectures[0]``. ``src`` is never modified."""
+    defaults to the config's ``architectures[0]``. ``offload_dir``: sparse wanda and SparseGPT
+    run a forward per calibration batch with each block's input kept in a file there, not in
+    memory (:mod:`graphprune.checkpoint.offload`): as many batches as the disk holds. ``src``
+    is never modified."""
     watch = Stopwatch()
     source, target = Checkpoint.open(src, model_class), Path(dst)
     _check_request(plan, source, target)
-    data = plan.reconstruct or plan.importance == "wanda"
+    data = _reads_calibration(plan)
+    offload = _offload_dir(offload_dir, plan)
     if data and calibration is None:
         what = "reconstruct=True fits the kept weights to" if plan.reconstruct else (
             "importance='wanda' weighs each weight by its input's norm on"
@@ -127,11 +134,12 @@ def compile_checkpoint(
     inputs = example_inputs if example_inputs is not None else _token_ids(source.config)
     batches = list(calibration) if calibration is not None else [inputs]
     identity = _identity(source, plan, model_class, batches if data else [])
+    identity["offloaded"] = offload is not None  # a forward per batch: other rounding
     watch.lap("open")
     progress = progress and rank() == 0
     if plan.is_sparse:
         staging = on_rank_zero(lambda: staging_dir(target, identity))
-        found = _sparse(source, model, plan, inputs, batches, staging, progress)
+        found = _sparse(source, model, plan, inputs, batches, staging, progress, offload)
         found.dst = str(target)
         watch.lap("prune and write")
     else:
@@ -162,14 +170,21 @@ def _sparse(
     batches: list[Any],
     staging: Path,
     progress: bool,
+    offload_dir: Path | None,
 ) -> CheckpointReport:
     """The sparse stage streamed block by block (in a process group: on this rank's share of
     the calibration batches; rank 0 writes)."""
     params, macs = count_params(model), observe_fake(model, _on_meta(inputs)).macs
     writer = ShardWriter(source, staging, writes=rank() == 0)
-    data = plan.reconstruct or plan.importance == "wanda"
-    with no_cache(model), sharing(batches, data) as share:
-        outcome = stream_sparse(source, model, plan, share, writer, progress)
+
+    def offload(stream: BlockStream, batches: list[Any], order: CallOrder) -> None:
+        assert offload_dir is not None
+        stream_offloaded(stream, batches, order, offload_dir, progress)
+
+    with no_cache(model), sharing(batches, _reads_calibration(plan)) as share:
+        outcome = stream_sparse(
+            source, model, plan, share, writer, progress, offload if offload_dir else None
+        )
     on_rank_zero(lambda: finish(source, staging, writer.weight_map, source.config))
     return CheckpointReport(
         "", "", params, params, macs, macs, {}, None, "", sparsity=outcome.layers,
@@ -227,6 +242,30 @@ def _structured(
         outcome.ctx.macs or setup.macs_before, kept, config, "", fits=refit.fits,
         resumed=refit.resumed,
     ), staging  # fmt: skip
+
+
+def _reads_calibration(plan: Plan) -> bool:
+    """The plan runs the calibration batches through the model (a refit, SparseGPT, wanda)."""
+    return plan.reconstruct or plan.importance == "wanda"
+
+
+def _offload_dir(folder: str | Path | None, plan: Plan) -> Path | None:
+    """The folder for offloaded activations (made if missing), or None."""
+    if folder is None:
+        return None
+    if not (plan.is_sparse and _reads_calibration(plan)):
+        raise PlanError(
+            "offload_dir= holds the activations of a sparse plan's calibration forwards (wanda, "
+            "or SparseGPT with reconstruct=True); this plan runs none from a checkpoint: drop it"
+        )
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"offload_dir {path} cannot be made: {exc}") from None
+    if not path.is_dir():
+        raise InputError(f"offload_dir {path} is not a directory")
+    return path
 
 
 def _check_request(plan: Plan, source: Checkpoint, target: Path) -> None:

@@ -18,6 +18,8 @@ loaded before the forward (a Linear/Conv of it when it is called) and written la
   before it runs, on the activations of the model as pruned so far. That is the code path of
   :func:`graphprune.compile` in memory (:func:`~graphprune.oneshot.reconstruct.sparsegpt`),
   so both give the same weights, bit for bit.
+* With an ``offload`` (:mod:`graphprune.checkpoint.offload`), wanda and SparseGPT run a
+  forward per batch instead, paused at every block with its input in a file.
 
 An interrupted run resumes: a block whose shard is complete (manifest and sha256) is loaded
 from that shard -- its weights as pruned -- and not pruned again, so the activations after it
@@ -79,9 +81,12 @@ def stream_sparse(
     batches: list[Any],
     writer: ShardWriter,
     progress: bool,
+    offload: Callable[[BlockStream, list[Any], CallOrder], None] | None = None,
 ) -> SparseOutcome:
     """Mask the meta ``model``'s layers as the sparse ``plan`` says, block by block, writing
-    each block's shard with ``writer`` (see the module docstring)."""
+    each block's shard with ``writer`` (see the module docstring). ``offload(stream,
+    batches, order)`` runs the calibration forward instead (activations offloaded to disk:
+    :mod:`graphprune.checkpoint.offload`)."""
     layers, skipped = maskable_layers(model, plan)
     for name in list(layers):
         why = unfit(plan, tuple(weight_of(layers[name]).shape))
@@ -96,7 +101,10 @@ def stream_sparse(
     same_everywhere(sorted(stream.done), "the blocks an interrupted run wrote")
     stream.outcome.layers += [LayerSparsity(n, "dense", [], 0.0, w) for n, w in skipped.items()]
     real_buffers(model)
-    if plan.reconstruct:
+    if forward and offload is not None:
+        assert order is not None
+        offload(stream, batches, order)
+    elif plan.reconstruct:
         assert order is not None
         stream.sparsegpt(batches, order, progress)
     elif wanda:

@@ -146,9 +146,7 @@ def input_square_sums(
 
     def add(name: str, module: nn.Module, parts: list[Tensor]) -> None:
         for part in parts:
-            channels = channel_rows(part.double(), module)  # (rows, in)
-            total = (channels * channels).sum(0)
-            sums[name] = sums[name] + total if name in sums else total
+            add_square_sum(sums, name, module, part)
 
     rest = names
     if len(batches) > 1 or order is not None:
@@ -160,12 +158,19 @@ def input_square_sums(
     if rest and one_forward:
         raise InputError(
             "the input norms here need the calibration batches in one forward: give batches "
-            "of one shape (they are stacked) whose activations fit 512 MiB per layer, and "
-            f"layers called once per forward (not so: {rest[:3]})"
+            "of one shape (they are stacked) whose activations fit 512 MiB per layer (or pass "
+            f"offload_dir=), and layers called once per forward (not so: {rest[:3]})"
         )
     with pre_hooks(model, rest, lambda n, m, args: add(n, m, [args[0].detach()])):
         for batch in batches if rest else []:
             run_eval(model, batch)
+
+
+def add_square_sum(sums: dict[str, Tensor], name: str, module: nn.Module, x: Tensor) -> None:
+    """Add sum(x_j^2) per input channel of one batch's input ``x`` of layer ``name``."""
+    channels = channel_rows(x.double(), module)  # (rows, in)
+    total = (channels * channels).sum(0)
+    sums[name] = sums[name] + total if name in sums else total
 
 
 def layer_inputs(model: nn.Module, name: str, batches: Sequence[Any]) -> Iterator[Tensor]:

@@ -529,7 +529,8 @@ def sparsegpt(
     if rest and one_forward:
         raise InputError(
             "SparseGPT here needs the calibration batches in one forward: give batches of one "
-            "shape (they are stacked) whose activations fit 512 MiB per layer"
+            "shape (they are stacked) whose activations fit 512 MiB per layer, or pass "
+            "offload_dir= (a forward per batch, activations in files)"
             + ("" if missed is None else f"; the stacked forward did not reach {rest[:3]}")
         )
     same_everywhere(rest, "the layers SparseGPT prunes one batch at a time")
@@ -632,13 +633,33 @@ def _sparsegpt_layer(
     """SparseGPT on one layer from its inputs: its weight updated in place; the mask that
     holds and the fit. ``shared`` holds the Hessian of the last Linear input seen, for the
     next Linear that reads the very same tensor (q, k, v; gate, up)."""
-    weight = stored_weight(module)
-    work = torch.promote_types(weight.dtype, torch.float32)  # float32; a float64 model keeps its
     found = shared.find(module, inputs) if shared is not None else None
     if found is None:
-        found = _hessian(module, inputs, work)
+        found = layer_hessian(module, inputs)
         if shared is not None and isinstance(inputs, list):  # (a generator streams batches)
             shared.keep(module, inputs, found)
+    return sparsegpt_from(module, name, found, mask, adaptive, nm)
+
+
+def layer_hessian(module: nn.Module, inputs: Iterable[Tensor]) -> Hessian:
+    """H = X^T X of ``module``'s inputs (summed over the batches and every process's share),
+    in SparseGPT's working dtype: float32 (a float64 model keeps its own)."""
+    work = torch.promote_types(stored_weight(module).dtype, torch.float32)
+    return _hessian(module, inputs, work)
+
+
+def sparsegpt_from(
+    module: nn.Module,
+    name: str,
+    found: Hessian,
+    mask: Tensor,
+    adaptive: str | None,
+    nm: tuple[int, int] | None,
+) -> tuple[Tensor, LayerFit]:
+    """SparseGPT on one layer from the Hessian of its input (:func:`layer_hessian`; its
+    inverse factor made once and kept in ``found`` for the layers that share it)."""
+    weight = stored_weight(module)
+    work = torch.promote_types(weight.dtype, torch.float32)  # float32; a float64 model keeps its
     hp, rows = found.h, found.rows
     perm = nm_columns(weight) if adaptive == "n:m" and weight.dim() > 2 else None
     w = weight.detach().reshape(weight.shape[0], -1).to(work)
