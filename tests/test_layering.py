@@ -31,6 +31,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [  # in pipeline order; longest pref
             "graphprune.timing",
             "graphprune.dictview",
             "graphprune.modules",
+            "graphprune.keying",
         ),
     ),
     (

@@ -26,17 +26,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from graphprune.capture import ExampleInputs, normalize_inputs
+from graphprune.keying import Key, Keyer
 from graphprune.onnx.export import export
 
 MAX_ENTRIES = 16
 MAX_BYTES = 256 << 20  # tensors hashed per lookup at most (a few tenths of a second)
-_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 _BOOKKEEPING = frozenset({"_parameters", "_buffers", "_modules"})
 GRAPHPRUNE_ATTRIBUTES = "_graphprune_"  # a compiled model's report and record (never read)
 
@@ -45,7 +44,7 @@ class ExportCache:
     """Exported files by model content (module docstring)."""
 
     def __init__(self) -> None:
-        self.files: OrderedDict[_Key, Path] = OrderedDict()
+        self.files: OrderedDict[Key, Path] = OrderedDict()
         self.folder: Path | None = None
         self.hits = self.misses = 0
         self._lock = threading.Lock()
@@ -94,44 +93,32 @@ def exported(model: nn.Module, example_inputs: ExampleInputs, scratch: Path) -> 
     return EXPORTS.path(model, example_inputs, scratch)
 
 
-def content_key(model: nn.Module, example_inputs: ExampleInputs) -> _Key | None:
+def content_key(model: nn.Module, example_inputs: ExampleInputs) -> Key | None:
     """What the export of ``model`` on ``example_inputs`` depends on, by value (None: tensors
     beyond ``MAX_BYTES``, not hashed)."""
     state = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(
         remove_duplicate=False)]  # fmt: skip
     if sum(t.numel() * t.element_size() for _, t in state) > MAX_BYTES:
         return None
-    keyer = _Keyer({id(m): name for name, m in model.named_modules(remove_duplicate=False)})
+    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    keyer = Keyer(
+        tensor=_tensor, module=lambda m: ("module", names[id(m)]) if id(m) in names else None
+    )
     modules = tuple(
         (name, type(m), keyer.hooks(m), tuple(
-            (k, keyer.value(v)) for k, v in sorted(vars(m).items()) if _read(k)
+            (k, keyer(v)) for k, v in sorted(vars(m).items()) if _read(k)
         ))
         for name, m in model.named_modules(remove_duplicate=False)
     )  # fmt: skip
     tensors = tuple((name, _tensor(t)) for name, t in state)
     args, kwargs = normalize_inputs(example_inputs)
-    value = (modules, tensors, keyer.value(args), keyer.value(kwargs))
-    return _Key(value, keyer.held)
+    return keyer.key((modules, tensors, keyer(args), keyer(kwargs)))
 
 
 def _read(attribute: str) -> bool:
     """An attribute the forward may read: not the module's tables (their tensors and modules
     are keyed apart) nor graphprune's report and record of a compiled model."""
     return attribute not in _BOOKKEEPING and not attribute.startswith(GRAPHPRUNE_ATTRIBUTES)
-
-
-class _Key:
-    """A content key; the objects it names by identity are held, so no other object can
-    take their id while the entry lives."""
-
-    def __init__(self, value: Hashable, held: list[Any]) -> None:
-        self.value, self.held = value, held
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Key) and self.value == other.value
-
-    def __hash__(self) -> int:
-        return hash(self.value)
 
 
 def _tensor(t: torch.Tensor) -> Hashable:
@@ -143,43 +130,3 @@ def _tensor(t: torch.Tensor) -> Hashable:
     flat = data.contiguous().reshape(-1).view(torch.uint8).cpu()
     digest = hashlib.blake2b(flat.numpy().data, digest_size=16).hexdigest()
     return (tuple(t.shape), t.dtype, t.device.type, digest)
-
-
-class _Keyer:
-    """Values by content; what has none by identity (and held)."""
-
-    def __init__(self, names: dict[int, str]) -> None:
-        self.names = names  # module id -> its name in the model
-        self.held: list[Any] = []
-
-    def ident(self, obj: Any) -> int:
-        self.held.append(obj)
-        return id(obj)
-
-    def hooks(self, m: nn.Module) -> tuple[Hashable, ...]:
-        """Hook functions by identity (a copy of a model shares them; a new hook misses)."""
-        tables = (m._forward_hooks, m._forward_pre_hooks)
-        return tuple((k, self.ident(h)) for table in tables for k, h in table.items())
-
-    def value(self, value: Any, depth: int = 0) -> Hashable:
-        """An attribute or input: plain values, tensors by content, modules by their name in
-        the model, containers element by element, an object with attributes (a config) by
-        them, two levels deep; anything else by identity (it can only miss)."""
-        if isinstance(value, _PLAIN):
-            return (type(value), value)
-        if isinstance(value, torch.Tensor):
-            return ("tensor", _tensor(value))
-        if isinstance(value, nn.Module):
-            name = self.names.get(id(value))
-            return ("module", name) if name is not None else ("object", self.ident(value))
-        if depth > 4:
-            return ("object", self.ident(value))
-        if isinstance(value, list | tuple):
-            return (type(value), *(self.value(v, depth + 1) for v in value))
-        if isinstance(value, dict):
-            return ("dict", *((repr(k), self.value(v, depth + 1)) for k, v in value.items()))
-        if isinstance(value, set | frozenset) and all(isinstance(v, _PLAIN) for v in value):
-            return ("set", *sorted(repr(v) for v in value))  # names of non-persistent buffers
-        if depth <= 1 and hasattr(value, "__dict__") and not callable(value):
-            return (type(value), self.value(dict(vars(value)), depth + 1))
-        return ("object", self.ident(value))
