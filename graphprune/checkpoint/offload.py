@@ -33,6 +33,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from graphprune.capture import run_eval
 from graphprune.checkpoint.stream import REST, BlockStream
@@ -69,44 +71,42 @@ class _Reached(BaseException):
 
 
 @dataclass
-class _Saved:
-    """A paused forward's block input, in a file: its storage's bytes and the view on it."""
+class _Spilled:
+    """A released storage and the file that holds its bytes."""
 
+    tensor: Tensor  # a tensor on the storage (the storage is reached through it)
     path: Path
     nbytes: int
-    dtype: torch.dtype
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
 
     @classmethod
-    def spill(cls, hidden: Tensor, path: Path) -> _Saved:
-        """Write ``hidden``'s storage to ``path`` and release it (every view of it)."""
-        storage = hidden.untyped_storage()
+    def spill(cls, tensor: Tensor, path: Path) -> _Spilled:
+        """Write ``tensor``'s storage to ``path`` and release it (every view of it)."""
+        storage = tensor.untyped_storage()
         # through a shared mapping of the file (numpy would pin the storage: not resizable)
         mapped = torch.from_file(str(path), shared=True, size=storage.nbytes(), dtype=torch.uint8)
         mapped.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
         del mapped
-        saved = cls(path, storage.nbytes(), hidden.dtype, int(hidden.storage_offset()),
-                    tuple(hidden.shape), tuple(hidden.stride()))  # fmt: skip
+        spilled = cls(tensor, path, storage.nbytes())
         storage.resize_(0)
-        return saved
+        return spilled
 
-    def _bytes(self) -> Tensor:
+    def data(self) -> Tensor:
         """The file's bytes, read into memory (not left mapped)."""
         mapped = torch.from_file(str(self.path), shared=False, size=self.nbytes, dtype=torch.uint8)
         return mapped.clone()
 
-    def restore(self, hidden: Tensor) -> None:
-        """Put the bytes back into ``hidden``'s released storage."""
-        storage = hidden.untyped_storage()
+    def restore(self) -> None:
+        """Put the bytes back into the released storage."""
+        storage = self.tensor.untyped_storage()
         storage.resize_(self.nbytes)
-        torch.empty(0, dtype=torch.uint8).set_(storage).copy_(self._bytes())
+        torch.empty(0, dtype=torch.uint8).set_(storage).copy_(self.data())
 
-    def load(self) -> Tensor:
-        """A copy of the saved tensor (for a replay; the forward's own stays released)."""
-        data = self._bytes().untyped_storage()
-        return torch.empty(0, dtype=self.dtype).set_(data, self.offset, self.shape, self.stride)
+
+def _view_on(data: Tensor, like: Tensor) -> Tensor:
+    """``like``'s view (dtype, offset, shape, strides) on the bytes ``data``."""
+    storage = data.untyped_storage()
+    offset, shape, stride = int(like.storage_offset()), tuple(like.shape), tuple(like.stride())
+    return torch.empty(0, dtype=like.dtype).set_(storage, offset, shape, stride)
 
 
 @dataclass
@@ -118,8 +118,11 @@ class _Forward:
     go: threading.Event = field(default_factory=threading.Event)
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
-    saved: _Saved | None = None
-    hidden: Tensor | None = None  # the released block input (restored when it goes on)
+    hidden: Tensor | None = None  # the block input (released while paused, unless protected)
+    spilled: list[_Spilled] = field(default_factory=list)  # [0]: the hidden's, when released
+    # earlier block inputs: the model's loop may keep one alive (LLaMA's inputs_embeds is
+    # the first block's input): released again at every pause while they live
+    earlier: list[weakref.ref[Tensor]] = field(default_factory=list)
 
 
 class PausedForwards:
@@ -132,6 +135,11 @@ class PausedForwards:
         self.arrivals: queue.Queue[tuple[int, str, BaseException | None]] = queue.Queue()
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
+        # the user's tensors are never released (one of them may be a first block's input)
+        self.inputs = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves(batches) if isinstance(t, Tensor)
+        }  # fmt: skip
         modules = dict(model.named_modules())
         self.handles = [
             modules[name].register_forward_pre_hook(
@@ -141,6 +149,12 @@ class PausedForwards:
             for name in sorted(points)
         ]  # fmt: skip
         self.local = threading.local()  # .forward: the _Forward of a worker thread
+
+    def _protected(self) -> set[int]:
+        """Storages never released: the user's batches and the model's own tensors."""
+        own = (t.untyped_storage().data_ptr() for t in [*self.model.parameters(),
+               *self.model.buffers()] if not t.is_meta)  # fmt: skip
+        return self.inputs.union(own)
 
     def _pause(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         forward: _Forward | None = getattr(self.local, "forward", None)
@@ -152,16 +166,35 @@ class PausedForwards:
                 f"{name} is called without its hidden states as the first argument or "
                 "hidden_states=: its input cannot be offloaded (drop offload_dir=)"
             )
-        path = self.folder / f"batch-{forward.index}.bin"
         forward.args, forward.kwargs, forward.hidden = args, kwargs, hidden
-        forward.saved = _Saved.spill(hidden, path)
+        forward.spilled = self._spill(forward, hidden)
         self.arrivals.put((forward.index, name, None))
         forward.go.wait()
         forward.go.clear()
+        # nothing of this pause outlives it (a forward's last block input, kept, would hold
+        # a hidden state per batch in memory)
+        spilled, forward.spilled, forward.args, forward.kwargs, forward.hidden = (
+            forward.spilled, [], (), {}, None
+        )  # fmt: skip
         if self.stopping.is_set():
             raise _Stop
-        forward.saved.restore(hidden)
-        forward.saved = None
+        for part in spilled:
+            part.restore()
+
+    def _spill(self, forward: _Forward, hidden: Tensor) -> list[_Spilled]:
+        """Release the block input and the earlier ones still alive, each storage once."""
+        protected, done = self._protected(), set[int]()
+        alive = [hidden, *(t for ref in forward.earlier if (t := ref()) is not None)]
+        spilled: list[_Spilled] = []
+        for k, tensor in enumerate(alive):
+            storage = tensor.untyped_storage()
+            if storage.nbytes() == 0 or storage.data_ptr() in protected | done:
+                continue
+            done.add(storage.data_ptr())
+            path = self.folder / f"batch-{forward.index}-{k}.bin"
+            spilled.append(_Spilled.spill(tensor, path))
+        forward.earlier = [weakref.ref(t) for t in alive]
+        return spilled
 
     def _run(self, forward: _Forward) -> None:
         self.local.forward = forward
@@ -196,8 +229,8 @@ class PausedForwards:
                 target=self._run, args=(forward,), name=f"graphprune-calibration-{forward.index}",
                 daemon=True,
             )  # fmt: skip
-            self.threads.append(thread)
             thread.start()
+            self.threads.append(thread)  # (started: close joins it)
             reached.append(self._wait(forward))
         return self._same(reached)
 
@@ -223,10 +256,12 @@ class PausedForwards:
         """Per forward: ``module`` (where they are paused) called again on a copy of its saved
         input, with the arguments it was called with, in this thread."""
         for forward in self.forwards:
-            assert forward.saved is not None
+            hidden = forward.hidden
+            assert hidden is not None
             args, kwargs = forward.args, dict(forward.kwargs)
-            copy = forward.saved.load()
-            if args and args[0] is forward.hidden:
+            released = forward.spilled and forward.spilled[0].tensor is hidden
+            copy = _view_on(forward.spilled[0].data(), hidden) if released else hidden
+            if args and args[0] is hidden:
                 args = (copy, *args[1:])
             else:
                 kwargs["hidden_states"] = copy
@@ -235,12 +270,14 @@ class PausedForwards:
     def close(self) -> None:
         """End every forward still paused (the run failed) and remove the hooks."""
         self.stopping.set()
-        for forward in self.forwards:
-            forward.go.set()
-        for thread in self.threads:
-            thread.join()
-        for handle in self.handles:
-            handle.remove()
+        try:
+            for forward in self.forwards:
+                forward.go.set()
+            for thread in self.threads:
+                thread.join()
+        finally:
+            for handle in self.handles:
+                handle.remove()
 
 
 def stream_offloaded(
@@ -264,29 +301,41 @@ def stream_offloaded(
                 "than once (load the model and use graphprune.compile)"
             )
     same_everywhere(todo if not wanda else [], "the layers SparseGPT prunes, in forward order")
-    points = {b for b in stream.blocks if b != REST}
-    points |= set() if wanda else {n for n in todo if block_of(n) == REST}
+    fits = [] if wanda else fits  # (wanda reports no fits)
+    blocks = [b for b in stream.blocks if b != REST]
+    points = set(blocks) | (set() if wanda else {n for n in todo if block_of(n) == REST})
+    stream.steps = iter(track(blocks, _title(wanda), progress))
+    pruned: set[str] = set()
     folder = Path(tempfile.mkdtemp(prefix="graphprune-activations-", dir=offload_dir))
-    forwards = PausedForwards(model, batches, points, folder)
-    stream.steps = iter(track([b for b in points if b in stream.blocks], _title(wanda), progress))
     try:
-        with _rest_loaded(stream, modules) as drop_rest, _norms(stream, modules, wanda):
-            point = forwards.start()
-            drop_rest()
-            while point != _END:
-                block = block_of(point)
-                stream.load(block, within="" if block else point + ".")
-                for name in [] if wanda else [n for n in todo if _inside(n, point)]:
-                    if name not in stream.masks:  # (a stage's later layers are done with it)
-                        fits += _prune_stage(stream, forwards, modules, point, name, todo)
-                after = forwards.advance()
+        forwards = PausedForwards(model, batches, points, folder)
+        try:
+            with _rest_loaded(stream, modules) as drop_rest, _norms(stream, modules, wanda):
+                point = forwards.start()
                 drop_rest()
-                if block:
-                    stream.finish(block)
-                point = after
+                while point != _END:
+                    block = block_of(point)
+                    stream.load(block, within="" if block else point + ".")
+                    for name in [] if wanda else [n for n in todo if _inside(n, point)]:
+                        if name not in pruned:  # (a stage's later layers are done with it)
+                            found = _prune_stage(stream, forwards, modules, point, name, todo)
+                            fits += found
+                            pruned.update(f.module for f in found)
+                    after = forwards.advance()
+                    drop_rest()
+                    if block:
+                        stream.finish(block)
+                    point = after
+        finally:
+            forwards.close()
     finally:
-        forwards.close()
         shutil.rmtree(folder, ignore_errors=True)
+    missed = [] if wanda else [n for n in todo if n not in pruned]
+    if missed:  # never guessed: the stacked forward refuses the same
+        raise InputError(
+            f"the calibration forwards did not reach {missed[:3]}: SparseGPT cannot prune "
+            "them from their inputs (load the model and use graphprune.compile)"
+        )
     for _ in stream.steps:  # drain the bar
         pass
     stream.outcome.fits = in_forward_order(fits, order.order)
@@ -379,54 +428,53 @@ def _stage_inputs(
     first: str,
     todo: list[str],
 ) -> tuple[list[str], Iterator[Tensor]]:
-    """The stage that starts at layer ``first`` (the Linears after it in ``todo`` called on
-    the very same tensor, found in the first batch's replay) and its input per batch."""
+    """The stage that starts at layer ``first`` -- it and the Linears right after it in
+    ``todo`` called on the very same, unchanged tensor, found in the first batch's replay --
+    and its input per batch (each replay stops at ``first``)."""
     if first == point:  # a layer of the rest: its input is the saved one
         return [first], (args[0] if args else kwargs["hidden_states"]
                          for _, args, kwargs in forwards.replay(modules[point]))  # fmt: skip
     following = todo[todo.index(first) :]
+    linear = isinstance(modules[first], nn.Linear)
+    runs = forwards.replay(modules[point])
     stage: list[str] = []
-    seen: list[Tensor] = []
+    seen: list[tuple[Tensor, int, Tensor]] = []  # first's input, its version, a copy
 
-    def pre(name: str, args: tuple[Any, ...]) -> None:
+    def find(name: str, args: tuple[Any, ...]) -> None:
         x = args[0]
         if not seen:
-            seen.append(x)
+            if name != first:  # a later layer before it: first is not reached
+                raise _Reached
+            seen.append((x, x._version, x.detach().clone()))  # (later ops may change x)
             stage.append(name)
-        elif (
-            x is seen[0] and len(stage) < len(following) and name == following[len(stage)]
-            and isinstance(modules[name], nn.Linear) and isinstance(modules[first], nn.Linear)
-        ):  # fmt: skip
-            stage.append(name)
-        else:
+            return
+        same = x is seen[0][0] and x._version == seen[0][1]
+        next_one = len(stage) < len(following) and name == following[len(stage)]
+        if not (same and next_one and linear and isinstance(modules[name], nn.Linear)):
             raise _Reached
-        if not collecting_stage[0]:
-            raise _Reached
+        stage.append(name)
 
-    collecting_stage = [True]
-    runs = forwards.replay(modules[point])
+    def stop(name: str, args: tuple[Any, ...]) -> None:
+        seen.append((args[0], 0, args[0].detach()))
+        raise _Reached
 
-    def run_to_stage(call: Tuple) -> Tensor:
+    def run(call: Tuple, names: list[str], hook: Callable[[str, tuple[Any, ...]], None]) -> Tensor:
         seen.clear()
-        with _layer_hooks(modules, following if collecting_stage[0] else [first], pre):
-            module, args, kwargs = call
-            with contextlib.suppress(_Reached), torch.no_grad():
-                type(module).forward(module, *args, **kwargs)
+        module, args, kwargs = call
+        with _layer_hooks(modules, names, hook), contextlib.suppress(_Reached), torch.no_grad():
+            type(module).forward(module, *args, **kwargs)
         if not seen:
             raise InputError(f"{first} is not reached when {point} runs again on its input")
-        return seen[0].detach()
+        return seen.pop()[2]
 
-    first_input = run_to_stage(next(runs))
-    collecting_stage[0] = False
-    found = list(stage)
+    first_inputs = [run(next(runs), following, find)]  # the first batch's: finds the stage
 
     def inputs() -> Iterator[Tensor]:
-        yield first_input
+        yield first_inputs.pop()  # (not held while the other batches replay)
         for call in runs:
-            stage.clear()
-            yield run_to_stage(call)
+            yield run(call, [first], stop)
 
-    return found, inputs()
+    return list(stage), inputs()
 
 
 @contextlib.contextmanager

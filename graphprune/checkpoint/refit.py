@@ -29,10 +29,16 @@ from torch import Tensor, nn
 
 from graphprune.capture import tensor_aliases
 from graphprune.checkpoint.source import Checkpoint, CheckpointTensors
-from graphprune.checkpoint.stream import REST, BlockStream, fake_call_order, real_buffers
+from graphprune.checkpoint.stream import (
+    REST,
+    BlockStream,
+    fake_call_order,
+    real_buffers,
+    tables_kept,
+)
 from graphprune.checkpoint.write import ShardWriter, Slices, block_of
 from graphprune.oneshot.distributed import barrier, same_everywhere
-from graphprune.oneshot.reconstruct import LayerFit, consumers, refit_consumers, refit_layers
+from graphprune.oneshot.reconstruct import LayerFit, refit_consumers, refit_layers
 from graphprune.planning.plan import Plan
 
 
@@ -84,7 +90,7 @@ def stream_refit(
     made = lambda n: [*slices.shape(n, source.shapes[n]), slices.digest(n), "refit"]  # noqa: E731
     # the rest's refit layers (the head) stay loaded after their call: the reference calls the
     # original's again, and the pruned one's are written last, refit
-    rest = {n for n, why in consumers(original, pruned).items() if not why and not block_of(n)}
+    rest = {n for n in refit_layers(original, pruned) if not block_of(n)}
     sliced = SlicedTensors(CheckpointTensors(source, tensor_aliases(pruned)), slices)
     writing = BlockStream(
         source, pruned, plan, writer, {}, stored=sliced, made=made, keep=rest
@@ -94,15 +100,16 @@ def stream_refit(
     same_everywhere(sorted(writing.done), "the blocks an interrupted run wrote")
     done = {n for n, _ in pruned.named_modules() if block_of(n) in writing.done}
     order = fake_call_order(pruned, refit_layers(original, pruned, done), batches[0])
-    real_buffers(original)
-    real_buffers(pruned)
-    with reading._hooks(), writing._hooks(), torch.no_grad():
-        fits = refit_consumers(
-            original, pruned, kept_outputs, batches, progress=progress, order=order,
-            one_forward=True, skip=done,
-        )  # fmt: skip
-    reading.drop_loaded()  # what the original's forward left loaded (the head)
-    writing.finish_all()
+    with tables_kept(original), tables_kept(pruned):
+        real_buffers(original)
+        real_buffers(pruned)
+        with reading._hooks(), writing._hooks(), torch.no_grad():
+            fits = refit_consumers(
+                original, pruned, kept_outputs, batches, progress=progress, order=order,
+                one_forward=True, skip=done,
+            )  # fmt: skip
+        reading.drop_loaded()  # what the original's forward left loaded (the head)
+        writing.finish_all()
     return RefitOutcome(fits, sorted(b for b in writing.done if b != REST))
 
 

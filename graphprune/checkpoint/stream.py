@@ -145,24 +145,31 @@ class StreamedNorms:
         order = fake_call_order(model, candidates, batches[0])
         self.twice = {n for n, calls in order.calls.items() if calls > 1}
         once = [n for n in order.order if n not in self.twice]
-        # every module's tables as they are (meta; tied weights one object), put back after
-        tables = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-        real_buffers(model)
-        stream = BlockStream(self.source, model, self.plan, None, {})
         sums: dict[str, Tensor] = {}
-        try:
+        with tables_kept(model):
+            real_buffers(model)
+            stream = BlockStream(self.source, model, self.plan, None, {})
             with stream._hooks():
                 input_square_sums(model, once, batches, sums, order=order, one_forward=True)
-        finally:
-            for module, parameters, buffers in tables:
-                module._parameters.clear()
-                module._parameters.update(parameters)
-                module._buffers.clear()
-                module._buffers.update(buffers)
         same_everywhere(sorted(sums), "the layers the forward reached")
         for name in sorted(sums):
             all_sum(sums[name])
         return {name: total.sqrt() for name, total in sums.items()}
+
+
+@contextlib.contextmanager
+def tables_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's parameter and buffer tables put back as they were after a stream (meta,
+    tied weights one object: a stream loads and drops each owner's own)."""
+    tables = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, parameters, buffers in tables:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
 
 
 def fake_call_order(model: nn.Module, names: list[str], batch: Any) -> CallOrder:
@@ -482,4 +489,5 @@ __all__ = [
     "fake_call_order",
     "real_buffers",
     "stream_sparse",
+    "tables_kept",
 ]
