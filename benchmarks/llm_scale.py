@@ -8,6 +8,11 @@
    high-water mark reset then, Linux ``clear_refs``), and the raw ``ru_maxrss``.
 3. The pruned checkpoint is loaded with ``from_pretrained`` (bf16) in another subprocess and
    generates 8 tokens greedily.
+``--refit``: a quarter of the attention heads removed with ``reconstruct=True`` (each o_proj
+refit to the original's outputs, the original and the pruned model streamed side by side).
+``--sparsegpt --offload DIR``: 2:4 SparseGPT on the same calibration batches (a sequence each)
+stacked into one forward and with ``offload_dir=DIR`` (a forward per batch, block inputs in
+files), each in a subprocess: time, peak, and the two outputs compared tensor by tensor.
 ``--in-memory`` instead: the 1.1 B LLaMA-style model of the compile-time benchmark (bf16, random
 init) compiled with ``graphprune.compile(..., Plan(ratio=0.25), inplace=True)`` in a
 subprocess: seconds and peak resident size per stage (the high-water mark read and reset at
@@ -15,7 +20,10 @@ each stage's end), and the compile's peak over an idle process's size (a separat
 the same imports and modelling code) as a multiple of the weights; ``--against REV`` (repeatable)
 measures graphprune as of those git revisions in the same run.
 
-    .venv/bin/python benchmarks/llm_scale.py [--src /tmp/llama8b] [--scale 8b|1b] [--sparsegpt]
+    .venv/bin/python benchmarks/llm_scale.py [--src /tmp/llama8b] [--scale 8b|1b] [--sparsegpt
+        | --refit]
+    .venv/bin/python benchmarks/llm_scale.py --src /tmp/llama1b --scale 1b --sparsegpt \
+        --calibration 16x1024 --offload /tmp/activations
     .venv/bin/python benchmarks/llm_scale.py --in-memory [--against 8f1a220 ...]
 """
 
@@ -84,18 +92,22 @@ SPARSEGPT = PRELUDE + textwrap.dedent(
     """
     import statistics, sysconfig
     from pathlib import Path
-    # 16 calibration sequences of 256 tokens: bytes of the standard library's sources as ids
+    # N calibration sequences of L tokens: bytes of the standard library's sources as ids
+    n, length = map(int, sys.argv[3].split("x"))
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    text = b"".join(p.read_bytes() for p in files)[: 16 * 256]
-    ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long().reshape(16, 256)
-    # one batch of 16: SparseGPT's Hessian is one float32 product per batch (summed in double,
-    # so a process's share of the batches sums the same products); one large product is fast
-    calibration = [(ids,)]
+    text = b"".join(p.read_bytes() for p in files)[: n * length]
+    ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long().reshape(n, length)
+    # stacked: one batch of N -- SparseGPT's Hessian is one float32 product per batch (summed
+    # in double, so a process's share of the batches sums the same products); one large
+    # product is fast. Offloaded (or --per-sequence): a batch per sequence
+    per_sequence = sys.argv[4] != "-" or sys.argv[5] == "per-sequence"
+    calibration = [(row[None],) for row in ids] if per_sequence else [(ids,)]
     plan = gp.Plan(granularity="n:m", nm=[2, 4], reconstruct=True, ignore=["lm_head"])
     base = reset()
     start = time.perf_counter()
     found = gp.compile_checkpoint(sys.argv[1], plan, sys.argv[2], calibration=calibration,
-                                  verify_bytes=0, progress=False)
+                                  verify_bytes=0, progress=False,
+                                  offload_dir=None if sys.argv[4] == "-" else sys.argv[4])
     fits = [f for f in found.fits if f.method == "sparsegpt"]
     masked = [m for m in found.sparsity if m.pattern != "dense"]
     print(json.dumps({{"seconds": time.perf_counter() - start, "stages": found.seconds,
@@ -105,6 +117,31 @@ SPARSEGPT = PRELUDE + textwrap.dedent(
         "sparsegpt_layers": len(fits),
         "error_before": statistics.median(f.error_before for f in fits),
         "error_after": statistics.median(f.error_after for f in fits),
+        "verified": found.verified}}))
+    """
+)
+
+REFIT = PRELUDE + textwrap.dedent(
+    """
+    import statistics, sysconfig
+    from pathlib import Path
+    # 16 x 256 calibration tokens (the SparseGPT run's): one batch, its halves the two folds
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    text = b"".join(p.read_bytes() for p in files)[: 16 * 256]
+    ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long().reshape(16, 256)
+    plan = gp.Plan(ratio=0.25, granularity="heads", reconstruct=True)
+    base = reset()
+    start = time.perf_counter()
+    found = gp.compile_checkpoint(sys.argv[1], plan, sys.argv[2], calibration=[(ids,)],
+                                  verify_bytes=0, progress=False)
+    fits = [f for f in found.fits if f.method == "least squares"]
+    print(json.dumps({{"seconds": time.perf_counter() - start, "stages": found.seconds,
+        "peak_gib": (status("VmHWM") - base) / 2**20, "base_gib": base / 2**20,
+        "maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "params": [found.params_before, found.params_after], "refit_layers": len(fits),
+        "error_before": statistics.median(f.error_before for f in fits),
+        "error_after": statistics.median(f.error_after for f in fits),
+        "config": found.config.changes if found.config else None,
         "verified": found.verified}}))
     """
 )
@@ -224,6 +261,48 @@ def run(script: str, *args: str, site: Path | None = None) -> dict[str, Any]:
     return result
 
 
+def compare_checkpoints(one: Path, two: Path) -> dict[str, Any]:
+    """Tensor by tensor: how many are identical, how many have the same zeros, the largest
+    difference."""
+    import torch
+    from safetensors import safe_open
+
+    index = json.loads((one / "model.safetensors.index.json").read_text())["weight_map"]
+    other = json.loads((two / "model.safetensors.index.json").read_text())["weight_map"]
+    same = masks = 0
+    gap = 0.0
+    for name, file in index.items():
+        with safe_open(str(one / file), "pt") as a, safe_open(str(two / other[name]), "pt") as b:
+            x, y = a.get_tensor(name), b.get_tensor(name)
+        same += int(torch.equal(x, y))
+        masks += int(torch.equal(x == 0, y == 0))
+        gap = max(gap, float((x.float() - y.float()).abs().max()))
+    return {"tensors": len(index), "identical": same, "same_zeros": masks, "max_diff": gap}
+
+
+def offload_comparison(src: Path, calibration: str, folder: Path) -> dict[str, Any]:
+    """2:4 SparseGPT from ``src`` on the same calibration batches (a sequence each), stacked
+    into one forward and offloaded to ``folder``: time, peak and the two outputs compared."""
+    results: dict[str, Any] = {}
+    for mode, offload in (("stacked", "-"), ("offloaded", str(folder))):
+        dst = src.with_name(f"{src.name}-24-{mode}")
+        shutil.rmtree(dst, ignore_errors=True)
+        results[mode] = run(SPARSEGPT, str(src), str(dst), calibration, offload, "per-sequence")
+        found = results[mode]
+        print(f"  {mode:10s} {found['seconds']:7.0f} s, peak {found['peak_gib']:.2f} GiB over "
+              f"{found['base_gib']:.2f} GiB after imports (ru_maxrss {found['maxrss_gib']:.2f} "
+              f"GiB); SparseGPT median layer error {found['error_before']:.4f} -> "
+              f"{found['error_after']:.4f}", flush=True)  # fmt: skip
+    one, two = (src.with_name(f"{src.name}-24-{m}") for m in ("stacked", "offloaded"))
+    results["compared"] = found = compare_checkpoints(one, two)
+    print(f"  outputs: {found['identical']} of {found['tensors']} tensors identical, "
+          f"{found['same_zeros']} with the same zeros, largest difference "
+          f"{found['max_diff']:.3g}")  # fmt: skip
+    for path in (one, two):
+        shutil.rmtree(path, ignore_errors=True)
+    return results
+
+
 def in_memory(site: Path | None = None) -> dict[str, Any]:
     """The 1.1 B compile in memory, its peak over an idle process as a multiple of the weights."""
     found = run(IN_MEMORY, site=site)
@@ -271,6 +350,21 @@ def main() -> None:
         action="store_true",
         help="2:4 SparseGPT (16 x 256 calibration tokens) instead of structured",
     )
+    parser.add_argument(
+        "--calibration", default="16x256", help="with --sparsegpt: N sequences x L tokens"
+    )
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="25%% of the attention heads removed and o_proj refit (reconstruct=True) on "
+        "16 x 256 calibration tokens, instead of structured",
+    )
+    parser.add_argument(
+        "--offload",
+        metavar="DIR",
+        help="with --sparsegpt: run it stacked and with offload_dir=DIR on the same batches "
+        "(a sequence each), and compare",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -289,16 +383,36 @@ def main() -> None:
         start = time.perf_counter()
         write_checkpoint(src, args.scale)
         print(f"wrote {src} in {time.perf_counter() - start:.0f} s")
-    dst = src.with_name(src.name + ("-24" if args.sparsegpt else "-pruned"))
+    dst = src.with_name(src.name + ("-24" if args.sparsegpt else "-refit" if args.refit
+                                    else "-pruned"))  # fmt: skip
     shutil.rmtree(dst, ignore_errors=True)
+    if args.sparsegpt and args.offload:
+        print(f"compile_checkpoint {args.scale} 2:4 SparseGPT ({args.calibration} tokens, a "
+              "batch per sequence, lm_head dense):")  # fmt: skip
+        results["offload"] = offload_comparison(src, args.calibration, Path(args.offload))
+        if args.out:
+            write_text_atomic(Path(args.out), json.dumps(results, indent=1))
+        return
     if args.sparsegpt:
-        results["sparsegpt_2_4"] = found = run(SPARSEGPT, str(src), str(dst))
+        results["sparsegpt_2_4"] = found = run(SPARSEGPT, str(src), str(dst), args.calibration,
+                                               "-", "stacked")  # fmt: skip
         print(
-            f"compile_checkpoint {args.scale} 2:4 SparseGPT (16 x 256 tokens, lm_head dense): "
+            f"compile_checkpoint {args.scale} 2:4 SparseGPT ({args.calibration} tokens, lm_head "
+            "dense): "
             f"{found['seconds']:.0f} s, peak {found['peak_gib']:.2f} GiB over "
             f"{found['base_gib']:.2f} GiB after imports (ru_maxrss {found['maxrss_gib']:.2f} "
             f"GiB); {found['layers']} layers at {found['sparsity']:.3f} zeros; SparseGPT "
             f"median layer error {found['error_before']:.4f} -> {found['error_after']:.4f}"
+        )
+    elif args.refit:
+        results["refit_heads"] = found = run(REFIT, str(src), str(dst))
+        print(
+            f"compile_checkpoint {args.scale} heads 25% + reconstruct=True (16 x 256 tokens): "
+            f"{found['seconds']:.0f} s, peak {found['peak_gib']:.2f} GiB over "
+            f"{found['base_gib']:.2f} GiB after imports (ru_maxrss {found['maxrss_gib']:.2f} "
+            f"GiB); params {found['params'][0] / 1e9:.2f} B -> {found['params'][1] / 1e9:.2f} "
+            f"B; {found['refit_layers']} layers refit, median error {found['error_before']:.4f}"
+            f" -> {found['error_after']:.4f}; config {found['config']}"
         )
     else:
         results["compile_checkpoint"] = found = run(COMPILE, str(src), str(dst))
