@@ -4,6 +4,12 @@
 wrote that format (format 1: before pruning units; format 2: with per-unit outcomes and
 attribute values), and the outputs the pruned model gave on a probe input when it was saved.
 They are never regenerated: a change that cannot load them breaks users' files.
+
+The restored weights are bit-exact (the seeded build and the recorded kept indices), but the
+probe outputs were computed on the CPU that wrote the files: convolution kernels differ in
+float rounding between instruction sets (a Xeon without the writer's kernels differs by 7e-9
+on ResNet-18's outputs of ~0.08), so outputs are compared to 1e-5 of their scale -- a single
+wrong channel moves them by orders of magnitude more.
 """
 
 from __future__ import annotations
@@ -38,4 +44,5 @@ def test_golden_file_loads_and_replays_exactly(name: str) -> None:
     restored.eval()
     with torch.no_grad():
         output = restored(*expected["input"])
-    assert torch.equal(output, expected["output"])
+    scale = expected["output"].abs().max().item()
+    torch.testing.assert_close(output, expected["output"], rtol=0, atol=1e-5 * scale)
