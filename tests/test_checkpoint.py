@@ -293,6 +293,21 @@ def test_offloaded_activations_give_the_in_memory_weights(
     assert [(f.module, f.error_after) for f in found.fits] == fits
 
 
+def test_a_config_its_library_refuses_is_refused_before_any_weight_is_read(
+    tmp_path: Path,
+) -> None:
+    """A quarter of 4 heads leaves 3, and LlamaConfig refuses a hidden size (64) that is not
+    a multiple of the head count (save_pretrained and from_pretrained validate it): a clear
+    error before the refit's forward, no dst, src unchanged."""
+    src = _saved(_llama(num_key_value_heads=4), tmp_path / "src")
+    before = _digest(src)
+    plan = gp.Plan(ratio=0.25, granularity="heads", reconstruct=True)
+    with pytest.raises(PlanError, match=r"refused by its library .*hidden size"):
+        gp.compile_checkpoint(src, plan, tmp_path / "dst", calibration=_calibration(),
+                              progress=False)  # fmt: skip
+    assert not (tmp_path / "dst").exists()
+    assert _digest(src) == before
+
 @pytest.mark.parametrize("offloaded", [False, True], ids=["stacked", "offloaded"])
 def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path, offloaded: bool) -> None:
     """Gemma-3 alternates sliding-window and full attention layers (each layer gets its own

@@ -212,6 +212,7 @@ def _structured(
         config = sync_config(model, original_config, None)
     watch.lap("config sync")
     _check_expressible(config, model)
+    _check_config_accepted(model)
     slices = _slices(source, setup, outcome.resolution.kept)
     _check_slices(slices, source, model)
     staging = on_rank_zero(lambda: staging_dir(target, identity))
@@ -360,6 +361,24 @@ def _check_expressible(config: ConfigSync | None, model: nn.Module) -> None:
             + "): use a uniform plan (scope='local', no per-layer overrides), or load the "
             "model and use graphprune.compile and graphprune.save"
         )
+
+
+def _check_config_accepted(model: nn.Module) -> None:
+    """The synced config passes its own library's validation (``save_pretrained`` and
+    ``from_pretrained`` run it): checked before any weight is read, not at the end."""
+    validate = getattr(getattr(model, "config", None), "validate", None)
+    if not callable(validate):
+        return
+    try:
+        validate()
+    except Exception as error:  # the library's own check, whatever it raises
+        why = " ".join(str(error).split())  # (one line)
+        raise PlanError(
+            f"the pruned config of {type(model).__name__} is refused by its library ({why}), "
+            "so no from_pretrained could load the output: choose a plan whose widths it "
+            "accepts (for attention heads, a count that divides hidden_size, or prune FFN "
+            "channels), or load the model and use graphprune.compile and graphprune.save"
+        ) from error
 
 
 def _check_slices(slices: Slices, source: Checkpoint, model: nn.Module) -> None:
