@@ -44,6 +44,16 @@ def _saved(model: Any, path: Path) -> Path:
     return path
 
 
+def _loads_as(reference: torch.nn.Module, dst: Path) -> Any:
+    """``dst`` loaded with from_pretrained: every weight that of ``reference``, bit for bit."""
+    loaded = tf.LlamaForCausalLM.from_pretrained(dst).eval()
+    want, have = reference.state_dict(), loaded.state_dict()
+    assert want.keys() == have.keys()
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+    return loaded
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()
@@ -70,11 +80,7 @@ def test_streamed_equals_in_memory(tmp_path: Path, plan: gp.Plan, tied: bool) ->
     assert len(list((tmp_path / "dst").glob("*.safetensors"))) == 4  # a shard per layer + rest
     assert found.verified.startswith("outputs: from_pretrained(dst) equals graphprune.compile")
     reference = gp.compile(model, plan, (torch.zeros((1, 16), dtype=torch.long),))
-    loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
-    want, have = reference.state_dict(), loaded.state_dict()
-    assert want.keys() == have.keys()
-    for key in want:
-        assert torch.equal(want[key], have[key]), key  # bit-identical weights
+    loaded = _loads_as(reference, tmp_path / "dst")  # bit-identical weights
     ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(reference(ids).logits, loaded(ids).logits)
@@ -109,11 +115,8 @@ def test_structured_wanda_streams_its_input_norms(
                            calibration=batches)  # fmt: skip
     l2 = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity),
                     (torch.zeros((1, 16), dtype=torch.long),))  # fmt: skip
-    loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
-    want, have = reference.state_dict(), loaded.state_dict()
-    assert want.keys() == have.keys()
-    for key in want:
-        assert torch.equal(want[key], have[key]), key
+    _loads_as(reference, tmp_path / "dst")
+    want = reference.state_dict()
     assert any(not torch.equal(v, l2.state_dict()[k]) for k, v in want.items())  # not l2's
     # the meta model was left as it was, tied weights one tensor: the parameters counted once
     assert found.params_after == sum(p.numel() for p in reference.parameters())
@@ -143,11 +146,8 @@ def test_structured_reconstruct_streams_the_refit(
                            calibration=batches)  # fmt: skip
     plain = gp.compile(model, gp.Plan(ratio=0.5, granularity=granularity),
                        (torch.zeros((1, 16), dtype=torch.long),))  # fmt: skip
-    loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
-    want, have = reference.state_dict(), loaded.state_dict()
-    assert want.keys() == have.keys()
-    for key in want:
-        assert torch.equal(want[key], have[key]), key
+    _loads_as(reference, tmp_path / "dst")
+    want = reference.state_dict()
     refit = [k for k, v in want.items() if not torch.equal(v, plain.state_dict()[k])]
     assert refit, "the refit changed no weight"
     fitted = [f for f in found.fits if f.method == "least squares"]
@@ -220,11 +220,7 @@ def test_streamed_sparse_equals_in_memory(tmp_path: Path, plan: gp.Plan, tied: b
                            calibration=batches)  # fmt: skip
     expected = {s.module: s.sparsity for s in gp.report(reference).sparsity}
     gp.finalize(reference)
-    loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
-    want, have = reference.state_dict(), loaded.state_dict()
-    assert want.keys() == have.keys()
-    for key in want:
-        assert torch.equal(want[key], have[key]), key
+    _loads_as(reference, tmp_path / "dst")
     assert {s.module: s.sparsity for s in found.sparsity} == expected
     masked = [s for s in found.sparsity if s.pattern != "dense"]
     assert len(masked) == 3 * 7 + (0 if tied else 1)  # a tied head stays dense
@@ -284,11 +280,7 @@ def test_offloaded_activations_give_the_in_memory_weights(
     expected = {s.module: s.sparsity for s in gp.report(reference).sparsity}
     fits = [(f.module, f.error_after) for f in gp.report(reference).reconstruction]
     gp.finalize(reference)
-    loaded = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dst").eval()
-    want, have = reference.state_dict(), loaded.state_dict()
-    assert want.keys() == have.keys()
-    for key in want:
-        assert torch.equal(want[key], have[key]), key
+    _loads_as(reference, tmp_path / "dst")
     assert {s.module: s.sparsity for s in found.sparsity} == expected
     assert [(f.module, f.error_after) for f in found.fits] == fits
 
@@ -307,6 +299,7 @@ def test_a_config_its_library_refuses_is_refused_before_any_weight_is_read(
                               progress=False)  # fmt: skip
     assert not (tmp_path / "dst").exists()
     assert _digest(src) == before
+
 
 @pytest.mark.parametrize("offloaded", [False, True], ids=["stacked", "offloaded"])
 def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path, offloaded: bool) -> None:
