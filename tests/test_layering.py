@@ -32,6 +32,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [  # in pipeline order; longest pref
             "graphprune.dictview",
             "graphprune.modules",
             "graphprune.keying",
+            "graphprune.memory",
         ),
     ),
     (

@@ -439,3 +439,43 @@ def test_sparsegpt_shares_the_hessian_of_one_input(monkeypatch: pytest.MonkeyPat
     for (name, a), (_, b) in zip(gp.finalize(shared).state_dict().items(),
                                  gp.finalize(alone).state_dict().items(), strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+
+
+def test_stacked_forwards_stop_once_the_last_layer_is_visited() -> None:
+    """What follows the last visited layer (a language model's logits: the largest activation
+    of all) is never computed, by the pruned model nor by the original in lockstep; a forward
+    that ends before a layer is still an error."""
+
+    class Net(nn.Module):
+        def __init__(self, skip_b: bool = False) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 64)
+            self.skip_b, self.heads_run = skip_b, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.a(x)
+            x = x if self.skip_b else self.b(x)
+            self.heads_run += 1
+            return self.head(x)
+
+    batches = [torch.randn(2, 4), torch.randn(3, 4)]
+    pruned, original = Net(), Net()
+    order = calibration.call_order(pruned, ["a", "b"], batches[0])
+    pruned.heads_run = 0
+    seen: list[tuple[str, int]] = []
+
+    def visit(name: str, layer: nn.Module, parts: list[torch.Tensor], *_: Any) -> None:
+        seen.append((name, sum(len(p) for p in parts)))
+
+    assert calibration.in_one_forward(pruned, order, batches, visit) == []
+    assert seen == [("a", 5), ("b", 5)] and pruned.heads_run == 0
+
+    def reference(name: str, layer: nn.Module, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [layer(p) for p in parts]
+
+    seen.clear()
+    assert calibration.in_lockstep(original, pruned, order, batches, reference, visit)
+    assert seen == [("a", 5), ("b", 5)]
+    assert (original.heads_run, pruned.heads_run) == (0, 0)
+    with pytest.raises(gp.GraphPruneError, match="different orders"):
+        calibration.in_lockstep(Net(skip_b=True), pruned, order, batches, reference, visit)

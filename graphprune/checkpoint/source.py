@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.errors import InputError
+from graphprune.memory import release_freed_memory
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -81,7 +82,9 @@ class Checkpoint:
 
     def tensor(self, name: str) -> Tensor:
         """One tensor, read from its shard (mapped only while it is read: the pages of the
-        tensors already done do not stay in the process)."""
+        tensors already done do not stay in the process; nor do those the allocator kept of
+        the tensors read before and dropped since)."""
+        release_freed_memory()
         with _safe_open(self.files[name]) as f:
             return f.get_tensor(name)
 

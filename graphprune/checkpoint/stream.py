@@ -42,6 +42,7 @@ from graphprune.capture import tensor_aliases
 from graphprune.checkpoint.source import Checkpoint, CheckpointTensors, _safe_open
 from graphprune.checkpoint.write import ShardWriter, block_of
 from graphprune.errors import InputError
+from graphprune.memory import release_freed_memory
 from graphprune.modules import weight_of
 from graphprune.oneshot.calibration import (
     CallOrder,
@@ -310,6 +311,7 @@ class BlockStream:
         them)."""
         if self.writer is None:
             self._drop(block)
+            release_freed_memory()
             if block != REST:
                 self.finished.add(block)
             return
@@ -341,6 +343,7 @@ class BlockStream:
                 self.writer.write(file, tensors, self._made(file))
                 del tensors
         self._drop(block)
+        release_freed_memory()  # the dropped block's pages (an arena keeps them otherwise)
         if block != REST:
             self.finished.add(block)
             next(self.steps, None)
@@ -359,6 +362,7 @@ class BlockStream:
         """Put every loaded tensor back on the meta device (a read-only stream's end)."""
         for block in self.blocks:
             self._drop(block)
+        release_freed_memory()
 
     def _written(self, fqn: str) -> Tensor:
         """A tensor as an interrupted run wrote it (its block's complete output shard)."""

@@ -300,9 +300,11 @@ def in_one_forward(
 ) -> list[str] | None:
     """Call ``visit(name, layer, parts)`` for every layer of ``order`` called once per forward,
     in forward order, with its input on all ``batches`` stacked (as per-batch parts), before
-    the layer runs: one forward. Returns the layers the forward did not reach (to be done
-    per layer), or None, visiting nothing, when the batches do not stack or their stacked
-    activations would exceed ``STACK_BYTES`` (then use :func:`layer_inputs`)."""
+    the layer runs: one forward, stopped once the last layer is visited (what follows -- a
+    language model's logits, the largest activation of all -- is not needed). Returns the
+    layers the forward did not reach (to be done per layer), or None, visiting nothing, when
+    the batches do not stack or their stacked activations would exceed ``STACK_BYTES`` (then
+    use :func:`layer_inputs`)."""
     names = [n for n in order.order if order.calls[n] == 1]
     stacked = _stackable(order, batches, 1)
     if stacked is None or not names:
@@ -312,8 +314,10 @@ def in_one_forward(
     def pre(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         if visits.first(name):
             visit(name, module, stacked.parts(args[0].detach()))
+            if not visits.pending:
+                raise _Reached  # every layer visited: the rest of the forward is not needed
 
-    with pre_hooks(model, names, pre):
+    with pre_hooks(model, names, pre), contextlib.suppress(_Reached):
         run_eval(model, stacked.inputs)
     return [n for n in names if n in visits.pending]
 
@@ -349,7 +353,9 @@ def in_lockstep(
     one) together. At each layer of ``order`` called once, ``reference(name, layer, parts)``
     runs in the original's forward and its result reaches ``visit(name, layer, parts,
     result)`` in the pruned model's, before the pruned layer runs; the worker computes the
-    next reference only once this one is taken (one in hand at a time). False, visiting
+    next reference only once this one is taken (one in hand at a time). Both forwards stop
+    once the last layer is handed over and visited (a language model's logits, the largest
+    activation of all, are never computed). False, visiting
     nothing, when the batches do not stack or would not fit ``STACK_BYTES``; a forward that
     calls the layers differently in the two models, or visits one twice, raises.
     """
@@ -373,11 +379,14 @@ def in_lockstep(
             raise _Mismatch(f"the original model reached {_what(reached)} where the pruned "
                             f"one reached layer {name!r}")  # fmt: skip
         visit(name, module, stacked.parts(args[0].detach()), value)
+        if not visits.pending:
+            raise _Reached  # every layer visited: the rest of the forward is not needed
 
     try:
         with pre_hooks(pruned, names, pre):
             worker.start()
-            run_eval(pruned, stacked.inputs)
+            with contextlib.suppress(_Reached):
+                run_eval(pruned, stacked.inputs)
             reached, _ = channel.receive(worker)
         if reached != _DONE:
             raise _Mismatch(f"the pruned model's forward ended before layer {reached!r}")
@@ -391,6 +400,11 @@ def in_lockstep(
         if worker.ident is not None:
             worker.join()
     return True
+
+
+class _Last(BaseException):
+    """Stops the reference forward once its last layer is handed over (not when the pruned
+    side stopped it: that is a :class:`_Reached`)."""
 
 
 class _Mismatch(BaseException):
@@ -444,8 +458,10 @@ def _run_reference(
     channel: _Channel,
 ) -> None:
     """The worker of :func:`in_lockstep`: the original's forward, handing over
-    ``reference(...)`` at each named layer; its end or its error is the last item."""
+    ``reference(...)`` at each named layer; its end (the forward's, or the last layer's
+    reference handed over: the forward stops there) or its error is the last item."""
     inside: list[str] = []  # reference() may call the layer itself: no hook in there
+    sent: list[str] = []
 
     def pre(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         if inside:
@@ -457,9 +473,12 @@ def _run_reference(
         finally:
             inside.pop()
         channel.send((name, value))
+        sent.append(name)
+        if len(sent) == len(names):
+            raise _Last  # the rest of the forward is not needed
 
     try:
-        with pre_hooks(original, names, pre):
+        with pre_hooks(original, names, pre), contextlib.suppress(_Last):
             run_eval(original, stacked.inputs)
         channel.wait_turn()
         channel.send((_DONE, None))

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from graphprune.capture import eval_mode, tensor_aliases
 from graphprune.errors import InputError
+from graphprune.memory import release_freed_memory
 from graphprune.modules import stored_weight
 from graphprune.oneshot.calibration import (
     CallOrder,
@@ -519,6 +520,7 @@ def sparsegpt(
         kept, fit = _sparsegpt_layer(module, name, parts, masks[name], adaptive, nm, shared)
         out[name] = kept
         fits.append(fit)
+        release_freed_memory()  # the Hessian's and its factor's pages (graphprune.memory)
 
     def visit(name: str, module: nn.Module, parts: list[Tensor]) -> None:
         if name in doing:  # per-batch parts: unfold memory as per batch
