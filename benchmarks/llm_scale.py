@@ -264,22 +264,24 @@ def run(script: str, *args: str, site: Path | None = None) -> dict[str, Any]:
 
 
 def compare_checkpoints(one: Path, two: Path) -> dict[str, Any]:
-    """Tensor by tensor: how many are identical, how many have the same zeros, the largest
-    difference."""
+    """Tensor by tensor: how many are identical, how many have the same zeros, the share of
+    all weights whose zero/non-zero agrees, the largest difference."""
     import torch
     from safetensors import safe_open
 
     index = json.loads((one / "model.safetensors.index.json").read_text())["weight_map"]
     other = json.loads((two / "model.safetensors.index.json").read_text())["weight_map"]
-    same = masks = 0
+    same = masks = agree = total = 0
     gap = 0.0
     for name, file in index.items():
         with safe_open(str(one / file), "pt") as a, safe_open(str(two / other[name]), "pt") as b:
             x, y = a.get_tensor(name), b.get_tensor(name)
         same += int(torch.equal(x, y))
         masks += int(torch.equal(x == 0, y == 0))
+        agree, total = agree + int(((x == 0) == (y == 0)).sum()), total + x.numel()
         gap = max(gap, float((x.float() - y.float()).abs().max()))
-    return {"tensors": len(index), "identical": same, "same_zeros": masks, "max_diff": gap}
+    return {"tensors": len(index), "identical": same, "same_zeros": masks,
+            "zeros_agree": agree / total, "max_diff": gap}  # fmt: skip
 
 
 def offload_comparison(src: Path, calibration: str, folder: Path) -> dict[str, Any]:
@@ -298,7 +300,8 @@ def offload_comparison(src: Path, calibration: str, folder: Path) -> dict[str, A
     one, two = (src.with_name(f"{src.name}-24-{m}") for m in ("stacked", "offloaded"))
     results["compared"] = found = compare_checkpoints(one, two)
     print(f"  outputs: {found['identical']} of {found['tensors']} tensors identical, "
-          f"{found['same_zeros']} with the same zeros, largest difference "
+          f"{found['same_zeros']} with the same zeros ({100 * found['zeros_agree']:.2f} % of "
+          f"all weights agree on zero or not), largest difference "
           f"{found['max_diff']:.3g}")  # fmt: skip
     for path in (one, two):
         shutil.rmtree(path, ignore_errors=True)

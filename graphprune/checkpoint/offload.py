@@ -47,6 +47,7 @@ from graphprune.capture import run_eval
 from graphprune.checkpoint.stream import REST, BlockStream
 from graphprune.checkpoint.write import block_of
 from graphprune.errors import GraphPruneError, InputError
+from graphprune.memory import release_freed_memory
 from graphprune.oneshot.calibration import CallOrder, add_square_sum
 from graphprune.oneshot.distributed import same_everywhere
 from graphprune.oneshot.reconstruct import (
@@ -168,6 +169,7 @@ class PausedForwards:
             )
         forward.args, forward.kwargs, forward.hidden = args, kwargs, hidden
         forward.spilled = self._spill(forward, hidden)
+        release_freed_memory()  # this thread's arena keeps its freed activations otherwise
         self.arrivals.put((forward.index, name, None))
         forward.go.wait()
         forward.go.clear()
