@@ -31,14 +31,12 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-def release_freed_memory() -> bool:
+def release_freed_memory() -> None:
     """Give the allocator's free pages back to the operating system (after a block of weights
-    is dropped); False where the C library cannot (nothing is done)."""
+    is dropped); nothing where the C library cannot."""
     trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+    if trim is not None:
+        trim(0)
 
 
 __all__ = ["release_freed_memory"]

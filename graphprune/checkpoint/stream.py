@@ -311,7 +311,6 @@ class BlockStream:
         them)."""
         if self.writer is None:
             self._drop(block)
-            release_freed_memory()
             if block != REST:
                 self.finished.add(block)
             return
@@ -343,7 +342,6 @@ class BlockStream:
                 self.writer.write(file, tensors, self._made(file))
                 del tensors
         self._drop(block)
-        release_freed_memory()  # the dropped block's pages (an arena keeps them otherwise)
         if block != REST:
             self.finished.add(block)
             next(self.steps, None)
@@ -362,7 +360,6 @@ class BlockStream:
         """Put every loaded tensor back on the meta device (a read-only stream's end)."""
         for block in self.blocks:
             self._drop(block)
-        release_freed_memory()
 
     def _written(self, fqn: str) -> Tensor:
         """A tensor as an interrupted run wrote it (its block's complete output shard)."""
@@ -389,6 +386,9 @@ class BlockStream:
         return found.mask
 
     def _drop(self, block: str, within: str = "") -> None:
+        """Put the block's loaded tensors (those under ``within``) back on the meta device; a
+        whole block's pages are handed back to the operating system (an arena keeps them
+        otherwise: graphprune.memory)."""
         for fqn, owner, leaf, is_param in self._tensors(block):
             if not fqn.startswith(within):
                 continue
@@ -400,6 +400,8 @@ class BlockStream:
                 owner._parameters[leaf] = nn.Parameter(meta, requires_grad=False)
             else:
                 owner._buffers[leaf] = meta
+        if not within:
+            release_freed_memory()
 
     def sparsegpt(self, batches: list[Any], order: CallOrder, progress: bool) -> None:
         """SparseGPT in one forward of the stacked batches, the blocks loaded and finished by
