@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -286,6 +287,31 @@ def test_offloaded_activations_give_the_in_memory_weights(
     assert [(f.module, f.error_after) for f in found.fits] == fits
 
 
+def _folders_left_by_other_runs(acts: Path) -> list[Path]:
+    """Activation folders as other runs leave them in ``acts``: one of a process killed
+    outright (SIGKILL: no cleanup ran), one of this live process, and one of another host on
+    a shared disk (host "<this host>-<pid>", its name starting with this host's prefix and
+    then the killed process's number: only its shape tells it apart)."""
+    from graphprune.checkpoint.offload import activation_folder
+
+    script = (
+        "import os, signal, sys\n"
+        "from graphprune.checkpoint.offload import activation_folder\n"
+        "(activation_folder(sys.argv[1]) / 'batch-0-0.pt').write_bytes(b'x' * 64)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(acts)], check=False)
+    assert killed.returncode == -9
+    (dead,) = acts.iterdir()
+    live = activation_folder(acts)
+    prefix = f"graphprune-activations-{socket.gethostname()}-"
+    pid_and_random = dead.name[len(prefix) :]  # "<pid>-<random>", the pid no longer running
+    # host "<this host>-<pid>", process <pid>: named "<prefix><pid>-<pid>-<random>"
+    other_host = acts / f"{prefix}{pid_and_random.split('-')[0]}-{pid_and_random}"
+    other_host.mkdir()
+    return [dead, live, other_host]
+
+
 def test_a_config_its_library_refuses_is_refused_before_any_weight_is_read(
     tmp_path: Path,
 ) -> None:
@@ -333,7 +359,11 @@ def test_streamed_sparsegpt_follows_per_layer_attention(tmp_path: Path, offloade
     ids=["sparsegpt", "wanda", "sparsegpt-offloaded"],
 )  # fmt: skip
 def test_streamed_sparse_resumes_after_an_interruption(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan: gp.Plan, offload: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    plan: gp.Plan,
+    offload: bool,
 ) -> None:
     """Killed after two blocks: the rerun keeps them as written (not pruned again; SparseGPT
     feeds their pruned outputs on, wanda's forward reads the source's unpruned weights) and
@@ -359,7 +389,13 @@ def test_streamed_sparse_resumes_after_an_interruption(
     monkeypatch.setattr(write_module, "write_atomic", real)
     with pytest.raises(InputError, match="another run"):
         gp.compile_checkpoint(src, plan, dst, calibration=batches[:2], **run)
+    if offload:
+        left = _folders_left_by_other_runs(tmp_path / "acts")
     found = gp.compile_checkpoint(src, plan, dst, calibration=batches, **run)
+    if offload:  # the killed process's folder is removed; a live one's, another host's kept
+        assert sorted((tmp_path / "acts").iterdir()) == sorted(left[1:])
+        removed = [r.getMessage() for r in caplog.records if r.name.endswith(".offload")]
+        assert [m.split(":")[0] for m in removed] == [f"removed {left[0]}"]
     assert found.resumed == ["model.layers.0", "model.layers.1"]
     assert found.verified.startswith("outputs")
     gp.compile_checkpoint(src, plan, tmp_path / "fresh", calibration=batches, **run)

@@ -29,8 +29,11 @@ gives bit for bit; several agree up to float rounding (the kernels see other sha
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import queue
 import shutil
+import socket
 import tempfile
 import threading
 import weakref
@@ -57,6 +60,8 @@ from graphprune.oneshot.reconstruct import (
     sparsegpt_layers,
 )
 from graphprune.progress import track
+
+logger = logging.getLogger(__name__)
 
 _END = "\0end"  # a forward's last arrival: it returned
 Tuple = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]  # a call: module, args, kwargs
@@ -282,6 +287,39 @@ class PausedForwards:
                 handle.remove()
 
 
+def activation_folder(offload_dir: str | os.PathLike[str] | None) -> Path:
+    """A new folder in ``offload_dir`` for this run's activation files, named
+    ``graphprune-activations-<host>-<pid>-<random>``. A run ends by removing its folder (also
+    on an error or Ctrl-C); one killed outright cannot, so folders of this host whose process
+    has ended are removed here first, each logged. Other hosts' folders (a shared disk) and
+    live processes' are never touched."""
+    prefix = f"graphprune-activations-{socket.gethostname()}-"
+    parent = Path(offload_dir if offload_dir is not None else tempfile.gettempdir())
+    for old in sorted(parent.glob(prefix + "*")):
+        # <pid>-<random>: mkdtemp's random part has no "-", so host "a"'s prefix does not
+        # take host "a-1"'s folders (graphprune-activations-a-1-<pid>-<random>) for its own
+        pid, _, rest = old.name[len(prefix) :].partition("-")
+        if old.is_dir() and pid.isdigit() and rest and "-" not in rest and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+            logger.warning("removed %s: activations of a run killed before it could (process "
+                           "%s of this host has ended)", old, pid)  # fmt: skip
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs; True where that cannot be asked safely
+    (on Windows ``os.kill`` would end it)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's)
+        return True
+    return True
+
+
 def stream_offloaded(
     stream: BlockStream,
     batches: list[Any],
@@ -308,7 +346,7 @@ def stream_offloaded(
     points = set(blocks) | (set() if wanda else {n for n in todo if block_of(n) == REST})
     stream.steps = iter(track(blocks, _title(wanda), progress))
     pruned: set[str] = set()
-    folder = Path(tempfile.mkdtemp(prefix="graphprune-activations-", dir=offload_dir))
+    folder = activation_folder(offload_dir)
     try:
         forwards = PausedForwards(model, batches, points, folder)
         try:
