@@ -5,6 +5,8 @@ refuse bad input clearly, and stay within a memory bound tied to one layer."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -287,29 +290,38 @@ def test_offloaded_activations_give_the_in_memory_weights(
     assert [(f.module, f.error_after) for f in found.fits] == fits
 
 
-def _folders_left_by_other_runs(acts: Path) -> list[Path]:
-    """Activation folders as other runs leave them in ``acts``: one of a process killed
-    outright (SIGKILL: no cleanup ran), one of this live process, and one of another host on
-    a shared disk (host "<this host>-<pid>", its name starting with this host's prefix and
-    then the killed process's number: only its shape tells it apart)."""
-    from graphprune.checkpoint.offload import activation_folder
+@contextlib.contextmanager
+def _folders_left_by_other_runs(acts: Path) -> Iterator[list[Path]]:
+    """Activation folders as other runs leave them in ``acts``, the first one of a dead run:
+    one of a process killed outright (SIGKILL: no cleanup ran; the kernel freed its lock);
+    one of this live process; one of another host on a shared disk named "<this host>-<pid>"
+    (its name starts with this host's prefix and the dead process's number: only its shape
+    tells it apart); the live run of another machine or container with this host name, its
+    process number not running here (its lock held); and a live run's folder made and not
+    yet locked -- while the ``with`` block runs."""
+    from graphprune.checkpoint.scratch import LOCK, activation_folder
 
     script = (
         "import os, signal, sys\n"
-        "from graphprune.checkpoint.offload import activation_folder\n"
-        "(activation_folder(sys.argv[1]) / 'batch-0-0.pt').write_bytes(b'x' * 64)\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from graphprune.checkpoint.scratch import activation_folder\n"
+        "with activation_folder(sys.argv[1]) as folder:\n"
+        "    (folder / 'batch-0-0.bin').write_bytes(b'x' * 64)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    killed = subprocess.run([sys.executable, "-c", script, str(acts)], check=False)
-    assert killed.returncode == -9
-    (dead,) = acts.iterdir()
-    live = activation_folder(acts)
-    prefix = f"graphprune-activations-{socket.gethostname()}-"
-    pid_and_random = dead.name[len(prefix) :]  # "<pid>-<random>", the pid no longer running
-    # host "<this host>-<pid>", process <pid>: named "<prefix><pid>-<pid>-<random>"
-    other_host = acts / f"{prefix}{pid_and_random.split('-')[0]}-{pid_and_random}"
-    other_host.mkdir()
-    return [dead, live, other_host]
+    with activation_folder(acts) as live:  # (made first: its sweep would take the dead one)
+        killed = subprocess.run([sys.executable, "-c", script, str(acts)], check=False)
+        assert killed.returncode == -9
+        (dead,) = set(acts.iterdir()) - {live}
+        prefix = f"graphprune-activations-{socket.gethostname()}-"
+        pid, suffix = dead.name[len(prefix) :].split("-")  # pid: no longer running here
+        other_host = acts / f"{prefix}{pid}-{pid}-{suffix}"  # host "<this host>-<pid>"
+        twin = acts / f"{prefix}{pid}-twin"
+        starting = acts / f"{prefix}{os.getpid()}-starting"  # made, not yet locked
+        for folder in (other_host, twin, starting):
+            folder.mkdir()
+        with open(twin / LOCK, "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield [dead, live, other_host, twin, starting]
 
 
 def test_a_config_its_library_refuses_is_refused_before_any_weight_is_read(
@@ -389,13 +401,14 @@ def test_streamed_sparse_resumes_after_an_interruption(
     monkeypatch.setattr(write_module, "write_atomic", real)
     with pytest.raises(InputError, match="another run"):
         gp.compile_checkpoint(src, plan, dst, calibration=batches[:2], **run)
-    if offload:
-        left = _folders_left_by_other_runs(tmp_path / "acts")
-    found = gp.compile_checkpoint(src, plan, dst, calibration=batches, **run)
-    if offload:  # the killed process's folder is removed; a live one's, another host's kept
-        assert sorted((tmp_path / "acts").iterdir()) == sorted(left[1:])
-        removed = [r.getMessage() for r in caplog.records if r.name.endswith(".offload")]
-        assert [m.split(":")[0] for m in removed] == [f"removed {left[0]}"]
+    with contextlib.ExitStack() as stack:
+        others = _folders_left_by_other_runs(tmp_path / "acts")
+        left = stack.enter_context(others) if offload else []
+        found = gp.compile_checkpoint(src, plan, dst, calibration=batches, **run)
+        if offload:  # the killed run's folder is removed; the live runs' and the other host's kept
+            assert sorted((tmp_path / "acts").iterdir()) == sorted(left[1:])
+            removed = [r.getMessage() for r in caplog.records if r.name.endswith(".scratch")]
+            assert [m.split(":")[0] for m in removed] == [f"removed {left[0]}"]
     assert found.resumed == ["model.layers.0", "model.layers.1"]
     assert found.verified.startswith("outputs")
     gp.compile_checkpoint(src, plan, tmp_path / "fresh", calibration=batches, **run)

@@ -29,12 +29,7 @@ gives bit for bit; several agree up to float rounding (the kernels see other sha
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import queue
-import shutil
-import socket
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -47,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from graphprune.capture import run_eval
+from graphprune.checkpoint.scratch import activation_folder
 from graphprune.checkpoint.stream import REST, BlockStream
 from graphprune.checkpoint.write import block_of
 from graphprune.errors import GraphPruneError, InputError
@@ -60,8 +56,6 @@ from graphprune.oneshot.reconstruct import (
     sparsegpt_layers,
 )
 from graphprune.progress import track
-
-logger = logging.getLogger(__name__)
 
 _END = "\0end"  # a forward's last arrival: it returned
 Tuple = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]  # a call: module, args, kwargs
@@ -287,39 +281,6 @@ class PausedForwards:
                 handle.remove()
 
 
-def activation_folder(offload_dir: str | os.PathLike[str] | None) -> Path:
-    """A new folder in ``offload_dir`` for this run's activation files, named
-    ``graphprune-activations-<host>-<pid>-<random>``. A run ends by removing its folder (also
-    on an error or Ctrl-C); one killed outright cannot, so folders of this host whose process
-    has ended are removed here first, each logged. Other hosts' folders (a shared disk) and
-    live processes' are never touched."""
-    prefix = f"graphprune-activations-{socket.gethostname()}-"
-    parent = Path(offload_dir if offload_dir is not None else tempfile.gettempdir())
-    for old in sorted(parent.glob(prefix + "*")):
-        # <pid>-<random>: mkdtemp's random part has no "-", so host "a"'s prefix does not
-        # take host "a-1"'s folders (graphprune-activations-a-1-<pid>-<random>) for its own
-        pid, _, rest = old.name[len(prefix) :].partition("-")
-        if old.is_dir() and pid.isdigit() and rest and "-" not in rest and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-            logger.warning("removed %s: activations of a run killed before it could (process "
-                           "%s of this host has ended)", old, pid)  # fmt: skip
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host runs; True where that cannot be asked safely
-    (on Windows ``os.kill`` would end it)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # (another user's)
-        return True
-    return True
-
-
 def stream_offloaded(
     stream: BlockStream,
     batches: list[Any],
@@ -346,8 +307,7 @@ def stream_offloaded(
     points = set(blocks) | (set() if wanda else {n for n in todo if block_of(n) == REST})
     stream.steps = iter(track(blocks, _title(wanda), progress))
     pruned: set[str] = set()
-    folder = activation_folder(offload_dir)
-    try:
+    with activation_folder(offload_dir) as folder:
         forwards = PausedForwards(model, batches, points, folder)
         try:
             with _rest_loaded(stream, modules) as drop_rest, _norms(stream, modules, wanda):
@@ -368,8 +328,6 @@ def stream_offloaded(
                     point = after
         finally:
             forwards.close()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     missed = [] if wanda else [n for n in todo if n not in pruned]
     if missed:  # never guessed: the stacked forward refuses the same
         raise InputError(
