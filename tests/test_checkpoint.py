@@ -324,6 +324,32 @@ def _folders_left_by_other_runs(acts: Path) -> Iterator[list[Path]]:
             yield [dead, live, other_host, twin, starting]
 
 
+def test_activation_folders_on_a_file_system_without_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where flock fails (ENOLCK: a network file system without a lock service), an offloaded
+    run still gets its folder, and removes no other: it cannot tell a dead run's folder from
+    a live one on another machine with the same host name."""
+    import errno
+
+    import graphprune.checkpoint.scratch as scratch
+
+    def no_locks(*_: Any) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(scratch.fcntl, "flock", no_locks)
+    prefix = f"graphprune-activations-{socket.gethostname()}-"
+    with scratch.activation_folder(tmp_path) as first:
+        ended = [sys.executable, "-c", "import os; print(os.getpid())"]
+        dead = subprocess.run(ended, capture_output=True, text=True, check=True).stdout.strip()
+        left = tmp_path / f"{prefix}{dead}-left"  # a process that has ended here
+        left.mkdir()
+        (left / scratch.LOCK).touch()  # as a run makes it, whether it can lock it or not
+        with scratch.activation_folder(tmp_path) as second:
+            assert second.is_dir() and first.is_dir() and left.is_dir()
+    assert sorted(tmp_path.iterdir()) == [left]
+
+
 def test_a_config_its_library_refuses_is_refused_before_any_weight_is_read(
     tmp_path: Path,
 ) -> None:

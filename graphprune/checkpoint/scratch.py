@@ -7,8 +7,9 @@ folder as it ends (also on an error or Ctrl-C); one killed outright (SIGKILL, th
 out-of-memory killer) cannot, so each run first removes the folders a dead run left: named
 after this host, their process not running here, and their lock free (the kernel releases a
 killed process's locks). All three must hold: another machine or container with the same
-host name has its own process numbers, but its live run holds its lock; a file system that
-cannot lock keeps every folder. Nothing is removed where processes cannot be asked about
+host name has its own process numbers, but its live run holds its lock; on a file system
+that cannot lock, runs go on unlocked and keep each other's folders (only one killed before
+it made its lock file is removed there). Nothing is removed where processes cannot be asked about
 safely (Windows, where ``os.kill`` ends a process; no ``fcntl``).
 """
 
@@ -46,7 +47,8 @@ def activation_folder(offload_dir: str | os.PathLike[str] | None) -> Iterator[Pa
     try:
         with open(folder / LOCK, "w") as lock:
             if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with contextlib.suppress(OSError):  # no locks here: nothing is swept either
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
